@@ -1,0 +1,72 @@
+//! The one place that records what happens: errors, counters and windowed counts.
+//!
+//! Every `record_*` call writes the log line, bumps the metric and updates the JSON state
+//! together, so `/metrics`, `/api/v1/*` and the logs cannot disagree.
+
+/// Which part of the sidecar an error belongs to (the `component` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    /// The listener service itself (task crashes, sink failures).
+    Listener,
+    /// A wxauto instance client.
+    Client,
+    /// Message delivery to platforms and replies.
+    Delivery,
+    /// Configuration loading and reloading.
+    Config,
+}
+
+impl Component {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Listener => "listener",
+            Self::Client => "client",
+            Self::Delivery => "delivery",
+            Self::Config => "config",
+        }
+    }
+}
+
+/// The closed set of error kinds (the `kind` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorKind {
+    /// A request timed out.
+    Timeout,
+    /// Could not connect.
+    Connect,
+    /// An unexpected HTTP status.
+    HttpStatus,
+    /// The envelope's `code` was not 0.
+    ApiCode,
+    /// The answer could not be decoded.
+    Decode,
+    /// The API key was rejected.
+    Auth,
+    /// A configuration reload failed.
+    Reload,
+    /// The message store failed.
+    Storage,
+    /// A supervised task panicked or failed.
+    Task,
+    /// WeChat itself is offline on an instance.
+    Offline,
+}
+
+impl ErrorKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connect => "connect",
+            Self::HttpStatus => "http_status",
+            Self::ApiCode => "api_code",
+            Self::Decode => "decode",
+            Self::Auth => "auth",
+            Self::Reload => "reload",
+            Self::Storage => "storage",
+            Self::Task => "task",
+            Self::Offline => "offline",
+        }
+    }
+}
