@@ -1,8 +1,23 @@
 //! wxauto-sidecar: a supervised wxauto message listener with metrics and a monitor API.
+//!
+//! Code map (see ARCHITECTURE.md): `config` (YAML → validated `Config`, watcher), `wxauto`
+//! (the upstream client), `listener` (one actor per instance), `supervisor` (the control loop),
+//! `monitor` (errors, counters, health score, JSON documents), `metrics` (Prometheus registry),
+//! `http` (endpoints), `simulator` (a fake wxauto server), `app` (wiring), `logging`, `shutdown`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod app;
+pub mod backoff;
 pub mod config;
+pub mod http;
+pub mod listener;
+pub mod logging;
 pub mod message;
+pub mod metrics;
 pub mod monitor;
 pub mod secret;
+pub mod shutdown;
+pub mod simulator;
+pub mod supervisor;
+pub mod wxauto;

@@ -1,1 +1,272 @@
-fn main() {}
+//! The `wxauto-sidecar` binary: parses the command line, sets up logging, maps exit codes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use wxauto_sidecar::app::{self, RunOptions};
+use wxauto_sidecar::config;
+use wxauto_sidecar::logging;
+use wxauto_sidecar::simulator::{SimConfig, Simulator};
+
+/// Exit code for an invalid configuration (CONTRACT §2).
+const EXIT_CONFIG: u8 = 1;
+/// Exit code for a runtime failure (CONTRACT §2).
+const EXIT_RUNTIME: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wxauto-sidecar",
+    version,
+    about = "Supervised wxauto message listener with Prometheus metrics, a health score and a JSON monitor API",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the sidecar (the default).
+    Run(RunArgs),
+    /// Simulated wxauto instances plus the sidecar, no config needed.
+    Demo {
+        /// Listen address of the sidecar.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate a config file: exit 0 if valid, else print every error and exit 1.
+    CheckConfig {
+        /// The config file.
+        #[arg(long, env = "WXAUTO_SIDECAR_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Query a running sidecar: exit 0 healthy, 1 warning, 2 critical or unreachable.
+    Health {
+        /// Base URL of the sidecar.
+        #[arg(long, default_value = "http://127.0.0.1:8907")]
+        url: String,
+    },
+    /// A standalone wxauto HTTP API simulator.
+    Simulate {
+        /// Listen address.
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        /// The API key the simulator accepts.
+        #[arg(long, env = "WXAUTO_SIM_API_KEY", default_value = "test-key-2")]
+        api_key: String,
+        /// Fail about 20% of the calls.
+        #[arg(long)]
+        flaky: bool,
+        /// Inject a random message this often (0 = never), e.g. `2s`.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        chatter: std::time::Duration,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+struct RunArgs {
+    /// The YAML config file.
+    #[arg(long, env = "WXAUTO_SIDECAR_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address (overrides `server.listen`).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Log filter (overrides `logging.level`), e.g. `debug`.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Allow POST /-/reload, /api/v1/reload and /api/v1/restart.
+    #[arg(long)]
+    enable_lifecycle: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // reqwest is built without a default crypto provider; install ring before any client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("wxauto-sidecar: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match cli.command {
+        None => runtime.block_on(run(cli.run)),
+        Some(Command::Run(args)) => runtime.block_on(run(args)),
+        Some(Command::Demo { listen }) => runtime.block_on(demo(listen)),
+        Some(Command::CheckConfig { config }) => check_config(&config),
+        Some(Command::Health { url }) => {
+            let code = runtime.block_on(app::health_command(&url));
+            ExitCode::from(u8::try_from(code).unwrap_or(EXIT_RUNTIME))
+        }
+        Some(Command::Simulate {
+            listen,
+            api_key,
+            flaky,
+            chatter,
+        }) => runtime.block_on(simulate(listen, api_key, flaky, chatter)),
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match config::load_file(path) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                eprintln!("warning: {warning}");
+            }
+            println!("{}: valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s)", path.display(), errors.errors.len());
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let Some(path) = args.config.clone() else {
+        eprintln!(
+            "wxauto-sidecar: no configuration: pass --config FILE or set WXAUTO_SIDECAR_CONFIG (or try `wxauto-sidecar demo`)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let loaded = match config::load_file(&path) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "wxauto-sidecar: invalid configuration ({} error(s))",
+                errors.errors.len()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let level = args
+        .log_level
+        .clone()
+        .unwrap_or_else(|| loaded.config.logging.level.clone());
+    let _guard = match logging::init(&level, Some(&loaded.config.logging)) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!(
+                "wxauto-sidecar: cannot open the log directory {}: {error}",
+                loaded.config.logging.dir.display()
+            );
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let loader_path = path.clone();
+    let loader = Box::new(move || config::load_file(&loader_path));
+    let options = RunOptions {
+        listen: args.listen,
+        enable_lifecycle: args.enable_lifecycle,
+        grace: app::DEFAULT_GRACE,
+        watch: true,
+    };
+    serve(loaded, loader, options).await
+}
+
+async fn serve(
+    loaded: config::Loaded,
+    loader: wxauto_sidecar::supervisor::ConfigLoader,
+    options: RunOptions,
+) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    match app::run(loaded, loader, options, shutdown, |_| {}).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("wxauto-sidecar: {error}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+async fn demo(listen: Option<SocketAddr>) -> ExitCode {
+    let cancel = CancellationToken::new();
+    eprintln!("wxauto-sidecar demo: starting three simulated wxauto instances");
+    let (text, env) = match app::start_demo_instances(&cancel).await {
+        Ok(demo) => demo,
+        Err(error) => {
+            eprintln!("wxauto-sidecar: cannot start the simulators: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let loader = app::builtin_loader(text, env);
+    let loaded = match loader() {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("wxauto-sidecar: the built-in demo config is invalid (a bug):\n{errors}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let _guard = match logging::init("info", Some(&loaded.config.logging)) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("wxauto-sidecar: cannot open the log directory: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let addr = listen.unwrap_or(loaded.config.server.listen);
+    eprintln!("  sidecar metrics  http://{addr}/metrics");
+    eprintln!("  monitor API      http://{addr}/api/v1/health");
+    eprintln!("  landing page     http://{addr}/");
+    let options = RunOptions {
+        listen,
+        enable_lifecycle: true,
+        grace: app::DEFAULT_GRACE,
+        watch: false,
+    };
+    let code = serve(loaded, loader, options).await;
+    cancel.cancel();
+    code
+}
+
+async fn simulate(
+    listen: SocketAddr,
+    api_key: String,
+    flaky: bool,
+    chatter: std::time::Duration,
+) -> ExitCode {
+    let _guard = logging::init("info", None);
+    let simulator = Simulator::new(SimConfig {
+        api_key,
+        name: "sim".to_owned(),
+        flaky,
+    });
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("wxauto-sidecar: cannot listen on {listen}: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let cancel = CancellationToken::new();
+    if !chatter.is_zero() {
+        simulator.spawn_chatter(chatter, cancel.clone());
+    }
+    eprintln!("wxauto simulator on http://{listen} (control surface under /_sim/)");
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+    });
+    match simulator.serve(listener, cancel).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("wxauto-sidecar: simulator failed: {error}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}

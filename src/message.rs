@@ -108,3 +108,24 @@ pub trait ReplySender: Send + Sync + 'static {
     /// Sends one reply; resolves once upstream answered.
     fn send_reply(&self, reply: Reply) -> BoxFuture<'_, Result<(), ReplyError>>;
 }
+
+/// A sink that only logs what it is handed (used when no store is configured, and in tests).
+#[derive(Debug, Default)]
+pub struct LogSink;
+
+impl MessageSink for LogSink {
+    fn accept(&self, messages: Vec<InboundMessage>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            for message in &messages {
+                // Message content is user data: log ids and sizes at info, never the text.
+                tracing::info!(
+                    instance_id = %message.instance_id,
+                    message_id = %message.message_id,
+                    chars = message.content.chars().count(),
+                    "Message received."
+                );
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,7 +1,33 @@
-//! The one place that records what happens: errors, counters and windowed counts.
+//! The one place that records what happens: errors, counters, windowed counts and live state.
 //!
 //! Every `record_*` call writes the log line, bumps the metric and updates the JSON state
-//! together, so `/metrics`, `/api/v1/*` and the logs cannot disagree.
+//! together, so `/metrics`, `/api/v1/*` and the logs cannot disagree. The health score is
+//! computed from the same snapshot for `/metrics` and the API.
+
+mod collector;
+pub mod health;
+pub mod report;
+mod window;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::metrics::process::{ProcessCollector, ProcessSample};
+use crate::metrics::{ErrorLabels, InstanceLabels, Metrics, ReasonLabels};
+
+pub use collector::StateCollector;
+use health::{Health, HealthInputs};
+use window::Window;
+
+/// The error ring keeps this many entries (the seed's history cap).
+pub const ERROR_RING_CAPACITY: usize = 100;
+
+/// The seed's service name for the listener.
+pub const SERVICE_NAME: &str = "message_listener";
 
 /// Which part of the sidecar an error belongs to (the `component` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,5 +94,569 @@ impl ErrorKind {
             Self::Task => "task",
             Self::Offline => "offline",
         }
+    }
+}
+
+impl Component {
+    /// The seed's `service_name` for errors of this component.
+    pub fn service_name(self) -> &'static str {
+        match self {
+            Self::Listener | Self::Client => SERVICE_NAME,
+            Self::Delivery => "message_delivery",
+            Self::Config => "config",
+        }
+    }
+}
+
+/// One entry of the error ring.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorRecord {
+    /// RFC 3339.
+    pub timestamp: String,
+    /// RFC 3339 (the seed's field name).
+    pub datetime: String,
+    /// The seed's service name.
+    pub service_name: &'static str,
+    /// `component.kind`.
+    pub error_type: String,
+    /// Redacted text.
+    pub error_message: String,
+    /// The instance, when the error belongs to one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// The component label.
+    pub component: &'static str,
+    /// The kind label.
+    pub kind: &'static str,
+    /// Unix seconds.
+    pub time: f64,
+}
+
+/// Connectivity of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Connectivity {
+    /// Not probed yet.
+    #[default]
+    Unknown,
+    /// Connected.
+    Up,
+    /// Failing; retried with backoff.
+    Down,
+    /// Came back; re-initialising and re-adding chats.
+    Recovering,
+}
+
+/// One chat as the listener tracks it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatState {
+    /// Listened (counts against the cap) or timed out.
+    pub active: bool,
+    /// From `fixed_listeners`; never times out.
+    pub fixed: bool,
+    /// Unix seconds of the last message, if any.
+    pub last_message_time: Option<f64>,
+    /// Unix seconds of the last poll that covered this chat.
+    pub last_check_time: f64,
+    /// Messages received since the listener started.
+    pub message_count: u64,
+    /// Failed listen/add or listen/remove calls for this chat.
+    pub error_count: u64,
+}
+
+/// One instance as its actor last published it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceState {
+    /// The configured id.
+    pub instance_id: String,
+    /// `enabled` in the config; disabled instances are listed but not counted.
+    pub enabled: bool,
+    /// WeChat reported connected at the last probe (initialised upstream).
+    pub initialized: bool,
+    /// Connected per CONTRACT §6.
+    pub connected: bool,
+    /// The state machine.
+    pub state: Connectivity,
+    /// Unix seconds of the last health probe.
+    pub last_check_time: Option<f64>,
+    /// Errors recorded for this instance since the sidecar started.
+    pub error_count: u64,
+    /// The last error's text.
+    pub last_error: Option<String>,
+    /// Chats by name.
+    pub chats: BTreeMap<String, ChatState>,
+}
+
+impl InstanceState {
+    /// A fresh, unprobed instance.
+    pub fn new(instance_id: &str, enabled: bool) -> Self {
+        Self {
+            instance_id: instance_id.to_owned(),
+            enabled,
+            initialized: false,
+            connected: false,
+            state: Connectivity::Unknown,
+            last_check_time: None,
+            error_count: 0,
+            last_error: None,
+            chats: BTreeMap::new(),
+        }
+    }
+
+    /// Active chats.
+    pub fn active_chats(&self) -> usize {
+        self.chats.values().filter(|chat| chat.active).count()
+    }
+}
+
+/// The last reload's outcome.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReloadState {
+    /// 1 or 0 on `/metrics`.
+    pub last_reload_successful: bool,
+    /// Unix seconds of the last successful load (the first load counts).
+    pub last_success_time: f64,
+    /// The active config's hash.
+    pub config_hash: u64,
+    /// Successful reloads (not counting the first load).
+    pub reloads: u64,
+    /// Failed reloads.
+    pub failures: u64,
+    /// The last failure's errors, redacted.
+    pub last_errors: Vec<String>,
+}
+
+/// A point-in-time copy of everything the API and the collector read.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The listener service runs.
+    pub running: bool,
+    /// Unix seconds the listener last started.
+    pub listener_start_time: Option<f64>,
+    /// Seconds since then (0 when stopped).
+    pub uptime_seconds: f64,
+    /// Live supervised tasks.
+    pub tasks: usize,
+    /// Instances by id.
+    pub instances: BTreeMap<String, InstanceState>,
+    /// Every error recorded since start.
+    pub total_errors: u64,
+    /// Errors inside the window (all components).
+    pub window_errors: u64,
+    /// Errors inside the window except config.
+    pub window_listener_errors: u64,
+    /// Messages inside the window.
+    pub window_messages: u64,
+    /// The last error.
+    pub last_error: Option<ErrorRecord>,
+    /// Totals since start.
+    pub totals: Totals,
+    /// Reload state.
+    pub reload: ReloadState,
+    /// The score computed from this snapshot.
+    pub health: Health,
+    /// The error ratio from this snapshot.
+    pub error_ratio: f64,
+    /// When the snapshot was taken (unix seconds).
+    pub now: f64,
+    /// When the sidecar process started (unix seconds).
+    pub process_start_time: f64,
+}
+
+/// Counters of the statistics endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// Messages that passed the filters.
+    pub messages_processed: u64,
+    /// Listen/add of new or reactivated chats.
+    pub listeners_added: u64,
+    /// Listen/remove, any reason.
+    pub listeners_removed: u64,
+}
+
+/// Records everything; shared as `Arc<Monitor>`.
+#[derive(Debug)]
+pub struct Monitor {
+    metrics: Metrics,
+    process: Arc<ProcessCollector>,
+    process_start: SystemTime,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    window: Duration,
+    running: bool,
+    listener_start: Option<SystemTime>,
+    tasks: usize,
+    ring: VecDeque<ErrorRecord>,
+    errors_all: Window,
+    errors_listener: Window,
+    messages: Window,
+    total_errors: u64,
+    totals: Totals,
+    instances: BTreeMap<String, InstanceState>,
+    reload: ReloadState,
+}
+
+/// Unix seconds of a `SystemTime`.
+pub fn unix_seconds(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// RFC 3339 in UTC with milliseconds.
+pub fn rfc3339(time: SystemTime) -> String {
+    DateTime::<Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+// === impl Monitor ===
+
+impl Monitor {
+    /// A monitor with the given error window.
+    pub fn new(metrics: Metrics, process: Arc<ProcessCollector>, window: Duration) -> Self {
+        Self {
+            metrics,
+            process,
+            process_start: SystemTime::now(),
+            inner: Mutex::new(Inner {
+                window,
+                running: false,
+                listener_start: None,
+                tasks: 0,
+                ring: VecDeque::with_capacity(ERROR_RING_CAPACITY),
+                errors_all: Window::default(),
+                errors_listener: Window::default(),
+                messages: Window::default(),
+                total_errors: 0,
+                totals: Totals::default(),
+                instances: BTreeMap::new(),
+                reload: ReloadState::default(),
+            }),
+        }
+    }
+
+    /// The event-driven metric families.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// A process sample (CPU share since the previous sample).
+    pub fn process_sample(&self) -> ProcessSample {
+        self.process.sample()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the data half-updated in a way that
+        // matters more than losing the monitor; keep serving.
+        match self.inner.lock() {
+            Ok(inner) => inner,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Changes the error window (on reload).
+    pub fn set_window(&self, window: Duration) {
+        self.lock().window = window;
+    }
+
+    /// Records an error: log line, `wxauto_errors_total`, the ring and the windows together.
+    ///
+    /// `message` must already be free of secrets; it is truncated to 500 characters.
+    pub fn record_error(
+        &self,
+        component: Component,
+        kind: ErrorKind,
+        instance_id: Option<&str>,
+        message: &str,
+    ) {
+        let message: String = message.chars().take(500).collect();
+        match component {
+            Component::Config => {
+                tracing::error!(
+                    component = component.as_str(),
+                    kind = kind.as_str(),
+                    "{message}"
+                )
+            }
+            _ => tracing::warn!(
+                component = component.as_str(),
+                kind = kind.as_str(),
+                instance_id = instance_id.unwrap_or("-"),
+                "{message}"
+            ),
+        }
+        self.metrics
+            .errors
+            .get_or_create_owned(&ErrorLabels {
+                component: component.as_str(),
+                kind: kind.as_str(),
+            })
+            .inc();
+        if let Some(id) = instance_id {
+            self.metrics
+                .client_errors
+                .get_or_create_owned(&InstanceLabels {
+                    instance_id: id.to_owned(),
+                })
+                .inc();
+        }
+        let now = SystemTime::now();
+        let stamp = rfc3339(now);
+        let record = ErrorRecord {
+            timestamp: stamp.clone(),
+            datetime: stamp,
+            service_name: component.service_name(),
+            error_type: format!("{}.{}", component.as_str(), kind.as_str()),
+            error_message: message.clone(),
+            instance_id: instance_id.map(str::to_owned),
+            component: component.as_str(),
+            kind: kind.as_str(),
+            time: unix_seconds(now),
+        };
+        let mut inner = self.lock();
+        let window = inner.window;
+        inner.total_errors += 1;
+        inner.errors_all.add(now, 1, window);
+        if component != Component::Config {
+            inner.errors_listener.add(now, 1, window);
+        }
+        if inner.ring.len() == ERROR_RING_CAPACITY {
+            inner.ring.pop_front();
+        }
+        inner.ring.push_back(record);
+        if let Some(state) = instance_id.and_then(|id| inner.instances.get_mut(id)) {
+            state.error_count += 1;
+            state.last_error = Some(message);
+        }
+    }
+
+    /// Records messages that passed the filters.
+    pub fn record_messages(&self, instance_id: &str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.metrics
+            .messages_processed
+            .get_or_create_owned(&InstanceLabels {
+                instance_id: instance_id.to_owned(),
+            })
+            .inc_by(count);
+        let now = SystemTime::now();
+        let mut inner = self.lock();
+        let window = inner.window;
+        inner.messages.add(now, count, window);
+        inner.totals.messages_processed += count;
+    }
+
+    /// Records a listen/add of a new or reactivated chat.
+    pub fn record_listener_added(&self, instance_id: &str, chat_redacted: &str) {
+        tracing::debug!(
+            instance_id,
+            chat = chat_redacted,
+            "Chat added as a listener."
+        );
+        self.metrics
+            .listeners_added
+            .get_or_create_owned(&InstanceLabels {
+                instance_id: instance_id.to_owned(),
+            })
+            .inc();
+        self.lock().totals.listeners_added += 1;
+    }
+
+    /// Records a listen/remove.
+    pub fn record_listener_removed(&self, instance_id: &str, reason: &'static str) {
+        self.metrics
+            .listeners_removed
+            .get_or_create_owned(&ReasonLabels {
+                instance_id: instance_id.to_owned(),
+                reason,
+            })
+            .inc();
+        self.lock().totals.listeners_removed += 1;
+    }
+
+    /// Records a message the listener dropped before the sink.
+    pub fn record_listener_drop(&self, instance_id: &str, reason: &'static str) {
+        self.metrics
+            .listener_dropped
+            .get_or_create_owned(&ReasonLabels {
+                instance_id: instance_id.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// The listener service started: uptime counts from now.
+    pub fn listener_started(&self) {
+        let mut inner = self.lock();
+        inner.running = true;
+        inner.listener_start = Some(SystemTime::now());
+    }
+
+    /// The listener service stopped.
+    pub fn listener_stopped(&self) {
+        self.lock().running = false;
+    }
+
+    /// Sets the number of live supervised tasks.
+    pub fn set_tasks(&self, tasks: usize) {
+        self.lock().tasks = tasks;
+    }
+
+    /// Adds or replaces an instance's published state, creating its series at 0.
+    pub fn register_instance(&self, instance_id: &str, enabled: bool) {
+        self.metrics.init_instance(instance_id);
+        let mut inner = self.lock();
+        inner
+            .instances
+            .entry(instance_id.to_owned())
+            .and_modify(|state| state.enabled = enabled)
+            .or_insert_with(|| InstanceState::new(instance_id, enabled));
+    }
+
+    /// Publishes an instance's state (from its actor). Counts kept by the monitor are kept.
+    pub fn publish_instance(&self, mut state: InstanceState) {
+        let mut inner = self.lock();
+        if let Some(old) = inner.instances.get(&state.instance_id) {
+            state.error_count = old.error_count;
+            state.last_error.clone_from(&old.last_error);
+            state.enabled = old.enabled;
+        } else {
+            // The instance was removed while its actor was still stopping: do not resurrect it.
+            return;
+        }
+        inner.instances.insert(state.instance_id.clone(), state);
+    }
+
+    /// Forgets a removed instance: its JSON rows and every metric series disappear.
+    pub fn remove_instance(&self, instance_id: &str) {
+        self.metrics.remove_instance(instance_id);
+        self.lock().instances.remove(instance_id);
+    }
+
+    /// Records a successful load or reload.
+    pub fn record_reload_success(&self, hash: u64, first: bool) {
+        if !first {
+            self.metrics.config_reloads.inc();
+        }
+        let mut inner = self.lock();
+        inner.reload.last_reload_successful = true;
+        inner.reload.last_success_time = unix_seconds(SystemTime::now());
+        inner.reload.config_hash = hash;
+        inner.reload.last_errors.clear();
+        if !first {
+            inner.reload.reloads += 1;
+        }
+    }
+
+    /// Records a failed reload; the errors are also logged and put in the ring.
+    pub fn record_reload_failure(&self, errors: &[String]) {
+        self.metrics.config_reload_failures.inc();
+        let summary = match errors {
+            [] => "configuration reload failed".to_owned(),
+            [only] => format!("configuration reload failed: {only}"),
+            [first, rest @ ..] => format!(
+                "configuration reload failed: {first} (and {} more)",
+                rest.len()
+            ),
+        };
+        for error in errors {
+            tracing::error!(component = "config", "Invalid configuration: {error}");
+        }
+        self.record_error(Component::Config, ErrorKind::Reload, None, &summary);
+        let mut inner = self.lock();
+        inner.reload.last_reload_successful = false;
+        inner.reload.failures += 1;
+        inner.reload.last_errors = errors.to_vec();
+    }
+
+    /// The newest `limit` errors, oldest first.
+    pub fn recent_errors(&self, limit: usize) -> Vec<ErrorRecord> {
+        let inner = self.lock();
+        let skip = inner.ring.len().saturating_sub(limit);
+        inner.ring.iter().skip(skip).cloned().collect()
+    }
+
+    /// A consistent copy of the state, with the health score computed from it.
+    pub fn snapshot(&self) -> Snapshot {
+        let now = SystemTime::now();
+        let mut inner = self.lock();
+        let window = inner.window;
+        let window_errors = inner.errors_all.count(now, window);
+        let window_listener_errors = inner.errors_listener.count(now, window);
+        let window_messages = inner.messages.count(now, window);
+        let enabled = inner.instances.values().filter(|state| state.enabled);
+        let (mut clients_total, mut clients_disconnected) = (0u64, 0u64);
+        let (mut chats_total, mut chats_inactive) = (0u64, 0u64);
+        for state in enabled {
+            clients_total += 1;
+            if !state.connected {
+                clients_disconnected += 1;
+            }
+            for chat in state.chats.values() {
+                chats_total += 1;
+                if !chat.active {
+                    chats_inactive += 1;
+                }
+            }
+        }
+        let inputs = HealthInputs {
+            running: inner.running,
+            listener_errors: window_listener_errors,
+            clients_total,
+            clients_disconnected,
+            chats_total,
+            chats_inactive,
+            window_errors,
+            window_messages,
+        };
+        let uptime_seconds = match (inner.running, inner.listener_start) {
+            (true, Some(start)) => now
+                .duration_since(start)
+                .map(|elapsed| elapsed.as_secs_f64())
+                .unwrap_or(0.0),
+            _ => 0.0,
+        };
+        Snapshot {
+            running: inner.running,
+            listener_start_time: inner.listener_start.map(unix_seconds),
+            uptime_seconds,
+            tasks: inner.tasks,
+            instances: inner.instances.clone(),
+            total_errors: inner.total_errors,
+            window_errors,
+            window_listener_errors,
+            window_messages,
+            last_error: inner.ring.back().cloned(),
+            totals: inner.totals,
+            reload: inner.reload.clone(),
+            health: health::compute(&inputs),
+            error_ratio: health::error_ratio(window_errors, window_messages),
+            now: unix_seconds(now),
+            process_start_time: unix_seconds(self.process_start),
+        }
+    }
+}
+
+/// `1d 2h 3m 4s`-style uptime, like the seed's `uptime_formatted`.
+pub fn format_uptime(seconds: f64) -> String {
+    let total = seconds.max(0.0) as u64;
+    let (days, hours, minutes, secs) = (
+        total / 86_400,
+        total % 86_400 / 3600,
+        total % 3600 / 60,
+        total % 60,
+    );
+    if days > 0 {
+        format!("{days}d {hours}h {minutes}m {secs}s")
+    } else if hours > 0 {
+        format!("{hours}h {minutes}m {secs}s")
+    } else if minutes > 0 {
+        format!("{minutes}m {secs}s")
+    } else {
+        format!("{secs}s")
     }
 }

@@ -38,6 +38,11 @@ pub enum InstanceChange {
 
 impl ConfigDiff {
     /// Compares two configs.
+    pub fn summary(&self) -> String {
+        todo!("summary")
+    }
+
+    /// Compares two configs.
     pub fn between(old: &Config, new: &Config) -> Self {
         let _ = (old, new);
         todo!("config diff")

@@ -1,0 +1,359 @@
+//! Wires config, registry, monitor, supervisor, watcher, health reports and HTTP; owns shutdown.
+//!
+//! `run` serves a loaded config until the shutdown token fires; `demo` builds three simulated
+//! instances and a built-in config and then calls `run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config, ConfigDiff, Loaded};
+use crate::http::{self, AppState};
+use crate::message::{LogSink, MessageSink};
+use crate::metrics::Metrics;
+use crate::metrics::process::ProcessCollector;
+use crate::monitor::{Monitor, StateCollector, report};
+use crate::simulator::{SimConfig, Simulator};
+use crate::supervisor::{ConfigLoader, Control, ReloadSource, ReplyRouter, Supervisor};
+
+/// How long shutdown waits for tasks and connections.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// Process-level knobs from the command line.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// `--listen`, overriding `server.listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--enable-lifecycle`.
+    pub enable_lifecycle: bool,
+    /// Shutdown grace period.
+    pub grace: Duration,
+    /// Watch the config file (off for built-in configs).
+    pub watch: bool,
+}
+
+/// Why `run` failed at runtime (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// What `run` reports once it is serving.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+}
+
+/// Serves `loaded` until `shutdown` fires. `on_started` is called once the socket is bound.
+pub async fn run(
+    loaded: Loaded,
+    loader: ConfigLoader,
+    options: RunOptions,
+    shutdown: CancellationToken,
+    on_started: impl FnOnce(Started) + Send,
+) -> Result<(), RunError> {
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    let config = Arc::new(loaded.config);
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let process = Arc::new(ProcessCollector::new());
+    let monitor = Arc::new(Monitor::new(
+        metrics,
+        Arc::clone(&process),
+        config.health.window,
+    ));
+    registry.register_collector(Box::new(Arc::clone(&process)));
+    registry.register_collector(Box::new(StateCollector::new(Arc::clone(&monitor))));
+
+    let addr = options.listen.unwrap_or(config.server.listen);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { addr, source })?;
+    let addr = listener.local_addr().unwrap_or(addr);
+
+    let sink: Arc<dyn MessageSink> = Arc::new(LogSink);
+    let (control_tx, control_rx) = mpsc::channel(64);
+    let (active_tx, active_rx) = watch::channel(Arc::clone(&config));
+    let replies = Arc::new(ReplyRouter::default());
+    let mut supervisor = Supervisor::new(
+        Arc::clone(&config),
+        loader,
+        Arc::clone(&monitor),
+        sink,
+        replies,
+        active_tx,
+        control_tx.clone(),
+        options.grace,
+    );
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let background = CancellationToken::new();
+    if options.watch
+        && let Some(path) = config.path()
+    {
+        let reload = control_tx.clone();
+        let on_change: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            // A full channel means a reload is queued already: dropping this one is fine.
+            let _ = reload.try_send(Control::Reload {
+                source: ReloadSource::Watcher,
+                respond: None,
+            });
+        });
+        let mut files = vec![path.to_owned()];
+        files.extend(config.source.referenced_files.iter().cloned());
+        let handle = config::watch::spawn(
+            files,
+            config::watch::WatchOptions::default(),
+            on_change,
+            background.clone(),
+        );
+        let path = path.to_owned();
+        supervisor.subscribe(Box::new(move |config: &Arc<Config>, _: &ConfigDiff| {
+            let mut files = vec![path.clone()];
+            files.extend(config.source.referenced_files.iter().cloned());
+            handle.set_files(files);
+        }));
+    }
+
+    let supervisor_stop = CancellationToken::new();
+    tasks.spawn(supervisor.run(control_rx, supervisor_stop.clone()));
+    tasks.spawn(health_reports(
+        Arc::clone(&monitor),
+        active_rx.clone(),
+        background.clone(),
+    ));
+    crate::shutdown::spawn(shutdown.clone(), control_tx.clone());
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let state = AppState {
+        monitor: Arc::clone(&monitor),
+        registry: Arc::new(registry),
+        control: control_tx,
+        config: active_rx,
+        ready: Arc::clone(&ready),
+        lifecycle_flag: options.enable_lifecycle,
+        message_counts: None,
+    };
+    tracing::info!(%addr, "Serving metrics and the monitor API.");
+    on_started(Started { addr });
+    let http_stop = CancellationToken::new();
+    let server = tokio::spawn(http::serve(
+        listener,
+        http::router(state),
+        http_stop.clone(),
+        options.grace,
+    ));
+
+    shutdown.cancelled().await;
+    tracing::info!("Shutting down.");
+    ready.store(false, Ordering::SeqCst);
+    supervisor_stop.cancel();
+    background.cancel();
+    tasks.close();
+    if tokio::time::timeout(options.grace, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Shutdown grace period elapsed; stopping anyway.");
+    }
+    http_stop.cancel();
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(RunError::Serve(error)),
+        Err(_) => Ok(()),
+    }
+}
+
+/// The periodic health check: write the report file atomically and log one summary line.
+async fn health_reports(
+    monitor: Arc<Monitor>,
+    config: watch::Receiver<Arc<Config>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (interval, path) = {
+            let config = config.borrow();
+            (
+                config.health.report_interval,
+                config.health.report_file.clone(),
+            )
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let snap = monitor.snapshot();
+        let process = monitor.process_sample();
+        let recent = monitor.recent_errors(10);
+        let ids: Vec<String> = snap.instances.keys().cloned().collect();
+        let calls = monitor.metrics().api_calls_made(&ids);
+        let document = report::health(&snap, &process, calls, &recent, &|_, _| None);
+        tracing::info!(
+            score = snap.health.score,
+            status = snap.health.status.as_str(),
+            lost = %report::lost_points(&snap),
+            "Health check."
+        );
+        let result = tokio::task::spawn_blocking(move || write_atomically(&path, &document)).await;
+        if let Ok(Err(error)) = result {
+            tracing::warn!("Cannot write the health report: {error}");
+        }
+    }
+}
+
+/// Writes JSON to a temp file beside `path`, then renames it over `path`.
+pub fn write_atomically(
+    path: &std::path::Path,
+    document: &serde_json::Value,
+) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let text = serde_json::to_vec_pretty(document).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The simulated instances of the demo: `(id, key, flaky)`.
+const DEMO_INSTANCES: [(&str, &str, bool); 3] = [
+    ("wx-main", "demo-key-main", false),
+    ("wx-sales", "demo-key-sales", false),
+    ("wx-flaky", "demo-key-flaky", true),
+];
+
+/// Starts three simulators on loopback and returns the demo config text and the env lookup.
+pub async fn start_demo_instances(
+    cancel: &CancellationToken,
+) -> std::io::Result<(String, Vec<(String, String)>)> {
+    let mut instances = String::new();
+    let mut env = Vec::new();
+    for (id, key, flaky) in DEMO_INSTANCES {
+        let simulator = Simulator::new(SimConfig {
+            api_key: key.to_owned(),
+            name: id.to_owned(),
+            flaky,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        simulator.spawn_chatter(Duration::from_millis(1500), cancel.clone());
+        tokio::spawn(simulator.serve(listener, cancel.clone()));
+        let var = format!("DEMO_KEY_{}", id.replace('-', "_").to_uppercase());
+        instances.push_str(&format!(
+            "  - id: {id}\n    base_url: http://{addr}\n    api_key_env: {var}\n"
+        ));
+        env.push((var, key.to_owned()));
+        eprintln!("  simulated wxauto instance {id:<9} http://{addr}  (control: /_sim/state)");
+    }
+    let text = format!(
+        "# Built-in demo configuration.\n\
+         server:\n  listen: {listen}\n  enable_lifecycle: true\n\
+         listener:\n  poll_interval: 1s\n  health_check_interval: 5s\n  listener_timeout: 2m\n  \
+         request_timeout: 3s\n  backoff: {{ initial: 1s, max: 10s }}\n\
+         instances:\n{instances}\
+         fixed_listeners:\n  - chat: 文件传输助手\n    instances: [\"*\"]\n\
+         health:\n  window: 10m\n  report_interval: 10s\n",
+        listen = config::DEFAULT_LISTEN,
+    );
+    Ok((text, env))
+}
+
+/// Builds a loader that decodes a fixed text with a fixed environment (demo and tests).
+pub fn builtin_loader(text: String, env: Vec<(String, String)>) -> ConfigLoader {
+    Box::new(move || {
+        let lookup = |name: &str| {
+            env.iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+        };
+        config::decode(&text, None, &lookup)
+    })
+}
+
+/// `wxauto-sidecar health --url`: prints a short report; returns the exit code.
+pub async fn health_command(url: &str) -> i32 {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let url = format!("{}/api/v1/health", url.trim_end_matches('/'));
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+    {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("critical: cannot build an HTTP client: {error}");
+            return 2;
+        }
+    };
+    let body: serde_json::Value = match client.get(&url).send().await {
+        Ok(response) => match response.json().await {
+            Ok(body) => body,
+            Err(error) => {
+                println!("critical: {url} did not answer with JSON: {error}");
+                return 2;
+            }
+        },
+        Err(error) => {
+            println!("critical: {url} is unreachable: {error}");
+            return 2;
+        }
+    };
+    let data = &body["data"];
+    let Some(score) = data["health_score"].as_u64() else {
+        println!("critical: {url} answered without a health_score");
+        return 2;
+    };
+    let status = data["overall_status"].as_str().unwrap_or("critical");
+    let deductions = &data["deductions"];
+    let lost: Vec<String> = ["listener", "clients", "listeners", "error_rate"]
+        .iter()
+        .filter_map(|name| {
+            let points = deductions[*name].as_u64().unwrap_or(0);
+            (points > 0).then(|| format!("{name} -{points}"))
+        })
+        .collect();
+    let clients = &data["api_clients_summary"];
+    let chats = &data["listeners_summary"];
+    println!(
+        "{status}: score {score}/100 (lost: {}); clients {}/{} connected; listeners {}/{} active; listener {}",
+        if lost.is_empty() {
+            "none".to_owned()
+        } else {
+            lost.join(", ")
+        },
+        clients["connected_count"],
+        clients["total_count"],
+        chats["active_count"],
+        chats["total_count"],
+        data["message_listener"]["status"]
+            .as_str()
+            .unwrap_or("unknown"),
+    );
+    match status {
+        "healthy" => 0,
+        "warning" => 1,
+        _ => 2,
+    }
+}

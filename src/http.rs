@@ -1,0 +1,207 @@
+//! The HTTP surface. Endpoints:
+//!
+//! - `GET /` landing page; `GET /metrics` (text 0.0.4, or OpenMetrics when `Accept` asks)
+//! - `GET|HEAD /-/healthy` (always 200), `GET|HEAD /-/ready` (200 once started, 503 otherwise)
+//! - `POST /-/reload` (lifecycle-gated: 403 when off; 405 on GET; 500 with the errors on failure)
+//! - `GET /api/v1/{status,health,clients,listeners,statistics,errors?limit=N}` (JSON envelope)
+//! - `POST /api/v1/{restart,reload}` (lifecycle-gated)
+
+mod api;
+
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot, watch};
+use tower_http::timeout::TimeoutLayer;
+
+use crate::config::Config;
+use crate::message::BoxFuture;
+use crate::monitor::Monitor;
+use crate::supervisor::{Control, ReloadReport, ReloadSource};
+
+/// Reads how many messages the store holds per `(instance_id, chat)`.
+pub type MessageCounts =
+    Arc<dyn Fn() -> BoxFuture<'static, HashMap<(String, String), u64>> + Send + Sync>;
+
+/// Everything the handlers read. Cheap to clone; no lock is held across an await.
+#[derive(Clone)]
+pub struct AppState {
+    /// The recorder.
+    pub monitor: Arc<Monitor>,
+    /// The metrics registry (encoding takes `&Registry`).
+    pub registry: Arc<Registry>,
+    /// The supervisor's control channel.
+    pub control: mpsc::Sender<Control>,
+    /// The active config.
+    pub config: watch::Receiver<Arc<Config>>,
+    /// Set once the listener started; cleared when shutdown begins.
+    pub ready: Arc<AtomicBool>,
+    /// `--enable-lifecycle` on the command line (ORed with `server.enable_lifecycle`).
+    pub lifecycle_flag: bool,
+    /// Per-chat message counts from the store, when delivery runs.
+    pub message_counts: Option<MessageCounts>,
+}
+
+impl AppState {
+    fn lifecycle_enabled(&self) -> bool {
+        self.lifecycle_flag || self.config.borrow().server.enable_lifecycle
+    }
+
+    /// Sends a reload request and waits for the supervisor's answer.
+    async fn reload(&self) -> Result<ReloadReport, Vec<String>> {
+        let (respond, answer) = oneshot::channel();
+        let request = Control::Reload {
+            source: ReloadSource::Http,
+            respond: Some(respond),
+        };
+        if self.control.send(request).await.is_err() {
+            return Err(vec!["the supervisor is not running".to_owned()]);
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(vec!["the supervisor dropped the request".to_owned()]))
+    }
+
+    async fn restart(&self) -> Result<(), String> {
+        let (respond, answer) = oneshot::channel();
+        self.control
+            .send(Control::Restart {
+                respond: Some(respond),
+            })
+            .await
+            .map_err(|_| "the supervisor is not running".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the supervisor dropped the request".to_owned())
+    }
+}
+
+/// Builds the router (no socket: tests call it directly or serve it on port 0).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(landing))
+        .route("/metrics", get(metrics))
+        .route("/-/healthy", get(healthy))
+        .route("/-/ready", get(ready))
+        .route("/-/reload", post(reload))
+        .nest("/api/v1", api::router())
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(60),
+        ))
+        .with_state(state)
+}
+
+async fn landing() -> Html<&'static str> {
+    Html(concat!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>wxauto-sidecar</title></head>",
+        "<body><h1>wxauto-sidecar ",
+        env!("CARGO_PKG_VERSION"),
+        "</h1><ul>",
+        "<li><a href=\"/metrics\">/metrics</a> Prometheus metrics</li>",
+        "<li><a href=\"/-/healthy\">/-/healthy</a> liveness</li>",
+        "<li><a href=\"/-/ready\">/-/ready</a> readiness</li>",
+        "<li>POST /-/reload: reload the configuration (lifecycle)</li>",
+        "<li><a href=\"/api/v1/status\">/api/v1/status</a> service status</li>",
+        "<li><a href=\"/api/v1/health\">/api/v1/health</a> health report</li>",
+        "<li><a href=\"/api/v1/clients\">/api/v1/clients</a> wxauto instances</li>",
+        "<li><a href=\"/api/v1/listeners\">/api/v1/listeners</a> listened chats</li>",
+        "<li><a href=\"/api/v1/statistics\">/api/v1/statistics</a> statistics</li>",
+        "<li><a href=\"/api/v1/errors?limit=10\">/api/v1/errors</a> recent errors</li>",
+        "<li>POST /api/v1/restart, POST /api/v1/reload (lifecycle)</li>",
+        "</ul></body></html>"
+    ))
+}
+
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok());
+    let openmetrics = crate::metrics::wants_openmetrics(accept);
+    let registry = Arc::clone(&state.registry);
+    // Encoding runs the scrape-time collectors (a sysinfo refresh): keep it off the reactor.
+    let encoded =
+        tokio::task::spawn_blocking(move || crate::metrics::encode(&registry, openmetrics)).await;
+    match encoded {
+        Ok((body, content_type)) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+            body,
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
+            "metrics encoding failed\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn healthy() -> &'static str {
+    "Healthy.\n"
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "Ready.\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "Not ready.\n").into_response()
+    }
+}
+
+async fn reload(State(state): State<AppState>) -> Response {
+    if !state.lifecycle_enabled() {
+        return (
+            StatusCode::FORBIDDEN,
+            "Lifecycle APIs are not enabled (server.enable_lifecycle or --enable-lifecycle).\n",
+        )
+            .into_response();
+    }
+    match state.reload().await {
+        Ok(report) => (StatusCode::OK, format!("OK: {}\n", report.summary)).into_response(),
+        Err(errors) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "failed to reload config; the previous config stays active:\n{}\n",
+                errors.join("\n")
+            ),
+        )
+            .into_response(),
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` fires, then drains for at most `grace`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let signal = shutdown.clone();
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { signal.cancelled().await })
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("HTTP connections did not close within the grace period.");
+            Ok(())
+        }
+    }
+}

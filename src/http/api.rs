@@ -1,0 +1,202 @@
+//! The JSON monitor API under `/api/v1`, in the seed's `{success, data, timestamp}` envelope.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::monitor::{ERROR_RING_CAPACITY, Snapshot, report, rfc3339};
+
+/// An API failure: the one place errors become status codes and JSON.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "success": false,
+            "error": self.message,
+            "timestamp": rfc3339(SystemTime::now()),
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// A successful answer: `data` plus optional extra top-level fields (e.g. `total_count`).
+fn ok(data: Value, extra: &[(&str, Value)]) -> Response {
+    let mut body = json!({
+        "success": true,
+        "data": data,
+        "timestamp": rfc3339(SystemTime::now()),
+    });
+    for (key, value) in extra {
+        body[*key] = value.clone();
+    }
+    Json(body).into_response()
+}
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/status", get(status))
+        .route("/health", get(health))
+        .route("/clients", get(clients))
+        .route("/listeners", get(listeners))
+        .route("/statistics", get(statistics))
+        .route("/errors", get(errors))
+        .route("/restart", post(restart))
+        .route("/reload", post(reload))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+}
+
+fn api_calls(state: &AppState, snap: &Snapshot) -> u64 {
+    let ids: Vec<String> = snap.instances.keys().cloned().collect();
+    state.monitor.metrics().api_calls_made(&ids)
+}
+
+async fn store_counts(state: &AppState) -> HashMap<(String, String), u64> {
+    match &state.message_counts {
+        Some(counts) => counts().await,
+        None => HashMap::new(),
+    }
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    let snap = state.monitor.snapshot();
+    let process = state.monitor.process_sample();
+    ok(report::status(&snap, &process), &[])
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let counts = store_counts(&state).await;
+    let snap = state.monitor.snapshot();
+    let process = state.monitor.process_sample();
+    let recent = state.monitor.recent_errors(10);
+    let lookup = |id: &str, chat: &str| counts.get(&(id.to_owned(), chat.to_owned())).copied();
+    let data = report::health(&snap, &process, api_calls(&state, &snap), &recent, &lookup);
+    ok(data, &[])
+}
+
+async fn clients(State(state): State<AppState>) -> Response {
+    let snap = state.monitor.snapshot();
+    let (total, connected) = report::client_counts(&snap);
+    ok(
+        Value::Array(report::clients(&snap)),
+        &[
+            ("total_count", json!(total)),
+            ("connected_count", json!(connected)),
+        ],
+    )
+}
+
+async fn listeners(State(state): State<AppState>) -> Response {
+    let counts = store_counts(&state).await;
+    let snap = state.monitor.snapshot();
+    let lookup = |id: &str, chat: &str| counts.get(&(id.to_owned(), chat.to_owned())).copied();
+    let rows = report::listeners(&snap, &lookup);
+    let active = rows
+        .iter()
+        .filter(|row| row["active"] == Value::Bool(true))
+        .count();
+    let total = rows.len();
+    ok(
+        Value::Array(rows),
+        &[
+            ("total_count", json!(total)),
+            ("active_count", json!(active)),
+        ],
+    )
+}
+
+async fn statistics(State(state): State<AppState>) -> Response {
+    let snap = state.monitor.snapshot();
+    ok(report::statistics(&snap, api_calls(&state, &snap)), &[])
+}
+
+async fn errors(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let limit = match query.get("limit") {
+        None => 10,
+        Some(raw) => match raw.trim().parse::<usize>() {
+            Ok(limit) if (1..=ERROR_RING_CAPACITY).contains(&limit) => limit,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit must be an integer from 1 to {ERROR_RING_CAPACITY}"),
+                ));
+            }
+        },
+    };
+    let records = state.monitor.recent_errors(limit);
+    let count = records.len();
+    Ok(ok(
+        Value::Array(report::errors(&records)),
+        &[("count", json!(count))],
+    ))
+}
+
+fn require_lifecycle(state: &AppState) -> Result<(), ApiError> {
+    if state.lifecycle_enabled() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "lifecycle APIs are not enabled (server.enable_lifecycle or --enable-lifecycle)",
+        ))
+    }
+}
+
+async fn restart(State(state): State<AppState>) -> Result<Response, ApiError> {
+    require_lifecycle(&state)?;
+    state
+        .restart()
+        .await
+        .map_err(|message| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))?;
+    let snap = state.monitor.snapshot();
+    Ok(ok(
+        json!({"restarted": true, "running": snap.running, "start_time": snap.listener_start_time}),
+        &[],
+    ))
+}
+
+async fn reload(State(state): State<AppState>) -> Result<Response, ApiError> {
+    require_lifecycle(&state)?;
+    match state.reload().await {
+        Ok(report) => Ok(ok(
+            json!({
+                "reloaded": true,
+                "changed": report.changed,
+                "summary": report.summary,
+                "needs_restart": report.needs_restart,
+            }),
+            &[],
+        )),
+        Err(errors) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "configuration reload failed; the previous configuration stays active: {}",
+                errors.join("; ")
+            ),
+        )),
+    }
+}

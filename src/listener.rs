@@ -1,0 +1,699 @@
+//! One actor per wxauto instance: connectivity state machine, chat table, polling and draining.
+//!
+//! The actor owns its client, its chats, its backoff and its connectivity state; nothing else
+//! mutates them. It publishes a copy of its state to the monitor after every step, and talks to
+//! the rest of the sidecar only through the `MessageSink` and its command channel.
+
+pub mod filter;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::{InstanceConfig, ListenerConfig, SendMode};
+use crate::message::{InboundMessage, MessageSink, Reply, ReplyError};
+use crate::metrics::Metrics;
+use crate::monitor::{
+    ChatState, Component, Connectivity, ErrorKind, InstanceState, Monitor, unix_seconds,
+};
+use crate::wxauto::{ChatBatch, Client, WxautoError};
+
+/// Upper bound of `get-next-new` calls per poll (each returns at most one chat).
+const MAX_MAIN_WINDOW_DRAIN: usize = 16;
+/// Upper bound of `listen/get` calls per poll (each returns at most one chat).
+const MAX_LISTEN_DRAIN: usize = 64;
+/// How long the text of a sent reply is remembered to recognise its echo.
+const ECHO_MEMORY: Duration = Duration::from_secs(120);
+/// Held messages beyond which the actor stops taking new ones until the sink recovers.
+const MAX_HELD: usize = 10_000;
+
+/// Settings an actor takes live, without a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorSettings {
+    /// `listener:` section.
+    pub listener: ListenerConfig,
+    /// The fixed chats of this instance.
+    pub fixed_chats: Vec<String>,
+}
+
+/// Commands to a running actor.
+#[derive(Debug)]
+pub enum InstanceCommand {
+    /// Send a reply to a chat of this instance.
+    Reply {
+        /// What to send.
+        reply: Reply,
+        /// Where the outcome goes.
+        respond: oneshot::Sender<Result<(), ReplyError>>,
+    },
+    /// New listener settings or fixed chats after a reload.
+    Settings(ActorSettings),
+}
+
+/// Why a probe failed.
+#[derive(Debug, Clone, thiserror::Error)]
+enum ProbeError {
+    #[error(transparent)]
+    Upstream(#[from] WxautoError),
+    #[error("WeChat is not connected (wechat_status {0:?}) and initialize did not connect it")]
+    Offline(String),
+}
+
+impl ProbeError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Upstream(error) => error.kind(),
+            Self::Offline(_) => ErrorKind::Offline,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Chat {
+    active: bool,
+    fixed: bool,
+    /// Counted in `listeners_added` once; re-adds after a recovery are restorations.
+    announced: bool,
+    last_activity: Instant,
+    last_message: Option<SystemTime>,
+    last_check: SystemTime,
+    message_count: u64,
+    error_count: u64,
+}
+
+impl Chat {
+    fn new(fixed: bool) -> Self {
+        Self {
+            active: true,
+            fixed,
+            announced: false,
+            last_activity: Instant::now(),
+            last_message: None,
+            last_check: SystemTime::now(),
+            message_count: 0,
+            error_count: 0,
+        }
+    }
+}
+
+/// The actor for one instance.
+pub struct InstanceActor {
+    instance: InstanceConfig,
+    settings: ActorSettings,
+    client: Client,
+    monitor: Arc<Monitor>,
+    sink: Arc<dyn MessageSink>,
+    commands: mpsc::Receiver<InstanceCommand>,
+    connectivity: Connectivity,
+    initialized: bool,
+    last_check: Option<SystemTime>,
+    backoff: Backoff,
+    chats: HashMap<String, Chat>,
+    held: Vec<InboundMessage>,
+    echoes: HashMap<String, VecDeque<(Instant, String)>>,
+}
+
+// === impl InstanceActor ===
+
+impl InstanceActor {
+    /// Builds an actor; `commands` is the receiving end of its command channel.
+    pub fn new(
+        instance: InstanceConfig,
+        settings: ActorSettings,
+        metrics: Metrics,
+        monitor: Arc<Monitor>,
+        sink: Arc<dyn MessageSink>,
+        commands: mpsc::Receiver<InstanceCommand>,
+    ) -> Result<Self, reqwest::Error> {
+        let client = Client::new(
+            &instance.id,
+            &instance.base_url,
+            instance.api_key.clone(),
+            settings.listener.request_timeout,
+            metrics,
+        )?;
+        let mut chats = HashMap::new();
+        for chat in &settings.fixed_chats {
+            chats.insert(chat.clone(), Chat::new(true));
+        }
+        Ok(Self {
+            backoff: Backoff::new(settings.listener.backoff),
+            instance,
+            settings,
+            client,
+            monitor,
+            sink,
+            commands,
+            connectivity: Connectivity::Unknown,
+            initialized: false,
+            last_check: None,
+            chats,
+            held: Vec::new(),
+            echoes: HashMap::new(),
+        })
+    }
+
+    /// Runs until `cancel` fires. Messages already taken from the instance are handed to the
+    /// sink before it returns.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let id = self.instance.id.clone();
+        tracing::info!(instance_id = %id, base_url = %self.instance.base_url, "Instance actor started.");
+        let mut next_probe = Instant::now();
+        let mut next_poll = Instant::now();
+        self.publish();
+        loop {
+            let wake = if self.connectivity == Connectivity::Up {
+                next_probe.min(next_poll)
+            } else {
+                next_probe
+            };
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                command = self.commands.recv() => match command {
+                    Some(command) => {
+                        self.handle(command).await;
+                        self.publish();
+                        continue;
+                    }
+                    // Every sender is gone: the supervisor dropped us.
+                    None => break,
+                },
+                () = sleep_until(wake) => {}
+            }
+            let now = Instant::now();
+            if now >= next_probe {
+                next_probe = match self.probe_and_recover().await {
+                    Ok(()) => Instant::now() + self.settings.listener.health_check_interval,
+                    Err(error) => {
+                        self.go_down(&error.to_string(), error.kind());
+                        Instant::now() + self.backoff.next_delay()
+                    }
+                };
+                next_poll = next_poll.min(Instant::now());
+            }
+            if self.connectivity == Connectivity::Up && Instant::now() >= next_poll {
+                if let Err(error) = self.poll().await {
+                    self.go_down(&error.to_string(), error.kind());
+                    next_probe = Instant::now() + self.backoff.next_delay();
+                }
+                next_poll = Instant::now() + self.settings.listener.poll_interval;
+            }
+            self.publish();
+        }
+        if !self.held.is_empty() {
+            // Last chance for messages the sink refused earlier.
+            self.flush_held().await;
+        }
+        tracing::info!(instance_id = %id, "Instance actor stopped.");
+    }
+
+    async fn handle(&mut self, command: InstanceCommand) {
+        match command {
+            InstanceCommand::Reply { reply, respond } => {
+                let result = self.send_reply(&reply).await;
+                let _ = respond.send(result);
+            }
+            InstanceCommand::Settings(settings) => self.apply_settings(settings).await,
+        }
+    }
+
+    async fn apply_settings(&mut self, settings: ActorSettings) {
+        self.backoff.set_config(settings.listener.backoff);
+        if settings.listener.request_timeout != self.settings.listener.request_timeout
+            && let Ok(client) = Client::new(
+                &self.instance.id,
+                &self.instance.base_url,
+                self.instance.api_key.clone(),
+                settings.listener.request_timeout,
+                self.monitor.metrics().clone(),
+            )
+        {
+            self.client = client;
+        }
+        let old_fixed = std::mem::take(&mut self.settings.fixed_chats);
+        for chat in &old_fixed {
+            if settings.fixed_chats.contains(chat) {
+                continue;
+            }
+            // No longer fixed: stop listening to it, as the user removed it from the config.
+            if let Some(entry) = self.chats.get_mut(chat) {
+                entry.fixed = false;
+            }
+            if self.connectivity == Connectivity::Up
+                && self.chats.get(chat).is_some_and(|entry| entry.active)
+            {
+                match self.client.listen_remove(chat).await {
+                    Ok(()) => {
+                        self.set_inactive(chat);
+                        self.monitor
+                            .record_listener_removed(&self.instance.id, "config");
+                    }
+                    Err(error) => self.chat_error(chat, &error),
+                }
+            }
+        }
+        for chat in &settings.fixed_chats {
+            let entry = self
+                .chats
+                .entry(chat.clone())
+                .or_insert_with(|| Chat::new(true));
+            entry.fixed = true;
+            if !entry.active || !entry.announced {
+                entry.active = true;
+                if self.connectivity == Connectivity::Up {
+                    let chat = chat.clone();
+                    let _ = self.add_chat(&chat).await;
+                }
+            }
+        }
+        self.settings = settings;
+    }
+
+    /// Probes `GET /api/health`; initialises WeChat if it is not connected; on a transition to
+    /// up re-adds every active chat.
+    async fn probe_and_recover(&mut self) -> Result<(), ProbeError> {
+        let result = self.probe().await;
+        self.last_check = Some(SystemTime::now());
+        result?;
+        if self.connectivity != Connectivity::Up {
+            let was = self.connectivity;
+            self.connectivity = Connectivity::Recovering;
+            self.publish();
+            self.restore_chats().await?;
+            self.connectivity = Connectivity::Up;
+            self.backoff.reset();
+            match was {
+                Connectivity::Unknown => {
+                    tracing::info!(instance_id = %self.instance.id, "Instance is up.")
+                }
+                _ => tracing::info!(instance_id = %self.instance.id, "Instance recovered."),
+            }
+        }
+        Ok(())
+    }
+
+    async fn probe(&mut self) -> Result<(), ProbeError> {
+        let info = self.client.health().await?;
+        if info.is_connected() {
+            self.initialized = true;
+            return Ok(());
+        }
+        self.initialized = false;
+        tracing::info!(
+            instance_id = %self.instance.id,
+            wechat_status = %info.wechat_status,
+            "WeChat is not connected; initializing."
+        );
+        self.client.initialize().await?;
+        let info = self.client.health().await?;
+        if info.is_connected() {
+            self.initialized = true;
+            Ok(())
+        } else {
+            Err(ProbeError::Offline(info.wechat_status))
+        }
+    }
+
+    /// Re-adds every active chat after (re)connecting: upstream forgets its listeners when
+    /// WeChat restarts, so the sidecar's table is the source of truth.
+    async fn restore_chats(&mut self) -> Result<(), WxautoError> {
+        let mut names: Vec<String> = self
+            .chats
+            .iter()
+            .filter(|(_, chat)| chat.active)
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        for name in names {
+            self.add_chat(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// `listen/add` for a chat already marked active in the table. Instance failures propagate;
+    /// a refusal of this one chat is recorded and the chat is marked inactive.
+    async fn add_chat(&mut self, name: &str) -> Result<(), WxautoError> {
+        match self.client.listen_add(name).await {
+            Ok(()) => {
+                if let Some(chat) = self.chats.get_mut(name) {
+                    chat.active = true;
+                    chat.last_activity = Instant::now();
+                    if !chat.announced {
+                        chat.announced = true;
+                        self.monitor.record_listener_added(&self.instance.id, "");
+                    }
+                }
+                Ok(())
+            }
+            Err(error) if error.is_instance_failure() => Err(error),
+            Err(error) => {
+                self.chat_error(name, &error);
+                if let Some(chat) = self.chats.get_mut(name)
+                    && !chat.fixed
+                {
+                    chat.active = false;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn chat_error(&mut self, name: &str, error: &WxautoError) {
+        if let Some(chat) = self.chats.get_mut(name) {
+            chat.error_count += 1;
+        }
+        self.monitor.record_error(
+            Component::Client,
+            error.kind(),
+            Some(&self.instance.id),
+            &error.to_string(),
+        );
+    }
+
+    fn set_inactive(&mut self, name: &str) {
+        if let Some(chat) = self.chats.get_mut(name) {
+            chat.active = false;
+        }
+    }
+
+    /// Marks the instance down. Only the transition records an error; retries of a known-down
+    /// instance show in `wxauto_api_requests_total` alone.
+    fn go_down(&mut self, message: &str, kind: ErrorKind) {
+        if self.connectivity != Connectivity::Down {
+            self.monitor.record_error(
+                Component::Client,
+                kind,
+                Some(&self.instance.id),
+                &format!("instance down: {message}"),
+            );
+        } else {
+            tracing::debug!(instance_id = %self.instance.id, "Instance still down: {message}");
+        }
+        self.connectivity = Connectivity::Down;
+    }
+
+    /// One poll: the main window, then the listened chats, then idle chats time out.
+    /// Messages taken before a failure are still handed to the sink.
+    async fn poll(&mut self) -> Result<(), WxautoError> {
+        if !self.held.is_empty() {
+            self.flush_held().await;
+            if self.held.len() >= MAX_HELD {
+                // The sink is failing and we hold plenty: taking more from upstream would only
+                // grow memory. Upstream keeps them for us meanwhile.
+                return Ok(());
+            }
+        }
+        let mut taken = Vec::new();
+        let result = self.drain(&mut taken).await;
+        self.hand_over(taken).await;
+        result?;
+        self.expire_idle_chats().await
+    }
+
+    async fn drain(&mut self, taken: &mut Vec<InboundMessage>) -> Result<(), WxautoError> {
+        for _ in 0..MAX_MAIN_WINDOW_DRAIN {
+            match self.client.get_next_new().await {
+                Ok(batches) if batches.is_empty() => break,
+                Ok(batches) => {
+                    for batch in batches {
+                        self.take_main_window(batch, taken).await?;
+                    }
+                }
+                Err(error) if error.is_instance_failure() => return Err(error),
+                Err(error) => {
+                    self.record_bad_answer(&error);
+                    break;
+                }
+            }
+        }
+        let limit = (self.active_count() + 2).clamp(4, MAX_LISTEN_DRAIN);
+        for _ in 0..limit {
+            match self.client.listen_get().await {
+                Ok(batches) if batches.is_empty() => break,
+                Ok(batches) => {
+                    for batch in batches {
+                        self.take_listened(batch, taken);
+                    }
+                }
+                Err(error) if error.is_instance_failure() => return Err(error),
+                Err(error) => {
+                    self.record_bad_answer(&error);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A malformed answer is counted and survived; the instance stays up.
+    fn record_bad_answer(&mut self, error: &WxautoError) {
+        self.monitor.record_error(
+            Component::Client,
+            error.kind(),
+            Some(&self.instance.id),
+            &error.to_string(),
+        );
+    }
+
+    /// A chat seen in the main window: take its messages and make sure it is listened.
+    async fn take_main_window(
+        &mut self,
+        batch: ChatBatch,
+        taken: &mut Vec<InboundMessage>,
+    ) -> Result<(), WxautoError> {
+        let count = self.accept_batch(&batch, taken);
+        let name = batch.chat;
+        match self.chats.get(&name) {
+            Some(chat) if chat.active => {
+                // Upstream lost the listener (or never had it): add it again.
+                self.add_chat(&name).await?;
+            }
+            Some(_) => {
+                // A message for a timed-out chat reactivates it instead of being dropped.
+                if let Some(chat) = self.chats.get_mut(&name) {
+                    chat.active = true;
+                    chat.announced = false;
+                }
+                self.add_chat(&name).await?;
+            }
+            None => {
+                let cap = self.settings.listener.max_listeners_per_instance;
+                if self.active_count() >= cap {
+                    tracing::info!(
+                        instance_id = %self.instance.id,
+                        cap,
+                        "Listener cap reached; the chat is not listened, its message is kept."
+                    );
+                } else if self.sink.wants_chat(&self.instance.id, &name) {
+                    self.chats.insert(name.clone(), Chat::new(false));
+                    self.add_chat(&name).await?;
+                }
+            }
+        }
+        if let Some(chat) = self.chats.get_mut(&name) {
+            chat.touch(count);
+        }
+        Ok(())
+    }
+
+    /// A chat from the destructive listen/get: its messages are ours now.
+    fn take_listened(&mut self, batch: ChatBatch, taken: &mut Vec<InboundMessage>) {
+        let count = self.accept_batch(&batch, taken);
+        let chat = self.chats.entry(batch.chat).or_insert_with(|| {
+            // Listened upstream before we started (or by someone else): adopt it.
+            let mut chat = Chat::new(false);
+            chat.announced = true;
+            chat
+        });
+        chat.active = true;
+        chat.touch(count);
+    }
+
+    /// Filters a batch into `taken`; returns how many messages passed.
+    fn accept_batch(&mut self, batch: &ChatBatch, taken: &mut Vec<InboundMessage>) -> u64 {
+        let mut count = 0;
+        for (ordinal, raw) in batch.messages.iter().enumerate() {
+            let Ok(message) = filter::accept(&self.instance.id, &batch.chat, raw, ordinal) else {
+                continue;
+            };
+            if self.is_echo(&batch.chat, &message.content) {
+                self.monitor.record_listener_drop(&self.instance.id, "echo");
+                continue;
+            }
+            taken.push(message);
+            count += 1;
+        }
+        count
+    }
+
+    fn is_echo(&mut self, chat: &str, content: &str) -> bool {
+        let Some(sent) = self.echoes.get_mut(chat) else {
+            return false;
+        };
+        let now = Instant::now();
+        sent.retain(|(at, _)| now.duration_since(*at) < ECHO_MEMORY);
+        match sent.iter().position(|(_, text)| text == content) {
+            Some(index) => {
+                sent.remove(index);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Hands messages to the sink; on failure they are held and retried before the next poll.
+    async fn hand_over(&mut self, taken: Vec<InboundMessage>) {
+        if taken.is_empty() {
+            return;
+        }
+        self.monitor
+            .record_messages(&self.instance.id, taken.len() as u64);
+        self.held.extend(taken);
+        self.flush_held().await;
+    }
+
+    async fn flush_held(&mut self) {
+        let batch = self.held.clone();
+        match self.sink.accept(batch).await {
+            Ok(()) => self.held.clear(),
+            Err(error) => self.monitor.record_error(
+                Component::Listener,
+                ErrorKind::Storage,
+                Some(&self.instance.id),
+                &format!("{error}; holding {} message(s) in memory", self.held.len()),
+            ),
+        }
+    }
+
+    /// Chats idle past `listener_timeout` become inactive and are removed upstream.
+    async fn expire_idle_chats(&mut self) -> Result<(), WxautoError> {
+        let timeout = self.settings.listener.listener_timeout;
+        let now = Instant::now();
+        let mut idle: Vec<String> = self
+            .chats
+            .iter()
+            .filter(|(_, chat)| {
+                chat.active && !chat.fixed && now.duration_since(chat.last_activity) >= timeout
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        idle.sort();
+        for name in idle {
+            match self.client.listen_remove(&name).await {
+                Ok(()) => {}
+                Err(error) if error.is_instance_failure() => return Err(error),
+                // "Not listened" upstream: it is gone already, which is what we wanted.
+                Err(error) => {
+                    tracing::debug!(instance_id = %self.instance.id, "listen/remove refused: {error}")
+                }
+            }
+            self.set_inactive(&name);
+            self.monitor
+                .record_listener_removed(&self.instance.id, "timeout");
+            tracing::debug!(instance_id = %self.instance.id, "Chat timed out and was removed.");
+        }
+        Ok(())
+    }
+
+    async fn send_reply(&mut self, reply: &Reply) -> Result<(), ReplyError> {
+        if self.connectivity != Connectivity::Up {
+            return Err(ReplyError::InstanceDown(self.instance.id.clone()));
+        }
+        // Replies only reach listened chats: make sure this one is.
+        let listened = self.chats.get(&reply.chat).is_some_and(|chat| chat.active);
+        if !listened {
+            let chat = self
+                .chats
+                .entry(reply.chat.clone())
+                .or_insert_with(|| Chat::new(false));
+            chat.active = true;
+            chat.announced = false;
+            self.add_chat(&reply.chat)
+                .await
+                .map_err(|error| ReplyError::Upstream(error.to_string()))?;
+        }
+        let typing = reply.mode == SendMode::Typing;
+        let mut result = self
+            .client
+            .send(&reply.chat, &reply.text, &reply.at, typing)
+            .await;
+        if let Err(error) = &result
+            && error.is_not_listened()
+        {
+            self.add_chat(&reply.chat)
+                .await
+                .map_err(|error| ReplyError::Upstream(error.to_string()))?;
+            result = self
+                .client
+                .send(&reply.chat, &reply.text, &reply.at, typing)
+                .await;
+        }
+        match result {
+            Ok(()) => {
+                let echoes = self.echoes.entry(reply.chat.clone()).or_default();
+                echoes.push_back((Instant::now(), reply.text.clone()));
+                if echoes.len() > 32 {
+                    echoes.pop_front();
+                }
+                if let Some(chat) = self.chats.get_mut(&reply.chat) {
+                    chat.last_activity = Instant::now();
+                }
+                Ok(())
+            }
+            Err(error) => {
+                if error.is_instance_failure() {
+                    self.go_down(&error.to_string(), error.kind());
+                }
+                Err(ReplyError::Upstream(error.to_string()))
+            }
+        }
+    }
+
+    fn active_count(&self) -> usize {
+        self.chats.values().filter(|chat| chat.active).count()
+    }
+
+    fn publish(&self) {
+        let chats = self
+            .chats
+            .iter()
+            .map(|(name, chat)| {
+                (
+                    name.clone(),
+                    ChatState {
+                        active: chat.active,
+                        fixed: chat.fixed,
+                        last_message_time: chat.last_message.map(unix_seconds),
+                        last_check_time: unix_seconds(chat.last_check),
+                        message_count: chat.message_count,
+                        error_count: chat.error_count,
+                    },
+                )
+            })
+            .collect();
+        let mut state = InstanceState::new(&self.instance.id, self.instance.enabled);
+        state.initialized = self.initialized;
+        state.connected = self.connectivity == Connectivity::Up;
+        state.state = self.connectivity;
+        state.last_check_time = self.last_check.map(unix_seconds);
+        state.chats = chats;
+        self.monitor.publish_instance(state);
+    }
+}
+
+impl Chat {
+    fn touch(&mut self, messages: u64) {
+        self.last_check = SystemTime::now();
+        if messages > 0 {
+            self.last_activity = Instant::now();
+            self.last_message = Some(SystemTime::now());
+            self.message_count += messages;
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Which upstream messages are chat messages, and their stable ids.
+//!
+//! The old listener also dropped any message whose *id* contained `self` or `time` as a
+//! substring; ids are opaque, so only the `type` field and the marker text are checked here.
+
+use chrono::Utc;
+
+use crate::config::fnv1a64;
+use crate::message::InboundMessage;
+use crate::wxauto::RawMessage;
+
+/// Message types that are not chat messages: our own, time separators, system and base notes.
+pub const SKIPPED_TYPES: [&str; 4] = ["self", "time", "sys", "base"];
+
+/// The marker wxauto puts before a batch of unread messages ("new messages below").
+pub const NEW_MESSAGES_MARKER: &str = "以下为新消息";
+
+/// Why a raw message did not become an `InboundMessage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// self, time, sys or base.
+    Type,
+    /// The unread marker.
+    Marker,
+}
+
+/// Filters one raw message of `chat`. `ordinal` is the message's position in its upstream
+/// batch; it only matters for messages without an id (see [`synthetic_id`]).
+pub fn accept(
+    instance_id: &str,
+    chat: &str,
+    raw: &RawMessage,
+    ordinal: usize,
+) -> Result<InboundMessage, Skip> {
+    if SKIPPED_TYPES
+        .iter()
+        .any(|skipped| raw.msg_type.eq_ignore_ascii_case(skipped))
+    {
+        return Err(Skip::Type);
+    }
+    if raw.content.trim() == NEW_MESSAGES_MARKER {
+        return Err(Skip::Marker);
+    }
+    let (message_id, synthetic) = match &raw.id {
+        Some(id) => (id.clone(), false),
+        None => (synthetic_id(instance_id, chat, raw, ordinal), true),
+    };
+    Ok(InboundMessage {
+        instance_id: instance_id.to_owned(),
+        chat: chat.to_owned(),
+        message_id,
+        synthetic_id: synthetic,
+        msg_type: raw.msg_type.clone(),
+        sender: if raw.sender.is_empty() {
+            chat.to_owned()
+        } else {
+            raw.sender.clone()
+        },
+        sender_remark: raw.sender_remark.clone(),
+        content: raw.content.clone(),
+        mtype: raw.mtype.clone(),
+        received_at: Utc::now(),
+    })
+}
+
+/// A stable id for a message upstream sent without one.
+///
+/// It hashes what identifies the message (chat, sender, content, upstream time) plus its
+/// position in the batch, so two identical texts in one batch stay distinct, while the same
+/// message seen again (a retry after a crash) gets the same id and is deduplicated.
+pub fn synthetic_id(instance_id: &str, chat: &str, raw: &RawMessage, ordinal: usize) -> String {
+    let ordinal = ordinal.to_string();
+    let hash = fnv1a64(&[
+        instance_id.as_bytes(),
+        chat.as_bytes(),
+        raw.sender.as_bytes(),
+        raw.content.as_bytes(),
+        raw.time.as_deref().unwrap_or("").as_bytes(),
+        ordinal.as_bytes(),
+    ]);
+    format!("syn-{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(id: Option<&str>, msg_type: &str, content: &str) -> RawMessage {
+        RawMessage {
+            id: id.map(str::to_owned),
+            msg_type: msg_type.to_owned(),
+            content: content.to_owned(),
+            sender: "alice".to_owned(),
+            sender_remark: None,
+            mtype: None,
+            time: Some("2026-11-29 10:00:00".to_owned()),
+        }
+    }
+
+    #[test]
+    fn filters_by_type_and_marker_only() {
+        let cases = [
+            (raw(Some("1"), "friend", "hi"), Ok(())),
+            (raw(Some("2"), "self", "my reply"), Err(Skip::Type)),
+            (raw(Some("3"), "time", "10:00"), Err(Skip::Type)),
+            (raw(Some("4"), "sys", "以下为新消息"), Err(Skip::Type)),
+            (raw(Some("5"), "base", "x"), Err(Skip::Type)),
+            (
+                raw(Some("6"), "friend", " 以下为新消息 "),
+                Err(Skip::Marker),
+            ),
+            // The old listener dropped these because the id contained "self"/"time".
+            (raw(Some("selfie-123"), "friend", "photo"), Ok(())),
+            (raw(Some("time-42"), "friend", "what time?"), Ok(())),
+        ];
+        for (i, (message, expected)) in cases.iter().enumerate() {
+            let got = accept("wx", "alice", message, 0).map(drop);
+            assert_eq!(&got, expected, "case {i}");
+        }
+    }
+
+    #[test]
+    fn synthetic_ids_are_stable_and_distinct() {
+        let message = raw(None, "friend", "hello");
+        let a = accept("wx", "alice", &message, 0).unwrap();
+        let b = accept("wx", "alice", &message, 0).unwrap();
+        let c = accept("wx", "alice", &message, 1).unwrap();
+        assert!(a.synthetic_id);
+        assert_eq!(a.message_id, b.message_id);
+        assert_ne!(a.message_id, c.message_id);
+        assert!(a.message_id.starts_with("syn-"));
+        let other_instance = accept("wx2", "alice", &message, 0).unwrap();
+        assert_ne!(a.message_id, other_instance.message_id);
+    }
+}

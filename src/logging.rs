@@ -1,0 +1,186 @@
+//! Structured logs to stderr and to `<dir>/<prefix>_YYYYMMDD.log` (local date), with retention.
+//!
+//! tracing-appender cannot name files `name_YYYYMMDD.log` nor rotate on the local date, so a
+//! small writer here reopens the file when the local date changes and prunes old files.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{Local, NaiveDate};
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+use crate::config::LoggingConfig;
+
+/// Swaps the log filter live (on a config reload of `logging.level`).
+pub type LevelHandle = reload::Handle<EnvFilter, Registry>;
+
+/// Keeps the file writer alive; dropping it flushes buffered lines.
+pub struct LogGuard {
+    _file: Option<WorkerGuard>,
+    /// The live filter handle.
+    pub level: LevelHandle,
+}
+
+/// A writer to the day's log file; reopens on a local date change and prunes old files.
+pub struct DailyFile {
+    dir: PathBuf,
+    prefix: String,
+    retention_days: u32,
+    date: Option<NaiveDate>,
+    file: Option<File>,
+}
+
+impl DailyFile {
+    /// Creates the directory and opens today's file.
+    pub fn new(dir: &Path, prefix: &str, retention_days: u32) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let mut daily = Self {
+            dir: dir.to_owned(),
+            prefix: prefix.to_owned(),
+            retention_days,
+            date: None,
+            file: None,
+        };
+        daily.roll(Local::now().date_naive())?;
+        Ok(daily)
+    }
+
+    /// The file name for a date: `<prefix>_YYYYMMDD.log`.
+    pub fn file_name(prefix: &str, date: NaiveDate) -> String {
+        format!("{prefix}_{}.log", date.format("%Y%m%d"))
+    }
+
+    fn roll(&mut self, today: NaiveDate) -> io::Result<()> {
+        let path = self.dir.join(Self::file_name(&self.prefix, today));
+        self.file = Some(OpenOptions::new().create(true).append(true).open(path)?);
+        self.date = Some(today);
+        prune(&self.dir, &self.prefix, today, self.retention_days);
+        Ok(())
+    }
+}
+
+/// Deletes `<prefix>_YYYYMMDD.log` files older than `retention_days` before `today`.
+pub fn prune(dir: &Path, prefix: &str, today: NaiveDate, retention_days: u32) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let oldest_kept = today - chrono::Days::new(u64::from(retention_days.saturating_sub(1)));
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(date) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('_'))
+            .and_then(|rest| rest.strip_suffix(".log"))
+            .and_then(|digits| NaiveDate::parse_from_str(digits, "%Y%m%d").ok())
+        else {
+            continue;
+        };
+        if date < oldest_kept {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+impl Write for DailyFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let today = Local::now().date_naive();
+        if self.date != Some(today) {
+            self.roll(today)?;
+        }
+        match &mut self.file {
+            Some(file) => file.write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.file {
+            Some(file) => file.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Installs the global subscriber: stderr always, the daily file when `file` is given.
+pub fn init(level: &str, file: Option<&LoggingConfig>) -> io::Result<LogGuard> {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(io::stderr)
+        .with_target(false);
+    let (file_layer, guard) = match file {
+        Some(logging) => {
+            let daily = DailyFile::new(&logging.dir, &logging.file_prefix, logging.retention_days)?;
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(false)
+                .finish(daily);
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_ansi(false)
+                .with_target(false);
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(file_layer)
+        .try_init();
+    Ok(LogGuard {
+        _file: guard,
+        level: handle,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_use_the_contract_format() {
+        let date = NaiveDate::from_ymd_opt(2026, 11, 29).unwrap();
+        assert_eq!(
+            DailyFile::file_name("wxauto_mgt", date),
+            "wxauto_mgt_20261129.log"
+        );
+    }
+
+    #[test]
+    fn prune_keeps_retention_days_and_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let today = NaiveDate::from_ymd_opt(2026, 11, 29).unwrap();
+        for days_ago in 0..10u64 {
+            let date = today - chrono::Days::new(days_ago);
+            fs::write(dir.path().join(DailyFile::file_name("wx", date)), "x").unwrap();
+        }
+        fs::write(dir.path().join("health_report.json"), "{}").unwrap();
+        fs::write(dir.path().join("other_20200101.log"), "x").unwrap();
+        prune(dir.path(), "wx", today, 7);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), 7 + 2, "{left:?}");
+        assert!(left.contains(&"wx_20261123.log".to_owned()));
+        assert!(!left.contains(&"wx_20261122.log".to_owned()));
+        assert!(left.contains(&"other_20200101.log".to_owned()));
+    }
+
+    #[test]
+    fn daily_file_appends_to_todays_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut daily = DailyFile::new(dir.path(), "wx", 7).unwrap();
+        daily.write_all(b"line one\n").unwrap();
+        daily.flush().unwrap();
+        let name = DailyFile::file_name("wx", Local::now().date_naive());
+        let text = fs::read_to_string(dir.path().join(name)).unwrap();
+        assert_eq!(text, "line one\n");
+    }
+}

@@ -1,0 +1,330 @@
+//! The Prometheus registry and the event-driven metric families (counters and histograms).
+//!
+//! Gauges that mirror live state (client up, listeners, health) are not here: they are built
+//! at scrape time by `monitor::StateCollector`, so they never go stale and removed instances
+//! vanish by construction. Process metrics come from `metrics::process`.
+
+pub mod process;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::wxauto::Endpoint;
+
+/// `Content-Type` of the Prometheus text format 0.0.4.
+pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// `Content-Type` of OpenMetrics 1.0.0.
+pub const CONTENT_TYPE_OPENMETRICS: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Labels of per-instance counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// The configured instance id.
+    pub instance_id: String,
+}
+
+/// Labels of `wxauto_api_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// The configured instance id.
+    pub instance_id: String,
+    /// `Endpoint::label`.
+    pub endpoint: &'static str,
+    /// success, error, timeout.
+    pub outcome: &'static str,
+}
+
+/// Labels of `wxauto_api_request_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// The configured instance id.
+    pub instance_id: String,
+    /// `Endpoint::label`.
+    pub endpoint: &'static str,
+}
+
+/// Labels of `wxauto_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// listener, client, delivery, config.
+    pub component: &'static str,
+    /// The closed set of `ErrorKind`.
+    pub kind: &'static str,
+}
+
+/// Labels of counters with a closed `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The configured instance id.
+    pub instance_id: String,
+    /// A closed set per metric.
+    pub reason: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every event-driven metric family. Cheap to clone (the families are `Arc`s inside).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    api_requests: Family<ApiLabels, Counter>,
+    api_duration: HistogramFamily<EndpointLabels>,
+    /// `wxauto_client_errors_total{instance_id}`.
+    pub client_errors: Family<InstanceLabels, Counter>,
+    /// `wxauto_errors_total{component,kind}`.
+    pub errors: Family<ErrorLabels, Counter>,
+    /// `wxauto_listeners_added_total{instance_id}`.
+    pub listeners_added: Family<InstanceLabels, Counter>,
+    /// `wxauto_listeners_removed_total{instance_id,reason}`.
+    pub listeners_removed: Family<ReasonLabels, Counter>,
+    /// `wxauto_messages_processed_total{instance_id}`.
+    pub messages_processed: Family<InstanceLabels, Counter>,
+    /// `wxauto_listener_messages_dropped_total{instance_id,reason}`: dropped by the listener
+    /// before reaching the sink (echo of our own reply).
+    pub listener_dropped: Family<ReasonLabels, Counter>,
+    /// `wxauto_listener_restarts_total`.
+    pub listener_restarts: Counter,
+    /// `wxauto_listener_task_restarts_total{instance_id}`: one actor restarted after a crash.
+    pub task_restarts: Family<InstanceLabels, Counter>,
+    /// `wxauto_config_reloads_total`.
+    pub config_reloads: Counter,
+    /// `wxauto_config_reload_failures_total`.
+    pub config_reload_failures: Counter,
+}
+
+fn api_histogram() -> Histogram {
+    // 5 ms .. ~20 s: upstream calls are local-network UI automation, sometimes slow.
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates the families and registers them (the `wxauto_` prefix is added here).
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            api_requests: Family::default(),
+            api_duration: Family::new_with_constructor(api_histogram),
+            client_errors: Family::default(),
+            errors: Family::default(),
+            listeners_added: Family::default(),
+            listeners_removed: Family::default(),
+            messages_processed: Family::default(),
+            listener_dropped: Family::default(),
+            listener_restarts: Counter::default(),
+            task_restarts: Family::default(),
+            config_reloads: Counter::default(),
+            config_reload_failures: Counter::default(),
+        };
+        let wx = registry.sub_registry_with_prefix("wxauto");
+        wx.register(
+            "api_requests",
+            "Calls to wxauto instances by endpoint and outcome (success, error, timeout).",
+            metrics.api_requests.clone(),
+        );
+        wx.register_with_unit(
+            "api_request_duration",
+            "Duration of calls to wxauto instances.",
+            Unit::Seconds,
+            metrics.api_duration.clone(),
+        );
+        wx.register(
+            "client_errors",
+            "Errors recorded for a wxauto instance (one per transition to down, plus refused requests).",
+            metrics.client_errors.clone(),
+        );
+        wx.register(
+            "errors",
+            "Every recorded error, by component (listener, client, delivery, config) and kind.",
+            metrics.errors.clone(),
+        );
+        wx.register(
+            "listeners_added",
+            "Chats added as listeners (new or reactivated).",
+            metrics.listeners_added.clone(),
+        );
+        wx.register(
+            "listeners_removed",
+            "Chats removed as listeners, by reason (timeout, manual, config).",
+            metrics.listeners_removed.clone(),
+        );
+        wx.register(
+            "messages_processed",
+            "Messages received from an instance that passed the filters.",
+            metrics.messages_processed.clone(),
+        );
+        wx.register(
+            "listener_messages_dropped",
+            "Messages the listener dropped before the store, by reason (echo).",
+            metrics.listener_dropped.clone(),
+        );
+        wx.register(
+            "listener_restarts",
+            "Restarts of the listener service (API restart, crash recovery).",
+            metrics.listener_restarts.clone(),
+        );
+        wx.register(
+            "listener_task_restarts",
+            "Restarts of one instance actor after it failed or panicked.",
+            metrics.task_restarts.clone(),
+        );
+        wx.register(
+            "config_reloads",
+            "Successful configuration reloads.",
+            metrics.config_reloads.clone(),
+        );
+        wx.register(
+            "config_reload_failures",
+            "Failed configuration reloads (the old configuration stays active).",
+            metrics.config_reload_failures.clone(),
+        );
+        metrics
+    }
+
+    /// Records one upstream call.
+    pub fn observe_api_call(
+        &self,
+        instance_id: &str,
+        endpoint: &'static str,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        self.api_requests
+            .get_or_create_owned(&ApiLabels {
+                instance_id: instance_id.to_owned(),
+                endpoint,
+                outcome,
+            })
+            .inc();
+        self.api_duration
+            .get_or_create_owned(&EndpointLabels {
+                instance_id: instance_id.to_owned(),
+                endpoint,
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Creates every series of an instance at 0, so ratios work from the first scrape.
+    pub fn init_instance(&self, instance_id: &str) {
+        let id = instance_id.to_owned();
+        for endpoint in Endpoint::ALL {
+            for outcome in ["success", "error", "timeout"] {
+                self.api_requests.get_or_create_owned(&ApiLabels {
+                    instance_id: id.clone(),
+                    endpoint: endpoint.label(),
+                    outcome,
+                });
+            }
+        }
+        let labels = InstanceLabels {
+            instance_id: id.clone(),
+        };
+        self.client_errors.get_or_create_owned(&labels);
+        self.listeners_added.get_or_create_owned(&labels);
+        self.messages_processed.get_or_create_owned(&labels);
+        self.task_restarts.get_or_create_owned(&labels);
+        for reason in REMOVE_REASONS {
+            self.listeners_removed.get_or_create_owned(&ReasonLabels {
+                instance_id: id.clone(),
+                reason,
+            });
+        }
+        self.listener_dropped.get_or_create_owned(&ReasonLabels {
+            instance_id: id,
+            reason: "echo",
+        });
+    }
+
+    /// Drops every series of a removed instance.
+    pub fn remove_instance(&self, instance_id: &str) {
+        let id = instance_id.to_owned();
+        for endpoint in Endpoint::ALL {
+            for outcome in ["success", "error", "timeout"] {
+                self.api_requests.remove(&ApiLabels {
+                    instance_id: id.clone(),
+                    endpoint: endpoint.label(),
+                    outcome,
+                });
+            }
+            self.api_duration.remove(&EndpointLabels {
+                instance_id: id.clone(),
+                endpoint: endpoint.label(),
+            });
+        }
+        let labels = InstanceLabels {
+            instance_id: id.clone(),
+        };
+        self.client_errors.remove(&labels);
+        self.listeners_added.remove(&labels);
+        self.messages_processed.remove(&labels);
+        self.task_restarts.remove(&labels);
+        for reason in REMOVE_REASONS {
+            self.listeners_removed.remove(&ReasonLabels {
+                instance_id: id.clone(),
+                reason,
+            });
+        }
+        self.listener_dropped.remove(&ReasonLabels {
+            instance_id: id,
+            reason: "echo",
+        });
+    }
+
+    /// Total upstream calls made so far (the statistics' `api_calls_made`).
+    pub fn api_calls_made(&self, instance_ids: &[String]) -> u64 {
+        let mut total = 0;
+        for id in instance_ids {
+            for endpoint in Endpoint::ALL {
+                for outcome in ["success", "error", "timeout"] {
+                    if let Some(counter) = self.api_requests.get(&ApiLabels {
+                        instance_id: id.clone(),
+                        endpoint: endpoint.label(),
+                        outcome,
+                    }) {
+                        total += counter.get();
+                    }
+                }
+            }
+        }
+        total
+    }
+}
+
+/// The closed set of `wxauto_listeners_removed_total` reasons.
+pub const REMOVE_REASONS: [&str; 3] = ["timeout", "manual", "config"];
+
+/// Encodes the registry in the negotiated format. Returns the body and its content type.
+pub fn encode(registry: &Registry, openmetrics: bool) -> (String, &'static str) {
+    let mut body = String::with_capacity(16 * 1024);
+    if openmetrics {
+        // Writing into a String cannot fail; an encoder error would be a bug in a collector,
+        // and a partial body is still better than none for a scrape.
+        let _ = prometheus_client::encoding::text::encode(&mut body, registry);
+        (body, CONTENT_TYPE_OPENMETRICS)
+    } else {
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut body, registry);
+        if !body.ends_with('\n') {
+            let _ = writeln!(body);
+        }
+        (body, CONTENT_TYPE_TEXT)
+    }
+}
+
+/// Whether an `Accept` header asks for OpenMetrics.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|accept| {
+        accept
+            .split(',')
+            .any(|part| part.trim().starts_with("application/openmetrics-text"))
+    })
+}
+
+/// A shared registry.
+pub type SharedRegistry = Arc<Registry>;

@@ -1,0 +1,201 @@
+//! Scrape-time `process_*` metrics for the sidecar's own pid, from one long-lived `sysinfo::System`.
+//!
+//! CPU needs the previous refresh, so the `System` lives across scrapes behind a mutex that is
+//! never held across an await. Only our own pid is refreshed (tens of microseconds).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
+use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+/// One sample of our own process.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessSample {
+    /// Accumulated CPU time in seconds.
+    pub cpu_seconds: f64,
+    /// Resident set size in bytes.
+    pub resident_bytes: u64,
+    /// Virtual memory in bytes.
+    pub virtual_bytes: u64,
+    /// Unix start time in seconds.
+    pub start_time_seconds: u64,
+    /// Open file descriptors, where the platform tells.
+    pub open_fds: Option<u64>,
+    /// The fd limit, where the platform tells.
+    pub max_fds: Option<u64>,
+    /// CPU share since the previous sample, in percent of one core (0 on the first sample).
+    pub cpu_percent: f64,
+}
+
+/// Samples the sidecar's own process.
+#[derive(Debug)]
+pub struct ProcessCollector {
+    pid: Pid,
+    state: Mutex<SamplerState>,
+}
+
+#[derive(Debug)]
+struct SamplerState {
+    /// `None` where sysinfo cannot read processes on this platform.
+    system: Option<System>,
+    previous: Option<(Instant, f64)>,
+    last_percent: f64,
+}
+
+// === impl ProcessCollector ===
+
+impl ProcessCollector {
+    /// A collector for the current process.
+    pub fn new() -> Self {
+        Self {
+            pid: Pid::from_u32(std::process::id()),
+            state: Mutex::new(SamplerState {
+                system: System::new().ok(),
+                previous: None,
+                last_percent: 0.0,
+            }),
+        }
+    }
+
+    /// Refreshes and returns a sample.
+    ///
+    /// `cpu_percent` is computed from the accumulated CPU time between this sample and the
+    /// previous one, so it is a real figure from the second call on. Samples closer than
+    /// 200 ms reuse the last percentage (too short an interval gives noise).
+    pub fn sample(&self) -> ProcessSample {
+        let mut state = match self.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let pid = self.pid;
+        let Some(system) = state.system.as_mut() else {
+            return ProcessSample::default();
+        };
+        system.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            true,
+            ProcessRefreshKind::nothing().with_cpu().with_memory(),
+        );
+        let Some(process) = system.process(pid) else {
+            return ProcessSample::default();
+        };
+        let cpu_seconds = process.accumulated_cpu_time() as f64 / 1000.0;
+        let resident_bytes = process.memory();
+        let virtual_bytes = process.virtual_memory();
+        let start_time_seconds = process.start_time();
+        let now = Instant::now();
+        let cpu_percent = match state.previous {
+            Some((at, cpu)) if now.duration_since(at) >= Duration::from_millis(200) => {
+                let wall = now.duration_since(at).as_secs_f64();
+                let percent = ((cpu_seconds - cpu) / wall * 100.0).max(0.0);
+                state.previous = Some((now, cpu_seconds));
+                state.last_percent = percent;
+                percent
+            }
+            Some(_) => state.last_percent,
+            None => {
+                state.previous = Some((now, cpu_seconds));
+                0.0
+            }
+        };
+        let (open_fds, max_fds) = fds();
+        ProcessSample {
+            cpu_seconds,
+            resident_bytes,
+            virtual_bytes,
+            start_time_seconds,
+            open_fds,
+            max_fds,
+            cpu_percent,
+        }
+    }
+}
+
+impl Default for ProcessCollector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn fds() -> (Option<u64>, Option<u64>) {
+    let open = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|entries| entries.count() as u64);
+    let max = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|line| line.starts_with("Max open files"))
+                .and_then(|line| line.split_whitespace().nth(3))
+                .and_then(|soft| soft.parse().ok())
+        });
+    (open, max)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn fds() -> (Option<u64>, Option<u64>) {
+    (None, None)
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let sample = self.sample();
+        let cpu = ConstCounter::new(sample.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu",
+            "Total user and system CPU time spent by the sidecar in seconds.",
+            Some(&Unit::Seconds),
+            cpu.metric_type(),
+        )?)?;
+        let gauges: [(&str, &str, Option<Unit>, Option<f64>); 5] = [
+            (
+                "process_resident_memory",
+                "Resident memory size of the sidecar in bytes.",
+                Some(Unit::Bytes),
+                Some(sample.resident_bytes as f64),
+            ),
+            (
+                "process_virtual_memory",
+                "Virtual memory size of the sidecar in bytes.",
+                Some(Unit::Bytes),
+                Some(sample.virtual_bytes as f64),
+            ),
+            (
+                "process_start_time",
+                "Start time of the sidecar since the unix epoch in seconds.",
+                Some(Unit::Seconds),
+                Some(sample.start_time_seconds as f64),
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                None,
+                sample.open_fds.map(|n| n as f64),
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                None,
+                sample.max_fds.map(|n| n as f64),
+            ),
+        ];
+        for (name, help, unit, value) in gauges {
+            let Some(value) = value else { continue };
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(
+                name,
+                help,
+                unit.as_ref(),
+                gauge.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}

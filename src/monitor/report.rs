@@ -1,0 +1,174 @@
+//! The monitor API's JSON documents (`data` of each endpoint), built from one `Snapshot`.
+//!
+//! Field names are the seed's (CONTRACT §4); the periodic report file is the health document.
+
+use serde_json::{Value, json};
+
+use super::{ErrorRecord, Snapshot, format_uptime};
+use crate::metrics::process::ProcessSample;
+
+const MB: f64 = 1024.0 * 1024.0;
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+fn rfc3339_of(seconds: f64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds.max(0.0));
+    super::rfc3339(time)
+}
+
+/// `GET /api/v1/status`.
+pub fn status(snap: &Snapshot, process: &ProcessSample) -> Value {
+    json!({
+        "service_name": super::SERVICE_NAME,
+        "running": snap.running,
+        "status": if snap.running { "running" } else { "stopped" },
+        "uptime_seconds": round2(snap.uptime_seconds),
+        "uptime_formatted": format_uptime(snap.uptime_seconds),
+        "task_count": snap.tasks,
+        "error_count": snap.window_listener_errors,
+        "last_error_time": snap.last_error.as_ref().map(|error| error.time),
+        "last_error_message": snap.last_error.as_ref().map(|error| error.error_message.clone()),
+        "memory_usage_mb": round2(process.resident_bytes as f64 / MB),
+        "cpu_percent": round2(process.cpu_percent),
+        "start_time": snap.listener_start_time,
+    })
+}
+
+/// `GET /api/v1/clients` rows; disabled instances are listed with `enabled: false`.
+pub fn clients(snap: &Snapshot) -> Vec<Value> {
+    snap.instances
+        .values()
+        .map(|state| {
+            json!({
+                "instance_id": state.instance_id,
+                "enabled": state.enabled,
+                "initialized": state.initialized,
+                "connected": state.connected,
+                "state": state.state,
+                "last_check_time": state.last_check_time,
+                "error_count": state.error_count,
+                "last_error": state.last_error,
+                "active_listeners": state.active_chats(),
+            })
+        })
+        .collect()
+}
+
+/// `(total_count, connected_count)` over enabled instances.
+pub fn client_counts(snap: &Snapshot) -> (usize, usize) {
+    let enabled = snap.instances.values().filter(|state| state.enabled);
+    let (mut total, mut connected) = (0, 0);
+    for state in enabled {
+        total += 1;
+        if state.connected {
+            connected += 1;
+        }
+    }
+    (total, connected)
+}
+
+/// `GET /api/v1/listeners` rows. `message_count` comes from `counts` when the store is there.
+pub fn listeners(snap: &Snapshot, counts: &dyn Fn(&str, &str) -> Option<u64>) -> Vec<Value> {
+    let mut rows = Vec::new();
+    for state in snap.instances.values().filter(|state| state.enabled) {
+        for (who, chat) in &state.chats {
+            rows.push(json!({
+                "instance_id": state.instance_id,
+                "who": who,
+                "active": chat.active,
+                "fixed": chat.fixed,
+                "last_message_time": chat.last_message_time,
+                "last_check_time": chat.last_check_time,
+                "message_count": counts(&state.instance_id, who).unwrap_or(chat.message_count),
+                "error_count": chat.error_count,
+            }));
+        }
+    }
+    rows
+}
+
+/// `GET /api/v1/statistics`.
+pub fn statistics(snap: &Snapshot, api_calls_made: u64) -> Value {
+    json!({
+        "total_messages_processed": snap.totals.messages_processed,
+        "total_errors": snap.total_errors,
+        "api_calls_made": api_calls_made,
+        "listeners_added": snap.totals.listeners_added,
+        "listeners_removed": snap.totals.listeners_removed,
+        "config_reloads": snap.reload.reloads,
+        "config_reload_failures": snap.reload.failures,
+        "uptime_seconds": round2(snap.uptime_seconds),
+        "uptime_formatted": format_uptime(snap.uptime_seconds),
+        "start_time": snap.listener_start_time.map(rfc3339_of),
+        "current_time": rfc3339_of(snap.now),
+        "error_rate": snap.error_ratio,
+        "recent_errors_count": snap.window_errors,
+        "window_messages": snap.window_messages,
+    })
+}
+
+/// `GET /api/v1/errors` rows.
+pub fn errors(records: &[ErrorRecord]) -> Vec<Value> {
+    records
+        .iter()
+        .map(|record| serde_json::to_value(record).unwrap_or(Value::Null))
+        .collect()
+}
+
+/// `GET /api/v1/health` and the report file.
+pub fn health(
+    snap: &Snapshot,
+    process: &ProcessSample,
+    api_calls_made: u64,
+    recent: &[ErrorRecord],
+    counts: &dyn Fn(&str, &str) -> Option<u64>,
+) -> Value {
+    let mut listener = status(snap, process);
+    listener["status"] = json!(if snap.running { "running" } else { "stopped" });
+    let (total, connected) = client_counts(snap);
+    let listeners = listeners(snap, counts);
+    let active = listeners
+        .iter()
+        .filter(|row| row["active"] == Value::Bool(true))
+        .count();
+    json!({
+        "timestamp": rfc3339_of(snap.now),
+        "health_score": snap.health.score,
+        "overall_status": snap.health.status,
+        "deductions": snap.health.deductions,
+        "message_listener": listener,
+        "api_clients": clients(snap),
+        "api_clients_summary": {"total_count": total, "connected_count": connected},
+        "listeners": listeners,
+        "listeners_summary": {"total_count": listeners.len(), "active_count": active},
+        "statistics": statistics(snap, api_calls_made),
+        "recent_errors": errors(recent),
+        "config": {
+            "last_reload_successful": snap.reload.last_reload_successful,
+            "last_reload_success_time": snap.reload.last_success_time,
+            "config_hash": format!("{:016x}", snap.reload.config_hash),
+        },
+    })
+}
+
+/// The components that lost points, for the periodic log line: e.g. `clients -6, listeners -4`.
+pub fn lost_points(snap: &Snapshot) -> String {
+    let d = snap.health.deductions;
+    let parts: Vec<String> = [
+        ("listener", d.listener),
+        ("clients", d.clients),
+        ("listeners", d.listeners),
+        ("error_rate", d.error_rate),
+    ]
+    .iter()
+    .filter(|(_, points)| *points > 0)
+    .map(|(name, points)| format!("{name} -{points}"))
+    .collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
