@@ -26,7 +26,7 @@ use crate::supervisor::{ConfigLoader, Control, ReloadSource, ReplyRouter, Superv
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// Process-level knobs from the command line.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// `--listen`, overriding `server.listen`.
     pub listen: Option<SocketAddr>,
@@ -36,6 +36,27 @@ pub struct RunOptions {
     pub grace: Duration,
     /// Watch the config file (off for built-in configs).
     pub watch: bool,
+    /// Where messages go instead of the default (embedding and tests).
+    pub sink: Option<Arc<dyn MessageSink>>,
+}
+
+impl RunOptions {
+    /// Defaults for a config file: no overrides, watch on.
+    pub fn new() -> Self {
+        Self {
+            listen: None,
+            enable_lifecycle: false,
+            grace: DEFAULT_GRACE,
+            watch: true,
+            sink: None,
+        }
+    }
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Why `run` failed at runtime (exit code 2).
@@ -91,7 +112,10 @@ pub async fn run(
         .map_err(|source| RunError::Bind { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
 
-    let sink: Arc<dyn MessageSink> = Arc::new(LogSink);
+    let sink: Arc<dyn MessageSink> = match &options.sink {
+        Some(sink) => Arc::clone(sink),
+        None => Arc::new(LogSink),
+    };
     let (control_tx, control_rx) = mpsc::channel(64);
     let (active_tx, active_rx) = watch::channel(Arc::clone(&config));
     let replies = Arc::new(ReplyRouter::default());

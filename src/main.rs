@@ -172,8 +172,7 @@ async fn run(args: RunArgs) -> ExitCode {
     let options = RunOptions {
         listen: args.listen,
         enable_lifecycle: args.enable_lifecycle,
-        grace: app::DEFAULT_GRACE,
-        watch: true,
+        ..RunOptions::new()
     };
     serve(loaded, loader, options).await
 }
@@ -225,8 +224,8 @@ async fn demo(listen: Option<SocketAddr>) -> ExitCode {
     let options = RunOptions {
         listen,
         enable_lifecycle: true,
-        grace: app::DEFAULT_GRACE,
         watch: false,
+        ..RunOptions::new()
     };
     let code = serve(loaded, loader, options).await;
     cancel.cancel();

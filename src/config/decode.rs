@@ -1,9 +1,25 @@
-//! STUB (to be replaced): YAML text → `Config`, collecting every error.
+//! YAML text → validated `Config`, reporting every problem at once with file:line:col and key path.
+//!
+//! serde-saphyr parses the text into a located tree (`node`); the typed decoder (`reader` plus the
+//! per-section modules) walks it and records each error instead of stopping at the first.
+
+mod keys;
+mod node;
+mod reader;
+mod routing;
+mod sections;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::path::Path;
 
-use super::Config;
+use self::node::Node;
+use self::reader::Ctx;
+use super::{Config, ConfigSource, fnv1a64};
+
+/// The file name used in messages when the config did not come from a file.
+const BUILTIN: &str = "<builtin>";
 
 /// One configuration problem, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,13 +38,15 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}: {}",
-            self.file, self.line, self.column, self.key_path, self.message
-        )
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.key_path.is_empty() {
+            write!(f, "{}: ", self.key_path)?;
+        }
+        f.write_str(&self.message)
     }
 }
+
+impl std::error::Error for ConfigError {}
 
 /// Every problem found in one config text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,12 +84,92 @@ pub fn decode(
     path: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, ConfigErrors> {
-    let _ = (text, path, env);
-    todo!("config decoding")
+    let file = path.map_or_else(|| BUILTIN.to_owned(), |path| path.display().to_string());
+    let root = parse(text).map_err(|err| ConfigErrors {
+        errors: vec![syntax_error(&file, &err)],
+    })?;
+
+    // Relative key files resolve against the config's directory, so the config works whatever
+    // the working directory; a bare file name has an empty parent, i.e. the working directory.
+    let base_dir = path.and_then(Path::parent).map(Path::to_path_buf);
+    let mut ctx = Ctx::new(file, text, base_dir, env);
+    let config = sections::config(&mut ctx, &root);
+
+    if !ctx.errors.is_empty() {
+        let mut errors = ctx.errors;
+        // Stable: errors at one spot keep the order they were found in.
+        errors.sort_by_key(|error| (error.line, error.column));
+        return Err(ConfigErrors { errors });
+    }
+    let Some(mut config) = config else {
+        // Every path that yields no config records an error first; this is a safety net.
+        return Err(ConfigErrors {
+            errors: vec![ConfigError {
+                file: ctx.file,
+                line: 0,
+                column: 0,
+                key_path: String::new(),
+                message: "invalid configuration".to_owned(),
+            }],
+        });
+    };
+
+    let mut hashed: Vec<&[u8]> = vec![text.as_bytes()];
+    hashed.extend(ctx.key_files.iter().map(|(_, bytes)| bytes.as_slice()));
+    config.source = ConfigSource {
+        path: path.map(Path::to_path_buf),
+        hash: fnv1a64(&hashed),
+        referenced_files: ctx.key_files.iter().map(|(file, _)| file.clone()).collect(),
+    };
+    Ok(Loaded {
+        config,
+        warnings: ctx.warnings,
+    })
 }
 
 /// Reads and decodes a config file using the process environment.
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
-    let _ = path;
-    todo!("config loading")
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigErrors {
+        errors: vec![ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            key_path: String::new(),
+            message: format!("cannot read config file: {err}"),
+        }],
+    })?;
+    decode(&text, Some(path), &|name| std::env::var(name).ok())
+}
+
+/// Parses YAML into the located tree.
+fn parse(text: &str) -> Result<Node, serde_saphyr::Error> {
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        // Duplicates reach the tree and are reported by `Ctx::map` together with every other
+        // problem, instead of aborting the parse.
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+        // A snippet would quote the source line, which may hold an inline API key.
+        with_snippet: false,
+    };
+    serde_saphyr::from_str_with_options(text, options)
+}
+
+/// The one error reported for text that is not YAML.
+fn syntax_error(file: &str, err: &serde_saphyr::Error) -> ConfigError {
+    let (line, column) = err
+        .location()
+        .map_or((0, 0), |location| (location.line(), location.column()));
+    let text = err.without_snippet().to_string();
+    // The location is reported in the prefix already.
+    let message = match text.rfind(" at line ") {
+        Some(at) if at > 0 => &text[..at],
+        _ => text.as_str(),
+    };
+    ConfigError {
+        file: file.to_owned(),
+        line,
+        column,
+        key_path: String::new(),
+        message: format!("invalid YAML: {message}"),
+    }
 }

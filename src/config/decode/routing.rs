@@ -1,0 +1,608 @@
+//! `platforms:` (keyword, webhook, openai, dify) and `rules:`, including the rule ordering.
+
+use std::cmp::Reverse;
+use std::time::Duration;
+
+use regex::Regex;
+use reqwest::header::{HeaderName, HeaderValue};
+
+use super::keys::{self, KEY_SOURCES};
+use super::node::{Node, NodeKind};
+use super::reader::{Ctx, Fields, IntRange, index};
+use super::sections::{KnownIds, http_url, to_u32, to_usize};
+use crate::config::{
+    ChatPattern, DeliveryConfig, DifyPlatform, InstanceSelector, KeywordEntry, KeywordMatch,
+    KeywordPlatform, OpenAiPlatform, PlatformConfig, PlatformKind, RuleConfig, SendMode,
+    WebhookPlatform,
+};
+use crate::secret::Secret;
+
+const COMMON_KEYS: &[&str] = &["id", "type", "message_send_mode", "timeout"];
+const KEYWORD_KEYS: &[&str] = &["keywords"];
+const WEBHOOK_KEYS: &[&str] = &["url", "headers", "headers_from_env"];
+const OPENAI_KEYS: &[&str] = &[
+    "api_base",
+    "model",
+    "system_prompt",
+    "temperature",
+    "max_tokens",
+    "history",
+];
+const DIFY_KEYS: &[&str] = &["api_base", "user_id"];
+const KEYWORD_ENTRY_KEYS: &[&str] = &["keywords", "match_type", "replies", "random"];
+const RULE_KEYS: &[&str] = &[
+    "id",
+    "instance",
+    "chat",
+    "platform",
+    "priority",
+    "only_at",
+    "at_names",
+    "reply_at_sender",
+];
+const TYPES: &str = "keyword, webhook, openai or dify";
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const OPENAI_API_BASE: &str = "https://api.openai.com/v1";
+const DIFY_USER_ID: &str = "wxauto-sidecar";
+
+#[derive(Clone, Copy)]
+enum Type {
+    Keyword,
+    Webhook,
+    OpenAi,
+    Dify,
+}
+
+impl Type {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "keyword" => Some(Self::Keyword),
+            "webhook" => Some(Self::Webhook),
+            "openai" => Some(Self::OpenAi),
+            "dify" => Some(Self::Dify),
+            _ => None,
+        }
+    }
+
+    /// Every key a platform of this type may have.
+    fn allowed(self) -> Vec<&'static str> {
+        let specific: &[&str] = match self {
+            Self::Keyword => KEYWORD_KEYS,
+            Self::Webhook => WEBHOOK_KEYS,
+            Self::OpenAi => OPENAI_KEYS,
+            Self::Dify => DIFY_KEYS,
+        };
+        let mut allowed = COMMON_KEYS.to_vec();
+        allowed.extend_from_slice(specific);
+        if matches!(self, Self::OpenAi | Self::Dify) {
+            allowed.extend_from_slice(&KEY_SOURCES);
+        }
+        allowed
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Keyword => "keyword",
+            Self::Webhook => "webhook",
+            Self::OpenAi => "openai",
+            Self::Dify => "dify",
+        }
+    }
+}
+
+// === platforms ===
+
+/// Decodes `platforms:`. Also returns every id as written (even of invalid platforms), so a rule
+/// naming a broken platform is not reported a second time.
+pub(super) fn platforms(
+    ctx: &mut Ctx<'_>,
+    node: Option<&Node>,
+    delivery: &DeliveryConfig,
+) -> (Vec<PlatformConfig>, KnownIds) {
+    let path = "platforms";
+    let mut known = KnownIds::new();
+    let Some(items) = node.and_then(|node| ctx.seq(node, path)) else {
+        return (Vec::new(), known);
+    };
+    let mut platforms = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        if let Some(platform) = platform(ctx, item, &index(path, i), delivery, &mut known) {
+            platforms.push(platform);
+        }
+    }
+    (platforms, known)
+}
+
+fn platform(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    delivery: &DeliveryConfig,
+    known: &mut KnownIds,
+) -> Option<PlatformConfig> {
+    let fields = ctx.map(node, path)?;
+    let id = fields
+        .required(ctx, "id")
+        .and_then(|id_node| unique_id(ctx, id_node, &fields.path_of("id"), known, "platform"));
+    let kind = fields.required(ctx, "type").and_then(|type_node| {
+        let type_path = fields.path_of("type");
+        let text = ctx.string(type_node, &type_path)?;
+        let kind = Type::parse(text.trim());
+        if kind.is_none() {
+            let message = format!("unknown platform type {text:?}; expected {TYPES}");
+            ctx.error(type_node, &type_path, message);
+        }
+        kind
+    });
+    // Without a valid type the type-specific keys cannot be judged; skip them rather than
+    // burying the one real error under "unknown key" noise.
+    if let Some(kind) = kind {
+        let what = format!(" for a {} platform", kind.name());
+        fields.check_allowed(ctx, &kind.allowed(), &what);
+    }
+
+    let send_mode = match fields.get("message_send_mode") {
+        Some(mode) => send_mode(ctx, mode, &fields.path_of("message_send_mode")),
+        None => Some(SendMode::Normal),
+    };
+    let timeout = platform_timeout(ctx, &fields, delivery);
+    let kind = match kind? {
+        Type::Keyword => keyword(ctx, &fields).map(PlatformKind::Keyword),
+        Type::Webhook => webhook(ctx, &fields).map(PlatformKind::Webhook),
+        Type::OpenAi => openai(ctx, &fields).map(PlatformKind::OpenAi),
+        Type::Dify => dify(ctx, &fields).map(PlatformKind::Dify),
+    };
+    Some(PlatformConfig {
+        id: id?,
+        send_mode: send_mode?,
+        timeout: timeout?,
+        kind: kind?,
+    })
+}
+
+/// A non-empty id, unique within its list; the second occurrence is the error.
+fn unique_id(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    known: &mut KnownIds,
+    what: &str,
+) -> Option<String> {
+    let id = ctx.non_empty_string(node, path)?;
+    if let Some(first) = known.get(&id) {
+        let message = format!("duplicate {what} id {id:?} (first defined at line {first})");
+        ctx.error(node, path, message);
+        return None;
+    }
+    known.insert(id.clone(), node.line);
+    Some(id)
+}
+
+fn send_mode(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<SendMode> {
+    let text = ctx.string(node, path)?;
+    match text.trim() {
+        "normal" => Some(SendMode::Normal),
+        "typing" => Some(SendMode::Typing),
+        _ => {
+            let message = format!("unknown send mode {text:?}; expected normal or typing");
+            ctx.error(node, path, message);
+            None
+        }
+    }
+}
+
+/// `timeout`, which must leave room inside one delivery attempt.
+fn platform_timeout(
+    ctx: &mut Ctx<'_>,
+    fields: &Fields<'_>,
+    delivery: &DeliveryConfig,
+) -> Option<Duration> {
+    let path = fields.path_of("timeout");
+    let (timeout, at) = match fields.get("timeout") {
+        Some(node) => (ctx.duration(node, &path)?, node),
+        None => (DEFAULT_TIMEOUT, fields.node()),
+    };
+    if timeout >= delivery.attempt_timeout {
+        let message = format!(
+            "{} must be shorter than delivery.attempt_timeout ({})",
+            humantime::format_duration(timeout),
+            humantime::format_duration(delivery.attempt_timeout)
+        );
+        ctx.error(at, &path, message);
+        return None;
+    }
+    Some(timeout)
+}
+
+fn keyword(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<KeywordPlatform> {
+    let path = fields.path_of("keywords");
+    let node = fields.required(ctx, "keywords")?;
+    let items = ctx.seq(node, &path)?;
+    let mut entries = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        match keyword_entry(ctx, item, &index(&path, i)) {
+            Some(entry) => entries.push(entry),
+            None => ok = false,
+        }
+    }
+    ok.then_some(KeywordPlatform { keywords: entries })
+}
+
+fn keyword_entry(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<KeywordEntry> {
+    let fields = ctx.map(node, path)?;
+    fields.check_allowed(ctx, KEYWORD_ENTRY_KEYS, "");
+    let match_type = match fields.get("match_type") {
+        Some(node) => {
+            let type_path = fields.path_of("match_type");
+            let text = ctx.string(node, &type_path)?;
+            match text.trim() {
+                "exact" => Some(KeywordMatch::Exact),
+                "contains" => Some(KeywordMatch::Contains),
+                "regex" => Some(KeywordMatch::Regex),
+                _ => {
+                    let message =
+                        format!("unknown match type {text:?}; expected exact, contains or regex");
+                    ctx.error(node, &type_path, message);
+                    None
+                }
+            }
+        }
+        None => Some(KeywordMatch::Contains),
+    };
+    let keywords_path = fields.path_of("keywords");
+    let keywords_node = fields.required(ctx, "keywords");
+    let keywords = keywords_node.and_then(|node| ctx.nonblank_list(node, &keywords_path, true));
+    let mut patterns = Vec::new();
+    let mut patterns_ok = true;
+    if let (Some(KeywordMatch::Regex), Some(keywords), Some(NodeKind::Seq(items))) =
+        (match_type, &keywords, keywords_node.map(|node| &node.kind))
+    {
+        for (i, (keyword, item)) in keywords.iter().zip(items).enumerate() {
+            match anchored_regex(ctx, item, &index(&keywords_path, i), keyword) {
+                Some(regex) => patterns.push(regex),
+                None => patterns_ok = false,
+            }
+        }
+    }
+    let replies = fields
+        .required(ctx, "replies")
+        .and_then(|node| ctx.nonblank_list(node, &fields.path_of("replies"), true));
+    let random = fields.bool_or(ctx, "random", false);
+    if !patterns_ok {
+        return None;
+    }
+    Some(KeywordEntry {
+        keywords: keywords?,
+        match_type: match_type?,
+        patterns,
+        replies: replies?,
+        random,
+    })
+}
+
+/// Compiles `pattern` to match whole strings only: `^(?:pattern)$`.
+fn anchored_regex(ctx: &mut Ctx<'_>, node: &Node, path: &str, pattern: &str) -> Option<Regex> {
+    match Regex::new(&format!("^(?:{pattern})$")) {
+        Ok(regex) => Some(regex),
+        Err(err) => {
+            let message = format!("invalid regex {pattern:?}: {}", regex_reason(&err));
+            ctx.error(node, path, message);
+            None
+        }
+    }
+}
+
+/// The one-line reason of a regex error. Syntax errors render over several lines (the pattern,
+/// a caret, then `error: ...`), which would break the one-error-per-line output.
+fn regex_reason(err: &regex::Error) -> String {
+    let text = err.to_string();
+    text.lines()
+        .rev()
+        .find_map(|line| line.trim().strip_prefix("error: "))
+        .map_or_else(
+            || text.split_whitespace().collect::<Vec<_>>().join(" "),
+            str::to_owned,
+        )
+}
+
+fn webhook(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<WebhookPlatform> {
+    let url = fields
+        .required(ctx, "url")
+        .and_then(|node| http_url(ctx, node, &fields.path_of("url")));
+    let mut headers: Vec<(String, Secret)> = Vec::new();
+    let mut ok = true;
+    for (key, from_env) in [("headers", false), ("headers_from_env", true)] {
+        let Some(node) = fields.get(key) else {
+            continue;
+        };
+        let path = fields.path_of(key);
+        let Some(map) = ctx.map(node, &path) else {
+            ok = false;
+            continue;
+        };
+        for (name, name_node, value_node) in map.entries() {
+            let header_path = map.path_of(name);
+            if !header(
+                ctx,
+                name,
+                name_node,
+                value_node,
+                &header_path,
+                from_env,
+                &mut headers,
+            ) {
+                ok = false;
+            }
+        }
+    }
+    let url = url?;
+    ok.then_some(WebhookPlatform { url, headers })
+}
+
+/// One webhook header; `from_env` means the value names an environment variable.
+fn header(
+    ctx: &mut Ctx<'_>,
+    name: &str,
+    name_node: &Node,
+    value_node: &Node,
+    path: &str,
+    from_env: bool,
+    headers: &mut Vec<(String, Secret)>,
+) -> bool {
+    if HeaderName::from_bytes(name.as_bytes()).is_err() {
+        ctx.error(
+            name_node,
+            path,
+            format!("invalid HTTP header name {name:?}"),
+        );
+        return false;
+    }
+    if headers
+        .iter()
+        .any(|(known, _)| known.eq_ignore_ascii_case(name))
+    {
+        let message = format!("header {name:?} is set twice (names are case-insensitive)");
+        ctx.error(name_node, path, message);
+        return false;
+    }
+    let value = if from_env {
+        let Some(variable) = ctx.non_empty_string(value_node, path) else {
+            return false;
+        };
+        match keys::env_secret(ctx, value_node, path, &variable) {
+            Some(value) => value,
+            None => return false,
+        }
+    } else {
+        match ctx.string(value_node, path) {
+            Some(value) => value,
+            None => return false,
+        }
+    };
+    // Checked now so that a bad value fails the reload, not every delivery. The message must
+    // not quote the value: header values are treated as secrets.
+    if HeaderValue::from_str(&value).is_err() {
+        let message = "the header value contains characters not allowed in HTTP headers";
+        ctx.error(value_node, path, message);
+        return false;
+    }
+    headers.push((name.to_owned(), Secret::new(value)));
+    true
+}
+
+fn openai(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<OpenAiPlatform> {
+    let api_base = api_base(ctx, fields, Some(OPENAI_API_BASE));
+    let key = keys::api_key(ctx, fields);
+    let model = fields
+        .required(ctx, "model")
+        .and_then(|node| ctx.non_empty_string(node, &fields.path_of("model")));
+    let system_prompt = fields
+        .get("system_prompt")
+        .map(|node| ctx.string(node, &fields.path_of("system_prompt")));
+    let temperature = fields.get("temperature").map(|node| {
+        let path = fields.path_of("temperature");
+        let value = ctx.float(node, &path)?;
+        if !(0.0..=2.0).contains(&value) {
+            ctx.error(node, &path, format!("must be between 0 and 2, got {value}"));
+            return None;
+        }
+        Some(value)
+    });
+    let max_tokens = fields.get("max_tokens").map(|node| {
+        ctx.int_in(node, &fields.path_of("max_tokens"), IntRange::at_least(1))
+            .map(to_u32)
+    });
+    let history = to_usize(fields.int_or(ctx, "history", IntRange::at_least(0), 0));
+    let (api_key, _) = key?;
+    Some(OpenAiPlatform {
+        api_base: api_base?,
+        api_key,
+        model: model?,
+        system_prompt: optional(system_prompt)?,
+        temperature: optional(temperature)?,
+        max_tokens: optional(max_tokens)?,
+        history,
+    })
+}
+
+/// An optional key's read: absent is `Some(None)`, present but invalid (`Some(None)` from the
+/// read, already reported) is `None`, present and valid is `Some(Some(value))`.
+fn optional<T>(read: Option<Option<T>>) -> Option<Option<T>> {
+    match read {
+        None => Some(None),
+        Some(value) => value.map(Some),
+    }
+}
+
+fn dify(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<DifyPlatform> {
+    let api_base = api_base(ctx, fields, None);
+    let key = keys::api_key(ctx, fields);
+    let user_id = fields.string_or(ctx, "user_id", DIFY_USER_ID);
+    let (api_key, _) = key?;
+    Some(DifyPlatform {
+        api_base: api_base?,
+        api_key,
+        user_id,
+    })
+}
+
+/// `api_base`, required when there is no default.
+fn api_base(ctx: &mut Ctx<'_>, fields: &Fields<'_>, default: Option<&str>) -> Option<String> {
+    let path = fields.path_of("api_base");
+    match (fields.get("api_base"), default) {
+        (Some(node), _) => http_url(ctx, node, &path),
+        (None, Some(default)) => Some(default.to_owned()),
+        (None, None) => {
+            fields.required(ctx, "api_base");
+            None
+        }
+    }
+}
+
+// === rules ===
+
+/// Decodes `rules:` and sorts them into matching order.
+pub(super) fn rules(
+    ctx: &mut Ctx<'_>,
+    node: Option<&Node>,
+    instances: &KnownIds,
+    platforms: &KnownIds,
+) -> Vec<RuleConfig> {
+    let path = "rules";
+    let Some(items) = node.and_then(|node| ctx.seq(node, path)) else {
+        return Vec::new();
+    };
+    let refs = Refs {
+        instances,
+        platforms,
+    };
+    let mut known = KnownIds::new();
+    let mut rules = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        if let Some(rule) = rule(ctx, item, &index(path, i), &mut known, refs) {
+            rules.push(rule);
+        }
+    }
+    sort_rules(&mut rules);
+    rules
+}
+
+/// Matching order: priority descending, then the more specific chat pattern, then id.
+fn sort_rules(rules: &mut [RuleConfig]) {
+    rules.sort_by(|a, b| {
+        (Reverse(a.priority), Reverse(a.chat.specificity()), &a.id).cmp(&(
+            Reverse(b.priority),
+            Reverse(b.chat.specificity()),
+            &b.id,
+        ))
+    });
+}
+
+/// The ids a rule may refer to.
+#[derive(Clone, Copy)]
+struct Refs<'a> {
+    instances: &'a KnownIds,
+    platforms: &'a KnownIds,
+}
+
+fn rule(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    known: &mut KnownIds,
+    refs: Refs<'_>,
+) -> Option<RuleConfig> {
+    let fields = ctx.map(node, path)?;
+    fields.check_allowed(ctx, RULE_KEYS, "");
+    let id = fields
+        .required(ctx, "id")
+        .and_then(|id_node| unique_id(ctx, id_node, &fields.path_of("id"), known, "rule"));
+    let instance = match fields.get("instance") {
+        Some(node) => {
+            let instance_path = fields.path_of("instance");
+            ctx.string(node, &instance_path)
+                .and_then(|text| match text.trim() {
+                    "*" => Some(InstanceSelector::All),
+                    id if refs.instances.contains_key(id) => {
+                        Some(InstanceSelector::Ids(vec![id.to_owned()]))
+                    }
+                    _ => {
+                        let message = format!("unknown instance id {text:?}");
+                        ctx.error(node, &instance_path, message);
+                        None
+                    }
+                })
+        }
+        None => Some(InstanceSelector::All),
+    };
+    let chat = match fields.get("chat") {
+        Some(node) => chat_pattern(ctx, node, &fields.path_of("chat")),
+        None => Some(ChatPattern::Any),
+    };
+    let platform = fields.required(ctx, "platform").and_then(|node| {
+        let platform_path = fields.path_of("platform");
+        let text = ctx.non_empty_string(node, &platform_path)?;
+        if refs.platforms.contains_key(&text) {
+            return Some(text);
+        }
+        ctx.error(node, &platform_path, format!("unknown platform {text:?}"));
+        None
+    });
+    let priority = fields.int_or(
+        ctx,
+        "priority",
+        IntRange::between(i128::from(i64::MIN), i128::from(i64::MAX)),
+        0,
+    );
+    let only_at = fields.bool_or(ctx, "only_at", false);
+    let at_names = match fields.get("at_names") {
+        Some(node) => ctx.nonblank_list(node, &fields.path_of("at_names"), false),
+        None => Some(Vec::new()),
+    };
+    if only_at && at_names.as_ref().is_some_and(Vec::is_empty) {
+        let at = fields
+            .get("at_names")
+            .or_else(|| fields.get("only_at"))
+            .unwrap_or(fields.node());
+        let message = "must name at least one name when only_at is true";
+        ctx.error(at, &fields.path_of("at_names"), message);
+        return None;
+    }
+    let reply_at_sender = fields.bool_or(ctx, "reply_at_sender", false);
+    Some(RuleConfig {
+        id: id?,
+        instance: instance?,
+        chat: chat?,
+        platform: platform?,
+        priority: i64::try_from(priority).unwrap_or_default(),
+        only_at,
+        at_names: at_names?,
+        reply_at_sender,
+    })
+}
+
+/// `*`, `regex:<pattern>`, `"a, b, c"` or an exact chat name.
+fn chat_pattern(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<ChatPattern> {
+    let text = ctx.non_empty_string(node, path)?;
+    if text.trim() == "*" {
+        return Some(ChatPattern::Any);
+    }
+    if let Some(pattern) = text.strip_prefix("regex:") {
+        if pattern.is_empty() {
+            ctx.error(node, path, "empty pattern after \"regex:\"");
+            return None;
+        }
+        return anchored_regex(ctx, node, path, pattern).map(ChatPattern::Regex);
+    }
+    if text.contains(',') {
+        let names: Vec<String> = text.split(',').map(|name| name.trim().to_owned()).collect();
+        if names.iter().any(String::is_empty) {
+            let message = format!("empty name in chat list {text:?}");
+            ctx.error(node, path, message);
+            return None;
+        }
+        return Some(ChatPattern::List(names));
+    }
+    Some(ChatPattern::Exact(text))
+}

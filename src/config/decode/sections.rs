@@ -1,0 +1,478 @@
+//! The top level and the plain sections: server, listener, instances, fixed listeners, delivery,
+//! health, logging and storage. Defaults live here (CONTRACT §3).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::keys;
+use super::node::{Node, NodeKind};
+use super::reader::{Ctx, Fields, IntRange, index};
+use super::routing;
+use crate::config::{
+    BackoffConfig, Config, ConfigSource, DEFAULT_LISTEN, DeliveryConfig, FixedListener,
+    HealthConfig, InstanceConfig, InstanceSelector, ListenerConfig, LoggingConfig, ServerConfig,
+    StorageConfig,
+};
+
+const ROOT_KEYS: &[&str] = &[
+    "server",
+    "listener",
+    "instances",
+    "fixed_listeners",
+    "platforms",
+    "rules",
+    "delivery",
+    "health",
+    "logging",
+    "storage",
+];
+const SERVER_KEYS: &[&str] = &["listen", "enable_lifecycle"];
+const LISTENER_KEYS: &[&str] = &[
+    "poll_interval",
+    "health_check_interval",
+    "listener_timeout",
+    "max_listeners_per_instance",
+    "request_timeout",
+    "backoff",
+];
+const BACKOFF_KEYS: &[&str] = &["initial", "max"];
+const INSTANCE_KEYS: &[&str] = &[
+    "id",
+    "base_url",
+    "api_key_env",
+    "api_key_file",
+    "api_key",
+    "enabled",
+];
+const FIXED_LISTENER_KEYS: &[&str] = &["chat", "instances"];
+const DELIVERY_KEYS: &[&str] = &["workers", "max_attempts", "backoff", "attempt_timeout"];
+const HEALTH_KEYS: &[&str] = &["window", "report_interval", "report_file"];
+const LOGGING_KEYS: &[&str] = &["level", "dir", "file_prefix", "retention_days"];
+const STORAGE_KEYS: &[&str] = &["path", "retention_days"];
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Ids as written (of instances, platforms or rules), with the line of their first occurrence.
+/// Invalid ids are included, so that one bad id yields one error, not one more per reference.
+pub(super) type KnownIds = HashMap<String, u64>;
+
+/// Decodes the whole document. `None` only when the top level is not a mapping.
+pub(super) fn config(ctx: &mut Ctx<'_>, root: &Node) -> Option<Config> {
+    let fields = if root.kind == NodeKind::Null {
+        // An empty file: every section defaults, and the missing `instances` is reported.
+        Fields::empty_at(root, "")
+    } else {
+        let fields = ctx.map(root, "")?;
+        fields.check_allowed(ctx, ROOT_KEYS, "");
+        fields
+    };
+
+    let server = server(ctx, fields.get_raw("server"));
+    let listener = listener(ctx, fields.get_raw("listener"));
+    let delivery = delivery(ctx, fields.get_raw("delivery"));
+    let health = health(ctx, fields.get_raw("health"));
+    let logging = logging(ctx, fields.get_raw("logging"));
+    let storage = storage(ctx, fields.get_raw("storage"));
+
+    let (instances, known_ids) = match fields.get_raw("instances") {
+        // `instances: []` is valid (nothing to poll yet); a bare `instances:` is not a list.
+        Some(node) => instances(ctx, node, "instances"),
+        None => {
+            fields.required(ctx, "instances");
+            (Vec::new(), KnownIds::new())
+        }
+    };
+    let fixed_listeners = fixed_listeners(ctx, fields.get("fixed_listeners"), &known_ids);
+    let (platforms, platform_ids) = routing::platforms(ctx, fields.get("platforms"), &delivery);
+    let rules = routing::rules(ctx, fields.get("rules"), &known_ids, &platform_ids);
+
+    Some(Config {
+        server,
+        listener,
+        instances,
+        fixed_listeners,
+        platforms,
+        rules,
+        delivery,
+        health,
+        logging,
+        storage,
+        // Filled in by `decode` once the key files are known.
+        source: ConfigSource {
+            path: None,
+            hash: 0,
+            referenced_files: Vec::new(),
+        },
+    })
+}
+
+// === plain sections ===
+
+fn server(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ServerConfig {
+    // The constant is a valid address; the fallback only keeps this free of `unwrap`.
+    let default_listen = DEFAULT_LISTEN
+        .parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8907)));
+    let Some(fields) = ctx.section(node, "server", SERVER_KEYS) else {
+        return ServerConfig {
+            listen: default_listen,
+            enable_lifecycle: false,
+        };
+    };
+    let listen = match fields.get("listen") {
+        Some(node) => socket_addr(ctx, node, &fields.path_of("listen")).unwrap_or(default_listen),
+        None => default_listen,
+    };
+    ServerConfig {
+        listen,
+        enable_lifecycle: fields.bool_or(ctx, "enable_lifecycle", false),
+    }
+}
+
+fn socket_addr(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<SocketAddr> {
+    let text = ctx.string(node, path)?;
+    match text.trim().parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            let message = format!(
+                "invalid socket address {text:?}: expected IP:port, e.g. {DEFAULT_LISTEN} or [::1]:8907"
+            );
+            ctx.error(node, path, message);
+            None
+        }
+    }
+}
+
+fn listener(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ListenerConfig {
+    let default_backoff = BackoffConfig {
+        initial: secs(1),
+        max: secs(60),
+    };
+    let Some(fields) = ctx.section(node, "listener", LISTENER_KEYS) else {
+        return ListenerConfig {
+            poll_interval: secs(5),
+            health_check_interval: secs(30),
+            listener_timeout: secs(30 * 60),
+            max_listeners_per_instance: 30,
+            request_timeout: secs(10),
+            backoff: default_backoff,
+        };
+    };
+    ListenerConfig {
+        poll_interval: fields.duration_or(ctx, "poll_interval", secs(5)),
+        health_check_interval: fields.duration_or(ctx, "health_check_interval", secs(30)),
+        listener_timeout: fields.duration_or(ctx, "listener_timeout", secs(30 * 60)),
+        max_listeners_per_instance: to_usize(fields.int_or(
+            ctx,
+            "max_listeners_per_instance",
+            IntRange::at_least(1),
+            30,
+        )),
+        request_timeout: fields.duration_or(ctx, "request_timeout", secs(10)),
+        backoff: backoff(ctx, &fields, default_backoff),
+    }
+}
+
+/// `backoff: {initial, max}` inside `parent`, with `initial <= max`.
+fn backoff(ctx: &mut Ctx<'_>, parent: &Fields<'_>, default: BackoffConfig) -> BackoffConfig {
+    let path = parent.path_of("backoff");
+    let Some(fields) = ctx.section(parent.get_raw("backoff"), &path, BACKOFF_KEYS) else {
+        return default;
+    };
+    let initial = fields.duration_or(ctx, "initial", default.initial);
+    let max = fields.duration_or(ctx, "max", default.max);
+    if initial > max {
+        // Point at whichever bound was written; a lone `initial: 2m` exceeds the default max.
+        let at = fields
+            .get("initial")
+            .or_else(|| fields.get("max"))
+            .unwrap_or(fields.node());
+        let message = format!(
+            "initial ({}) must not exceed max ({})",
+            humantime::format_duration(initial),
+            humantime::format_duration(max)
+        );
+        ctx.error(at, &path, message);
+        return default;
+    }
+    BackoffConfig { initial, max }
+}
+
+fn delivery(ctx: &mut Ctx<'_>, node: Option<&Node>) -> DeliveryConfig {
+    let default_backoff = BackoffConfig {
+        initial: secs(2),
+        max: secs(5 * 60),
+    };
+    let Some(fields) = ctx.section(node, "delivery", DELIVERY_KEYS) else {
+        return DeliveryConfig {
+            workers: 4,
+            max_attempts: 5,
+            backoff: default_backoff,
+            attempt_timeout: secs(30),
+        };
+    };
+    DeliveryConfig {
+        workers: to_usize(fields.int_or(ctx, "workers", IntRange::between(1, 64), 4)),
+        max_attempts: to_u32(fields.int_or(ctx, "max_attempts", IntRange::at_least(1), 5)),
+        backoff: backoff(ctx, &fields, default_backoff),
+        attempt_timeout: fields.duration_or(ctx, "attempt_timeout", secs(30)),
+    }
+}
+
+fn health(ctx: &mut Ctx<'_>, node: Option<&Node>) -> HealthConfig {
+    const REPORT_FILE: &str = "data/logs/health_report.json";
+    let Some(fields) = ctx.section(node, "health", HEALTH_KEYS) else {
+        return HealthConfig {
+            window: secs(3600),
+            report_interval: secs(30),
+            report_file: PathBuf::from(REPORT_FILE),
+        };
+    };
+    HealthConfig {
+        window: fields.duration_or(ctx, "window", secs(3600)),
+        report_interval: fields.duration_or(ctx, "report_interval", secs(30)),
+        report_file: PathBuf::from(fields.string_or(ctx, "report_file", REPORT_FILE)),
+    }
+}
+
+fn logging(ctx: &mut Ctx<'_>, node: Option<&Node>) -> LoggingConfig {
+    let Some(fields) = ctx.section(node, "logging", LOGGING_KEYS) else {
+        return LoggingConfig {
+            level: "info".to_owned(),
+            dir: PathBuf::from("data/logs"),
+            file_prefix: "wxauto_mgt".to_owned(),
+            retention_days: 7,
+        };
+    };
+    let level = match fields.get("level") {
+        Some(node) => log_level(ctx, node, &fields.path_of("level")),
+        None => None,
+    };
+    let file_prefix = fields.string_or(ctx, "file_prefix", "wxauto_mgt");
+    if let Some(node) = fields.get("file_prefix")
+        && file_prefix.contains(['/', '\\'])
+    {
+        let message = "must be a file name prefix, not a path (use logging.dir)";
+        ctx.error(node, &fields.path_of("file_prefix"), message);
+    }
+    LoggingConfig {
+        level: level.unwrap_or_else(|| "info".to_owned()),
+        dir: PathBuf::from(fields.string_or(ctx, "dir", "data/logs")),
+        file_prefix,
+        retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
+    }
+}
+
+/// A `tracing_subscriber::EnvFilter` directive string, checked now so that a reload cannot
+/// install a filter the logger would reject.
+fn log_level(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<String> {
+    let level = ctx.non_empty_string(node, path)?;
+    match tracing_subscriber::EnvFilter::try_new(&level) {
+        Ok(_) => Some(level),
+        Err(err) => {
+            ctx.error(node, path, format!("invalid log filter {level:?}: {err}"));
+            None
+        }
+    }
+}
+
+fn storage(ctx: &mut Ctx<'_>, node: Option<&Node>) -> StorageConfig {
+    const PATH: &str = "data/wxauto_sidecar.db";
+    let Some(fields) = ctx.section(node, "storage", STORAGE_KEYS) else {
+        return StorageConfig {
+            path: PathBuf::from(PATH),
+            retention_days: 7,
+        };
+    };
+    StorageConfig {
+        path: PathBuf::from(fields.string_or(ctx, "path", PATH)),
+        retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
+    }
+}
+
+// === instances ===
+
+fn instances(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> (Vec<InstanceConfig>, KnownIds) {
+    let mut known = KnownIds::new();
+    let Some(items) = ctx.seq(node, path) else {
+        return (Vec::new(), known);
+    };
+    let mut instances = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        if let Some(instance) = instance(ctx, item, &index(path, i), &mut known) {
+            instances.push(instance);
+        }
+    }
+    (instances, known)
+}
+
+fn instance(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    known: &mut KnownIds,
+) -> Option<InstanceConfig> {
+    let fields = ctx.map(node, path)?;
+    fields.check_allowed(ctx, INSTANCE_KEYS, "");
+    let id = fields.required(ctx, "id").and_then(|id_node| {
+        let id_path = fields.path_of("id");
+        let id = ctx.string(id_node, &id_path)?;
+        if let Some(first) = known.get(&id) {
+            let message = format!("duplicate instance id {id:?} (first defined at line {first})");
+            ctx.error(id_node, &id_path, message);
+            return None;
+        }
+        known.insert(id.clone(), id_node.line);
+        if !valid_id(&id) {
+            let message = format!(
+                "invalid instance id {id:?}: use 1 to 64 characters from A-Z a-z 0-9 _ . -"
+            );
+            ctx.error(id_node, &id_path, message);
+            return None;
+        }
+        Some(id)
+    });
+    let base_url = fields
+        .required(ctx, "base_url")
+        .and_then(|url_node| http_url(ctx, url_node, &fields.path_of("base_url")));
+    let key = keys::api_key(ctx, &fields);
+    let enabled = fields.bool_or(ctx, "enabled", true);
+    let (api_key, api_key_source) = key?;
+    Some(InstanceConfig {
+        id: id?,
+        base_url: base_url?,
+        api_key,
+        api_key_source,
+        enabled,
+    })
+}
+
+/// `[A-Za-z0-9_.-]{1,64}`: ids become metric label values and file-name parts.
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// An `http`/`https` URL with a host, returned without a trailing slash.
+pub(super) fn http_url(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<String> {
+    let text = ctx.string(node, path)?;
+    let shown = redact_userinfo(&text);
+    let problem = match reqwest::Url::parse(text.trim()) {
+        Err(err) => err.to_string(),
+        Ok(url) if !matches!(url.scheme(), "http" | "https") => {
+            "the scheme must be http or https".to_owned()
+        }
+        Ok(url) if url.host_str().is_none_or(str::is_empty) => "missing host".to_owned(),
+        Ok(url) => return Some(url.as_str().trim_end_matches('/').to_owned()),
+    };
+    ctx.error(node, path, format!("invalid URL {shown:?}: {problem}"));
+    None
+}
+
+/// Hides `user:password@` in a URL shown in a message: it is a credential.
+fn redact_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}://****@{}", &url[..scheme_end], &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+// === fixed listeners ===
+
+fn fixed_listeners(ctx: &mut Ctx<'_>, node: Option<&Node>, known: &KnownIds) -> Vec<FixedListener> {
+    let path = "fixed_listeners";
+    let Some(items) = node.and_then(|node| ctx.seq(node, path)) else {
+        return Vec::new();
+    };
+    let mut fixed = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let item_path = index(path, i);
+        let Some(fields) = ctx.map(item, &item_path) else {
+            continue;
+        };
+        fields.check_allowed(ctx, FIXED_LISTENER_KEYS, "");
+        let chat = fields
+            .required(ctx, "chat")
+            .and_then(|chat| ctx.non_empty_string(chat, &fields.path_of("chat")));
+        let instances = match fields.get("instances") {
+            Some(node) => instance_list(ctx, node, &fields.path_of("instances"), known),
+            None => Some(InstanceSelector::All),
+        };
+        if let (Some(chat), Some(instances)) = (chat, instances) {
+            fixed.push(FixedListener { chat, instances });
+        }
+    }
+    fixed
+}
+
+/// `"*"`, or a list of known instance ids (a `"*"` item selects all).
+fn instance_list(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    known: &KnownIds,
+) -> Option<InstanceSelector> {
+    if let NodeKind::Str(text) = &node.kind {
+        if text.trim() == "*" {
+            return Some(InstanceSelector::All);
+        }
+        ctx.error(node, path, "expected \"*\" or a list of instance ids");
+        return None;
+    }
+    let NodeKind::Seq(items) = &node.kind else {
+        ctx.type_error(node, path, "\"*\" or a list of instance ids");
+        return None;
+    };
+    if items.is_empty() {
+        ctx.error(
+            node,
+            path,
+            "must not be empty; use \"*\" for every instance",
+        );
+        return None;
+    }
+    let mut ids = Vec::with_capacity(items.len());
+    let mut all = false;
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let item_path = index(path, i);
+        let Some(id) = ctx.string(item, &item_path) else {
+            ok = false;
+            continue;
+        };
+        if id == "*" {
+            all = true;
+        } else if known.contains_key(&id) {
+            ids.push(id);
+        } else {
+            ctx.error(item, &item_path, format!("unknown instance id {id:?}"));
+            ok = false;
+        }
+    }
+    match (ok, all) {
+        (false, _) => None,
+        (true, true) => Some(InstanceSelector::All),
+        (true, false) => Some(InstanceSelector::Ids(ids)),
+    }
+}
+
+/// Converts a range-checked integer. Validation bounds every value far below `u32::MAX`.
+pub(super) fn to_u32(value: i128) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+/// Converts a range-checked integer (see `to_u32`).
+pub(super) fn to_usize(value: i128) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
+}

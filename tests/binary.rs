@@ -1,0 +1,153 @@
+//! The real binary: exit codes, check-config, the health command, signals and secret hygiene.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wxauto-sidecar");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn check_config_exit_codes_and_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        "instances:\n  - id: wx\n    base_url: http://127.0.0.1:5000\n    api_key: inline-secret-key\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("inline"), "inline key warning: {stderr}");
+    assert!(!stderr.contains("inline-secret-key"));
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "listener:\n  poll_interval: fast\ninstances:\n  - id: wx\n    base_url: nope\n    api_key: inline-secret-key\n  - id: wx\n    base_url: http://x\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Every problem, each with file:line:col.
+    assert!(stderr.contains("bad.yaml:2:"), "{stderr}");
+    assert!(stderr.contains("poll_interval"), "{stderr}");
+    assert!(stderr.contains("base_url"), "{stderr}");
+    assert!(stderr.contains("duplicate") || stderr.contains("unique"), "{stderr}");
+    assert!(!stderr.contains("inline-secret-key"));
+}
+
+#[test]
+fn a_taken_port_is_a_runtime_failure() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(&config, "instances: []\n").unwrap();
+    let output = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["--config"])
+        .arg(&config)
+        .args(["--listen", &addr.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot listen"));
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_gracefully_and_no_key_reaches_logs() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sim = runtime.block_on(start_sim("bin"));
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listener:\n  poll_interval: 100ms\ninstances:\n  - id: wx-bin\n    base_url: http://{}\n    api_key_env: BIN_TEST_KEY\n  - id: wx-dead\n    base_url: http://127.0.0.1:9\n    api_key_file: key.txt\n",
+            sim.addr
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("key.txt"), "file-secret-0123456789\n").unwrap();
+    sim.sim.inject("alice", "alice", "hello");
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["--config"])
+        .arg(&config)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "trace"])
+        .env("BIN_TEST_KEY", &sim.key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = http_client();
+    let url = format!("http://127.0.0.1:{port}");
+    let ready = runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(response) = http.get(format!("{url}/-/ready")).send().await {
+                if response.status() == 200 && sim.sim.snapshot().listened.contains(&"alice".to_owned()) {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    });
+    assert!(ready, "sidecar did not become ready");
+    // `health` against the running sidecar: one of two instances is unreachable (-15).
+    let output = Command::new(BIN)
+        .args(["health", "--url", &url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("score"), "{stdout}");
+    assert!(matches!(output.status.code(), Some(0 | 1)), "{stdout}");
+
+    let started = Instant::now();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "clean shutdown exits 0");
+    assert!(started.elapsed() < Duration::from_secs(12));
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(dir.path().join("data/logs")).unwrap() {
+        logs.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    assert!(logs.contains("Instance actor started"), "file log written");
+    for secret in [sim.key.as_str(), "file-secret-0123456789"] {
+        assert!(!stderr.contains(secret), "key in stderr");
+        assert!(!logs.contains(secret), "key in log file");
+    }
+
+    // Unreachable sidecar: exit 2.
+    let output = Command::new(BIN)
+        .args(["health", "--url", &url])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}

@@ -1,0 +1,263 @@
+//! The HTTP surface: probes, metrics exposition, the JSON monitor API and lifecycle gating.
+
+use std::time::Duration;
+
+use crate::util::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_content_types_and_openmetrics() {
+    let sim = start_sim("h1").await;
+    let (text, env) = config_for(&[("wx-h", &sim)], "");
+    let sidecar = start_sidecar(text, env).await;
+    let http = &sidecar.http;
+    for path in ["/-/healthy", "/-/ready", "/"] {
+        let response = http.get(sidecar.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let response = http.get(sidecar.url("/metrics")).send().await.unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let body = response.text().await.unwrap();
+    for name in [
+        "wxauto_build_info{version=",
+        "wxauto_listener_running 1",
+        "wxauto_health_score ",
+        "wxauto_health_status{status=\"healthy\"}",
+        "wxauto_health_deduction_points{component=\"clients\"}",
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_start_time_seconds ",
+        "wxauto_api_requests_total{instance_id=\"wx-h\",endpoint=\"health\",outcome=\"success\"}",
+        "wxauto_config_last_reload_successful 1",
+        "wxauto_uptime_seconds ",
+    ] {
+        assert!(body.contains(name), "missing {name}");
+    }
+    assert!(!body.contains("# EOF"));
+    let response = http
+        .get(sidecar.url("/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(response.text().await.unwrap().ends_with("# EOF\n"));
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_envelope_fields_and_bad_queries() {
+    let sim = start_sim("h2").await;
+    sim.sim.inject("alice", "alice", "hi");
+    let (text, env) = config_for(&[("wx-h", &sim)], "");
+    let sidecar = start_sidecar(text, env).await;
+    eventually("message taken", DEADLINE, || async {
+        (!sidecar.sink.contents().is_empty()).then_some(())
+    })
+    .await;
+    let status = sidecar.get_json("/api/v1/status").await;
+    assert_eq!(status["success"], true);
+    assert!(status["timestamp"].as_str().unwrap().contains('T'));
+    for field in [
+        "service_name",
+        "running",
+        "uptime_seconds",
+        "uptime_formatted",
+        "task_count",
+        "error_count",
+        "last_error_time",
+        "last_error_message",
+        "memory_usage_mb",
+        "cpu_percent",
+    ] {
+        assert!(status["data"].get(field).is_some(), "status.{field}");
+    }
+    assert!(status["data"]["memory_usage_mb"].as_f64().unwrap() > 0.0);
+    let listeners = sidecar.get_json("/api/v1/listeners").await;
+    assert_eq!(listeners["total_count"], 1);
+    assert_eq!(listeners["active_count"], 1);
+    let row = &listeners["data"][0];
+    for field in [
+        "instance_id",
+        "who",
+        "active",
+        "last_message_time",
+        "last_check_time",
+        "message_count",
+        "error_count",
+    ] {
+        assert!(row.get(field).is_some(), "listeners.{field}");
+    }
+    let stats = sidecar.get_json("/api/v1/statistics").await;
+    for field in [
+        "total_messages_processed",
+        "total_errors",
+        "api_calls_made",
+        "listeners_added",
+        "listeners_removed",
+        "config_reloads",
+        "uptime_seconds",
+        "uptime_formatted",
+        "start_time",
+        "current_time",
+        "error_rate",
+        "recent_errors_count",
+    ] {
+        assert!(stats["data"].get(field).is_some(), "statistics.{field}");
+    }
+    assert_eq!(stats["data"]["total_messages_processed"], 1);
+    assert!(stats["data"]["api_calls_made"].as_u64().unwrap() > 0);
+
+    for bad in ["0", "101", "-1", "ten", ""] {
+        let response = sidecar
+            .http
+            .get(sidecar.url(&format!("/api/v1/errors?limit={bad}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "limit={bad}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["success"], false);
+        assert!(body["error"].as_str().unwrap().contains("limit"));
+    }
+    let errors = sidecar.get_json("/api/v1/errors?limit=100").await;
+    assert_eq!(errors["success"], true);
+    assert!(errors["count"].is_number());
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_score_matches_between_metrics_and_api() {
+    let up = start_sim("h3").await;
+    let down = start_sim("h4").await;
+    down.sim.set_online(false);
+    let (text, env) = config_for(&[("wx-up", &up), ("wx-down", &down)], "");
+    let sidecar = start_sidecar(text, env).await;
+    // One of two clients down: 30 × 1 div 2 = 15 points for clients.
+    let health = eventually("score settles", DEADLINE, || async {
+        let health = sidecar.get_json("/api/v1/health").await;
+        (health["data"]["deductions"]["clients"] == 15).then_some(health)
+    })
+    .await;
+    let data = &health["data"];
+    let score = data["health_score"].as_u64().unwrap();
+    let deductions: u64 = ["listener", "clients", "listeners", "error_rate"]
+        .iter()
+        .map(|name| data["deductions"][*name].as_u64().unwrap())
+        .sum();
+    assert_eq!(score + deductions, 100);
+    let text = sidecar.metrics().await;
+    let api = sidecar.get_json("/api/v1/health").await;
+    assert_eq!(
+        metric_value(&text, "wxauto_health_score"),
+        Some(api["data"]["health_score"].as_f64().unwrap()),
+        "the same score on /metrics and the API"
+    );
+    for component in ["listener", "clients", "listeners", "error_rate"] {
+        assert_eq!(
+            metric_value(
+                &text,
+                &format!("wxauto_health_deduction_points{{component=\"{component}\"}}")
+            ),
+            api["data"]["deductions"][component].as_f64(),
+            "{component}"
+        );
+    }
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_is_gated_and_restart_resets_uptime() {
+    let sim = start_sim("h5").await;
+    let (text, env) = config_for(&[("wx-h", &sim)], "");
+    let closed = start_sidecar_with(text.clone(), env.clone(), false).await;
+    for path in ["/-/reload", "/api/v1/reload", "/api/v1/restart"] {
+        let response = closed.http.post(closed.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 403, "{path}");
+    }
+    let response = closed.http.get(closed.url("/-/reload")).send().await.unwrap();
+    assert_eq!(response.status(), 405);
+    closed.stop().await;
+
+    let open = start_sidecar_with(text, env, true).await;
+    let response = open.http.post(open.url("/-/reload")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let before = open.get_json("/api/v1/status").await["data"]["start_time"]
+        .as_f64()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let response = open
+        .http
+        .post(open.url("/api/v1/restart"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let status = open.get_json("/api/v1/status").await;
+    assert_eq!(status["data"]["running"], true);
+    assert!(status["data"]["start_time"].as_f64().unwrap() > before);
+    assert_eq!(
+        open.metric("wxauto_listener_restarts_total").await,
+        Some(1.0)
+    );
+    open.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_check() {
+    let Some(promtool) = which("promtool") else {
+        assert!(
+            std::env::var_os("WXAUTO_REQUIRE_TOOLS").is_none(),
+            "promtool is required (scripts/install-tools.sh installs it)"
+        );
+        eprintln!("promtool not installed; skipped (scripts/test.sh installs it)");
+        return;
+    };
+    let sim = start_sim("h6").await;
+    sim.sim.inject("alice", "alice", "hi");
+    let (text, env) = config_for(&[("wx-h", &sim)], "");
+    let sidecar = start_sidecar(text, env).await;
+    eventually("message taken", DEADLINE, || async {
+        (!sidecar.sink.contents().is_empty()).then_some(())
+    })
+    .await;
+    let body = sidecar.metrics().await;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success() && findings.trim().is_empty(), "promtool: {findings}");
+    sidecar.stop().await;
+}
+
+pub fn which(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(tool))
+            .find(|path| path.is_file())
+    })
+}

@@ -1,0 +1,271 @@
+//! The supervised listener against real simulators: draining, chats, recovery, faults.
+
+use std::time::Duration;
+
+use wxauto_sidecar::simulator::{Fault, ListenAction};
+
+use crate::util::*;
+
+fn adds(sim: &Sim, chat: &str) -> usize {
+    sim.sim
+        .snapshot()
+        .listen_log
+        .iter()
+        .filter(|event| event.action == ListenAction::Add && event.nickname == chat)
+        .count()
+}
+
+fn removes(sim: &Sim, chat: &str) -> usize {
+    sim.sim
+        .snapshot()
+        .listen_log
+        .iter()
+        .filter(|event| event.action == ListenAction::Remove && event.nickname == chat)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_drained_filtered_and_chats_listened() {
+    let sim = start_sim("a").await;
+    // Three chats with unread messages before the sidecar starts: get-next-new returns one
+    // chat per call, so all three must be drained by the bounded loop.
+    sim.sim.inject("alice", "alice", "hello 1");
+    sim.sim.inject("alice", "alice", "hello 2");
+    sim.sim.inject("bob", "bob", "hi from bob");
+    sim.sim.inject("team", "carol", "group message");
+    sim.sim.inject_message(
+        "bob",
+        serde_json::json!({"id": "x-time", "type": "time", "content": "10:00", "sender": "bob"}),
+    );
+    let (text, env) = config_for(&[("wx-a", &sim)], "");
+    let sidecar = start_sidecar(text, env).await;
+
+    eventually("all messages taken", DEADLINE, || async {
+        let contents = sidecar.sink.contents();
+        (contents.len() >= 4).then_some(())
+    })
+    .await;
+    let contents = sidecar.sink.contents();
+    assert_eq!(contents.len(), 4, "filters keep only chat messages: {contents:?}");
+    for chat in ["alice", "bob", "team"] {
+        assert_eq!(adds(&sim, chat), 1, "{chat} added once");
+    }
+    // Later messages arrive through the destructive listen/get of listened chats.
+    sim.sim.inject("alice", "alice", "later");
+    eventually("listened message taken", DEADLINE, || async {
+        sidecar.sink.contents().contains(&"later".to_owned()).then_some(())
+    })
+    .await;
+    let snapshot = sim.sim.snapshot();
+    assert!(snapshot.pending_main.is_empty() && snapshot.pending_listen.is_empty());
+    assert_eq!(
+        sidecar.metric("wxauto_messages_processed_total{instance_id=\"wx-a\"}").await,
+        Some(5.0)
+    );
+    assert_eq!(sidecar.metric("wxauto_client_up{instance_id=\"wx-a\"}").await, Some(1.0));
+    assert_eq!(
+        sidecar
+            .metric("wxauto_listeners{instance_id=\"wx-a\",state=\"active\"}")
+            .await,
+        Some(3.0)
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_instance_records_one_error_and_recovers_with_its_chats() {
+    let sim = start_sim("b").await;
+    let (text, env) = config_for(&[("wx-b", &sim)], "");
+    let sidecar = start_sidecar(text, env).await;
+    sim.sim.inject("alice", "alice", "before");
+    eventually("chat listened", DEADLINE, || async {
+        (adds(&sim, "alice") == 1).then_some(())
+    })
+    .await;
+
+    sim.sim.set_online(false);
+    eventually("instance down", DEADLINE, || async {
+        (sidecar.metric("wxauto_client_up{instance_id=\"wx-b\"}").await == Some(0.0)).then_some(())
+    })
+    .await;
+    // Let several backoff retries fail while it is down.
+    let failed_before = failed_calls(&sidecar).await;
+    eventually("retries happen", DEADLINE, || async {
+        (failed_calls(&sidecar).await >= failed_before + 3.0).then_some(())
+    })
+    .await;
+    let errors = sidecar.get_json("/api/v1/errors?limit=100").await;
+    let down_errors = errors["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|error| error["instance_id"] == "wx-b")
+        .count();
+    assert_eq!(down_errors, 1, "one error for the transition, not one per retry: {errors}");
+
+    sim.sim.set_online(true);
+    eventually("recovered and chat re-added", DEADLINE, || async {
+        (adds(&sim, "alice") == 2 && sim.sim.snapshot().listened == vec!["alice".to_owned()])
+            .then_some(())
+    })
+    .await;
+    assert!(sim.sim.snapshot().initialize_calls >= 2, "re-initialised after the outage");
+    eventually("client up again", DEADLINE, || async {
+        (sidecar.metric("wxauto_client_up{instance_id=\"wx-b\"}").await == Some(1.0)).then_some(())
+    })
+    .await;
+    sidecar.stop().await;
+}
+
+async fn failed_calls(sidecar: &Sidecar) -> f64 {
+    let text = sidecar.metrics().await;
+    text.lines()
+        .filter(|line| {
+            line.starts_with("wxauto_api_requests_total{")
+                && line.contains("instance_id=\"wx-b\"")
+                && !line.contains("outcome=\"success\"")
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_wrong_types_are_counted_and_survived() {
+    let sim = start_sim("c").await;
+    let (text, env) = config_for(&[("wx-c", &sim)], "");
+    let sidecar = start_sidecar(text, env).await;
+    eventually("up", DEADLINE, || async {
+        (sidecar.metric("wxauto_client_up{instance_id=\"wx-c\"}").await == Some(1.0)).then_some(())
+    })
+    .await;
+    for fault in [Fault::Garbage, Fault::WrongTypes] {
+        sim.sim.set_fault(fault);
+        eventually("decode errors counted", DEADLINE, || async {
+            let text = sidecar.metrics().await;
+            let decode = metric_value(
+                &text,
+                "wxauto_errors_total{component=\"client\",kind=\"decode\"}",
+            )
+            .unwrap_or(0.0);
+            (decode >= 1.0).then_some(())
+        })
+        .await;
+    }
+    sim.sim.set_fault(Fault::None);
+    sim.sim.inject("dave", "dave", "after the storm");
+    eventually("still working", DEADLINE, || async {
+        sidecar
+            .sink
+            .contents()
+            .contains(&"after the storm".to_owned())
+            .then_some(())
+    })
+    .await;
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_instance_does_not_stall_the_others_and_a_wrong_key_is_auth() {
+    let hang = start_sim("hang").await;
+    let good = start_sim("good").await;
+    let wrong = start_sim("wrong").await;
+    hang.sim.set_fault(Fault::Hang);
+    let (mut text, mut env) = config_for(&[("wx-hang", &hang), ("wx-good", &good)], "");
+    text.push_str(&format!(
+        "  - id: wx-wrong\n    base_url: http://{}\n    api_key_env: KEY_WRONG\n",
+        wrong.addr
+    ));
+    env.push(("KEY_WRONG".to_owned(), "not-the-right-key".to_owned()));
+    let sidecar = start_sidecar(text, env).await;
+    for i in 0..5 {
+        good.sim.inject("erin", "erin", &format!("m{i}"));
+    }
+    eventually("good instance keeps flowing", DEADLINE, || async {
+        (sidecar.sink.contents().len() >= 5).then_some(())
+    })
+    .await;
+    eventually("auth error recorded", DEADLINE, || async {
+        let text = sidecar.metrics().await;
+        metric_value(&text, "wxauto_errors_total{component=\"client\",kind=\"auth\"}")
+            .filter(|value| *value >= 1.0)
+    })
+    .await;
+    let clients = sidecar.get_json("/api/v1/clients").await;
+    assert_eq!(clients["total_count"], 3);
+    assert_eq!(clients["connected_count"], 1, "{clients}");
+    // The wrong key never appears anywhere we serve.
+    let everything = format!(
+        "{}{}{}",
+        sidecar.metrics().await,
+        sidecar.get_json("/api/v1/errors?limit=100").await,
+        sidecar.get_json("/api/v1/health").await
+    );
+    for key in ["not-the-right-key", good.key.as_str(), hang.key.as_str()] {
+        assert!(!everything.contains(key), "a key leaked");
+    }
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_chats_time_out_upstream_and_reactivate_fixed_never_do() {
+    let sim = start_sim("d").await;
+    let (text, env) = config_for(
+        &[("wx-d", &sim)],
+        "fixed_listeners:\n  - chat: 文件传输助手\n",
+    );
+    let text = text.replace(
+        "listener:\n",
+        "listener:\n  listener_timeout: 700ms\n",
+    );
+    let sidecar = start_sidecar(text, env).await;
+    sim.sim.inject("frank", "frank", "one");
+    eventually("frank removed after the timeout", DEADLINE, || async {
+        (removes(&sim, "frank") == 1).then_some(())
+    })
+    .await;
+    let listeners = sidecar.get_json("/api/v1/listeners").await;
+    let frank = listeners["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["who"] == "frank")
+        .cloned()
+        .unwrap();
+    assert_eq!(frank["active"], false);
+    // The fixed chat was added and never removed.
+    assert_eq!(adds(&sim, "文件传输助手"), 1);
+    assert_eq!(removes(&sim, "文件传输助手"), 0);
+    // A message for the inactive chat reactivates it instead of being dropped.
+    sim.sim.inject("frank", "frank", "two");
+    eventually("frank reactivated", DEADLINE, || async {
+        (adds(&sim, "frank") == 2 && sidecar.sink.contents().contains(&"two".to_owned()))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        sidecar
+            .metric("wxauto_listeners_removed_total{instance_id=\"wx-d\",reason=\"timeout\"}")
+            .await
+            .map(|v| v >= 1.0),
+        Some(true)
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_counts_active_chats_and_keeps_messages() {
+    let sim = start_sim("e").await;
+    let (text, env) = config_for(&[("wx-e", &sim)], "");
+    let text = text.replace("listener:\n", "listener:\n  max_listeners_per_instance: 2\n");
+    let sidecar = start_sidecar(text, env).await;
+    for chat in ["c1", "c2", "c3"] {
+        sim.sim.inject(chat, chat, &format!("from {chat}"));
+    }
+    eventually("all three messages kept", DEADLINE, || async {
+        (sidecar.sink.contents().len() == 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sim.sim.snapshot().listened.len(), 2, "only two chats listened");
+    sidecar.stop().await;
+}

@@ -1,0 +1,8 @@
+//! The one integration-test binary: real simulators and the real sidecar on loopback.
+
+mod util;
+
+mod binary;
+mod http;
+mod listener;
+mod tidy;

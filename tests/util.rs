@@ -1,0 +1,203 @@
+//! Test harness: simulators and an in-process sidecar on `127.0.0.1:0`, plus polling helpers.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use wxauto_sidecar::app::{self, RunOptions};
+use wxauto_sidecar::message::{BoxFuture, InboundMessage, MessageSink, SinkError};
+use wxauto_sidecar::simulator::{SimConfig, Simulator};
+
+/// A running simulator.
+pub struct Sim {
+    pub sim: Simulator,
+    pub addr: SocketAddr,
+    pub key: String,
+    _cancel: tokio_util::sync::DropGuard,
+}
+
+pub async fn start_sim(name: &str) -> Sim {
+    let key = format!("key-{name}-0123456789");
+    let sim = Simulator::new(SimConfig {
+        api_key: key.clone(),
+        name: name.to_owned(),
+        flaky: false,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    tokio::spawn(sim.clone().serve(listener, cancel.clone()));
+    Sim {
+        sim,
+        addr,
+        key,
+        _cancel: cancel.drop_guard(),
+    }
+}
+
+/// A sink that records everything it is handed.
+#[derive(Default)]
+pub struct CollectSink {
+    pub messages: Mutex<Vec<InboundMessage>>,
+}
+
+impl CollectSink {
+    pub fn contents(&self) -> Vec<String> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|message| message.content.clone())
+            .collect()
+    }
+}
+
+impl MessageSink for CollectSink {
+    fn accept(&self, messages: Vec<InboundMessage>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.messages.lock().unwrap().extend(messages);
+            Ok(())
+        })
+    }
+}
+
+/// A running in-process sidecar.
+pub struct Sidecar {
+    pub addr: SocketAddr,
+    pub sink: Arc<CollectSink>,
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<()>,
+    pub http: reqwest::Client,
+}
+
+impl Sidecar {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one series, e.g. `wxauto_client_up{instance_id="a"}`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics().await, series)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+}
+
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// A config text for the given simulators with fast intervals. `extra` is appended verbatim.
+pub fn config_for(sims: &[(&str, &Sim)], extra: &str) -> (String, Vec<(String, String)>) {
+    let mut text = String::from(
+        "listener:\n  poll_interval: 100ms\n  health_check_interval: 300ms\n  request_timeout: 1s\n  backoff: { initial: 100ms, max: 400ms }\n",
+    );
+    text.push_str("instances:\n");
+    let mut env = Vec::new();
+    for (id, sim) in sims {
+        let var = format!("KEY_{}", id.replace('-', "_").to_uppercase());
+        text.push_str(&format!(
+            "  - id: {id}\n    base_url: http://{}\n    api_key_env: {var}\n",
+            sim.addr
+        ));
+        env.push((var, sim.key.clone()));
+    }
+    text.push_str(extra);
+    (text, env)
+}
+
+/// Starts the sidecar in-process with a built-in config text.
+pub async fn start_sidecar(text: String, env: Vec<(String, String)>) -> Sidecar {
+    start_sidecar_with(text, env, true).await
+}
+
+pub async fn start_sidecar_with(
+    text: String,
+    env: Vec<(String, String)>,
+    lifecycle: bool,
+) -> Sidecar {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let loader = app::builtin_loader(text, env);
+    let loaded = loader().expect("test config must be valid");
+    let sink = Arc::new(CollectSink::default());
+    let options = RunOptions {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        enable_lifecycle: lifecycle,
+        grace: Duration::from_secs(5),
+        watch: false,
+        sink: Some(sink.clone()),
+    };
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let stop = shutdown.clone();
+    let handle = tokio::spawn(async move {
+        app::run(loaded, loader, options, stop, move |started| {
+            let _ = tx.send(started.addr);
+        })
+        .await
+        .expect("sidecar run failed");
+    });
+    let addr = rx.await.expect("sidecar did not start");
+    Sidecar {
+        addr,
+        sink,
+        shutdown,
+        handle,
+        http: http_client(),
+    }
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
