@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigDiff, Loaded};
+use crate::delivery::{Delivery, Routing};
 use crate::http::{self, AppState};
 use crate::message::{LogSink, MessageSink};
 use crate::metrics::Metrics;
@@ -71,6 +72,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// The message store could not be opened.
+    #[error("cannot open the message store: {0}")]
+    Store(#[source] crate::delivery::StoreError),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
@@ -112,13 +116,28 @@ pub async fn run(
         .map_err(|source| RunError::Bind { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
 
-    let sink: Arc<dyn MessageSink> = match &options.sink {
-        Some(sink) => Arc::clone(sink),
-        None => Arc::new(LogSink),
-    };
     let (control_tx, control_rx) = mpsc::channel(64);
     let (active_tx, active_rx) = watch::channel(Arc::clone(&config));
     let replies = Arc::new(ReplyRouter::default());
+    let delivery_stop = CancellationToken::new();
+    let delivery = match &options.sink {
+        Some(_) => None,
+        None => Some(
+            start_delivery(
+                &config,
+                Arc::clone(&replies),
+                Arc::clone(&monitor),
+                &mut registry,
+                delivery_stop.clone(),
+            )
+            .await?,
+        ),
+    };
+    let sink: Arc<dyn MessageSink> = match (&options.sink, &delivery) {
+        (Some(sink), _) => Arc::clone(sink),
+        (None, Some(delivery)) => delivery.sink(),
+        (None, None) => Arc::new(LogSink),
+    };
     let mut supervisor = Supervisor::new(
         Arc::clone(&config),
         loader,
@@ -129,6 +148,41 @@ pub async fn run(
         control_tx.clone(),
         options.grace,
     );
+
+    if let Some(delivery) = &delivery {
+        let delivery = delivery.clone();
+        supervisor.subscribe(Box::new(move |config: &Arc<Config>, diff: &ConfigDiff| {
+            if diff.rules_changed || diff.platforms_changed {
+                delivery.swap_routing(Routing::new(
+                    &config.rules,
+                    &config.platforms,
+                    platform_client(),
+                ));
+            }
+            if diff.delivery_changed {
+                delivery.set_config(&config.delivery);
+            }
+            for (id, change) in &diff.instances {
+                if *change == config::InstanceChange::Removed {
+                    delivery.remove_instance(id);
+                }
+            }
+        }));
+    }
+    let message_counts: Option<http::MessageCounts> = delivery.clone().map(|delivery| {
+        let counts: http::MessageCounts = Arc::new(move |chats: Vec<(String, String)>| {
+            let delivery = delivery.clone();
+            Box::pin(async move {
+                let mut counts = std::collections::HashMap::new();
+                for (instance_id, chat) in chats {
+                    let count = delivery.message_count(&instance_id, &chat).await;
+                    counts.insert((instance_id, chat), count);
+                }
+                counts
+            })
+        });
+        counts
+    });
 
     let tasks = tokio_util::task::TaskTracker::new();
     let background = CancellationToken::new();
@@ -176,7 +230,7 @@ pub async fn run(
         config: active_rx,
         ready: Arc::clone(&ready),
         lifecycle_flag: options.enable_lifecycle,
-        message_counts: None,
+        message_counts,
     };
     tracing::info!(%addr, "Serving metrics and the monitor API.");
     on_started(Started { addr });
@@ -200,12 +254,55 @@ pub async fn run(
     {
         tracing::warn!("Shutdown grace period elapsed; stopping anyway.");
     }
+    if let Some(delivery) = &delivery {
+        // The actors have handed over what they held; let in-flight deliveries finish.
+        delivery_stop.cancel();
+        if tokio::time::timeout(options.grace, delivery.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "Deliveries did not finish within the grace period; they will resume at the next start."
+            );
+        }
+    }
     http_stop.cancel();
     match server.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(RunError::Serve(error)),
         Err(_) => Ok(()),
     }
+}
+
+/// The HTTP client platforms use (timeouts are per request, from each platform's config).
+fn platform_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("wxauto-sidecar/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_default()
+}
+
+async fn start_delivery(
+    config: &Config,
+    replies: Arc<ReplyRouter>,
+    monitor: Arc<Monitor>,
+    registry: &mut Registry,
+    cancel: CancellationToken,
+) -> Result<Delivery, RunError> {
+    let routing = Routing::new(&config.rules, &config.platforms, platform_client());
+    let delivery = Delivery::start(
+        &config.storage,
+        &config.delivery,
+        routing,
+        replies,
+        monitor,
+        registry,
+        cancel,
+    )
+    .await
+    .map_err(RunError::Store)?;
+    tracing::info!(path = %config.storage.path.display(), "Message store open.");
+    Ok(delivery)
 }
 
 /// The periodic health check: write the report file atomically and log one summary line.
@@ -298,6 +395,12 @@ pub async fn start_demo_instances(
          request_timeout: 3s\n  backoff: {{ initial: 1s, max: 10s }}\n\
          instances:\n{instances}\
          fixed_listeners:\n  - chat: 文件传输助手\n    instances: [\"*\"]\n\
+         platforms:\n  - id: faq\n    type: keyword\n    keywords:\n      \
+         - keywords: [\"你好\", \"在吗\"]\n        match_type: contains\n        \
+         replies: [\"您好，我是自动回复演示。\"]\n      \
+         - keywords: [\"订单\"]\n        match_type: contains\n        \
+         replies: [\"演示：您的订单已发货。\"]\n\
+         rules:\n  - id: everything-to-faq\n    instance: \"*\"\n    chat: \"*\"\n    platform: faq\n\
          health:\n  window: 10m\n  report_interval: 10s\n",
         listen = config::DEFAULT_LISTEN,
     );

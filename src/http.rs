@@ -28,9 +28,12 @@ use crate::message::BoxFuture;
 use crate::monitor::Monitor;
 use crate::supervisor::{Control, ReloadReport, ReloadSource};
 
-/// Reads how many messages the store holds per `(instance_id, chat)`.
-pub type MessageCounts =
-    Arc<dyn Fn() -> BoxFuture<'static, HashMap<(String, String), u64>> + Send + Sync>;
+/// Reads how many messages the store holds for each given `(instance_id, chat)`.
+pub type MessageCounts = Arc<
+    dyn Fn(Vec<(String, String)>) -> BoxFuture<'static, HashMap<(String, String), u64>>
+        + Send
+        + Sync,
+>;
 
 /// Everything the handlers read. Cheap to clone; no lock is held across an await.
 #[derive(Clone)]

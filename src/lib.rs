@@ -10,6 +10,7 @@
 pub mod app;
 pub mod backoff;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod listener;
 pub mod logging;

@@ -394,7 +394,8 @@ impl Monitor {
                 kind: kind.as_str(),
             })
             .inc();
-        if let Some(id) = instance_id {
+        let instance_error = matches!(component, Component::Client | Component::Listener);
+        if let Some(id) = instance_id.filter(|_| instance_error) {
             self.metrics
                 .client_errors
                 .get_or_create_owned(&InstanceLabels {
@@ -426,7 +427,10 @@ impl Monitor {
             inner.ring.pop_front();
         }
         inner.ring.push_back(record);
-        if let Some(state) = instance_id.and_then(|id| inner.instances.get_mut(id)) {
+        if let Some(state) = instance_id
+            .filter(|_| instance_error)
+            .and_then(|id| inner.instances.get_mut(id))
+        {
             state.error_count += 1;
             state.last_error = Some(message);
         }
@@ -658,5 +662,17 @@ pub fn format_uptime(seconds: f64) -> String {
         format!("{minutes}m {secs}s")
     } else {
         format!("{secs}s")
+    }
+}
+
+impl crate::delivery::ErrorSink for Monitor {
+    fn record_error(
+        &self,
+        component: Component,
+        kind: ErrorKind,
+        instance_id: Option<&str>,
+        message: &str,
+    ) {
+        Monitor::record_error(self, component, kind, instance_id, message);
     }
 }

@@ -52,7 +52,10 @@ fn check_config_exit_codes_and_located_errors() {
     assert!(stderr.contains("bad.yaml:2:"), "{stderr}");
     assert!(stderr.contains("poll_interval"), "{stderr}");
     assert!(stderr.contains("base_url"), "{stderr}");
-    assert!(stderr.contains("duplicate") || stderr.contains("unique"), "{stderr}");
+    assert!(
+        stderr.contains("duplicate") || stderr.contains("unique"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("inline-secret-key"));
 }
 
@@ -96,7 +99,12 @@ fn sigterm_stops_gracefully_and_no_key_reaches_logs() {
         .current_dir(dir.path())
         .args(["--config"])
         .arg(&config)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "trace"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            "trace",
+        ])
         .env("BIN_TEST_KEY", &sim.key)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -107,10 +115,11 @@ fn sigterm_stops_gracefully_and_no_key_reaches_logs() {
     let ready = runtime.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(response) = http.get(format!("{url}/-/ready")).send().await {
-                if response.status() == 200 && sim.sim.snapshot().listened.contains(&"alice".to_owned()) {
-                    return true;
-                }
+            if let Ok(response) = http.get(format!("{url}/-/ready")).send().await
+                && response.status() == 200
+                && sim.sim.snapshot().listened.contains(&"alice".to_owned())
+            {
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -128,12 +137,23 @@ fn sigterm_stops_gracefully_and_no_key_reaches_logs() {
 
     let started = Instant::now();
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "clean shutdown exits 0");
     assert!(started.elapsed() < Duration::from_secs(12));
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     let mut logs = String::new();
     for entry in std::fs::read_dir(dir.path().join("data/logs")).unwrap() {
         logs.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());

@@ -183,7 +183,12 @@ async fn lifecycle_is_gated_and_restart_resets_uptime() {
         let response = closed.http.post(closed.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 403, "{path}");
     }
-    let response = closed.http.get(closed.url("/-/reload")).send().await.unwrap();
+    let response = closed
+        .http
+        .get(closed.url("/-/reload"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 405);
     closed.stop().await;
 
@@ -250,7 +255,10 @@ async fn metrics_pass_promtool_check() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(output.status.success() && findings.trim().is_empty(), "promtool: {findings}");
+    assert!(
+        output.status.success() && findings.trim().is_empty(),
+        "promtool: {findings}"
+    );
     sidecar.stop().await;
 }
 

@@ -46,23 +46,38 @@ async fn messages_are_drained_filtered_and_chats_listened() {
     })
     .await;
     let contents = sidecar.sink.contents();
-    assert_eq!(contents.len(), 4, "filters keep only chat messages: {contents:?}");
+    assert_eq!(
+        contents.len(),
+        4,
+        "filters keep only chat messages: {contents:?}"
+    );
     for chat in ["alice", "bob", "team"] {
         assert_eq!(adds(&sim, chat), 1, "{chat} added once");
     }
     // Later messages arrive through the destructive listen/get of listened chats.
     sim.sim.inject("alice", "alice", "later");
     eventually("listened message taken", DEADLINE, || async {
-        sidecar.sink.contents().contains(&"later".to_owned()).then_some(())
+        sidecar
+            .sink
+            .contents()
+            .contains(&"later".to_owned())
+            .then_some(())
     })
     .await;
     let snapshot = sim.sim.snapshot();
     assert!(snapshot.pending_main.is_empty() && snapshot.pending_listen.is_empty());
     assert_eq!(
-        sidecar.metric("wxauto_messages_processed_total{instance_id=\"wx-a\"}").await,
+        sidecar
+            .metric("wxauto_messages_processed_total{instance_id=\"wx-a\"}")
+            .await,
         Some(5.0)
     );
-    assert_eq!(sidecar.metric("wxauto_client_up{instance_id=\"wx-a\"}").await, Some(1.0));
+    assert_eq!(
+        sidecar
+            .metric("wxauto_client_up{instance_id=\"wx-a\"}")
+            .await,
+        Some(1.0)
+    );
     assert_eq!(
         sidecar
             .metric("wxauto_listeners{instance_id=\"wx-a\",state=\"active\"}")
@@ -85,7 +100,11 @@ async fn offline_instance_records_one_error_and_recovers_with_its_chats() {
 
     sim.sim.set_online(false);
     eventually("instance down", DEADLINE, || async {
-        (sidecar.metric("wxauto_client_up{instance_id=\"wx-b\"}").await == Some(0.0)).then_some(())
+        (sidecar
+            .metric("wxauto_client_up{instance_id=\"wx-b\"}")
+            .await
+            == Some(0.0))
+        .then_some(())
     })
     .await;
     // Let several backoff retries fail while it is down.
@@ -101,7 +120,10 @@ async fn offline_instance_records_one_error_and_recovers_with_its_chats() {
         .iter()
         .filter(|error| error["instance_id"] == "wx-b")
         .count();
-    assert_eq!(down_errors, 1, "one error for the transition, not one per retry: {errors}");
+    assert_eq!(
+        down_errors, 1,
+        "one error for the transition, not one per retry: {errors}"
+    );
 
     sim.sim.set_online(true);
     eventually("recovered and chat re-added", DEADLINE, || async {
@@ -109,9 +131,16 @@ async fn offline_instance_records_one_error_and_recovers_with_its_chats() {
             .then_some(())
     })
     .await;
-    assert!(sim.sim.snapshot().initialize_calls >= 2, "re-initialised after the outage");
+    assert!(
+        sim.sim.snapshot().initialize_calls >= 2,
+        "re-initialised after the outage"
+    );
     eventually("client up again", DEADLINE, || async {
-        (sidecar.metric("wxauto_client_up{instance_id=\"wx-b\"}").await == Some(1.0)).then_some(())
+        (sidecar
+            .metric("wxauto_client_up{instance_id=\"wx-b\"}")
+            .await
+            == Some(1.0))
+        .then_some(())
     })
     .await;
     sidecar.stop().await;
@@ -135,7 +164,11 @@ async fn garbage_and_wrong_types_are_counted_and_survived() {
     let (text, env) = config_for(&[("wx-c", &sim)], "");
     let sidecar = start_sidecar(text, env).await;
     eventually("up", DEADLINE, || async {
-        (sidecar.metric("wxauto_client_up{instance_id=\"wx-c\"}").await == Some(1.0)).then_some(())
+        (sidecar
+            .metric("wxauto_client_up{instance_id=\"wx-c\"}")
+            .await
+            == Some(1.0))
+        .then_some(())
     })
     .await;
     for fault in [Fault::Garbage, Fault::WrongTypes] {
@@ -186,8 +219,11 @@ async fn a_hanging_instance_does_not_stall_the_others_and_a_wrong_key_is_auth() 
     .await;
     eventually("auth error recorded", DEADLINE, || async {
         let text = sidecar.metrics().await;
-        metric_value(&text, "wxauto_errors_total{component=\"client\",kind=\"auth\"}")
-            .filter(|value| *value >= 1.0)
+        metric_value(
+            &text,
+            "wxauto_errors_total{component=\"client\",kind=\"auth\"}",
+        )
+        .filter(|value| *value >= 1.0)
     })
     .await;
     let clients = sidecar.get_json("/api/v1/clients").await;
@@ -213,10 +249,7 @@ async fn idle_chats_time_out_upstream_and_reactivate_fixed_never_do() {
         &[("wx-d", &sim)],
         "fixed_listeners:\n  - chat: 文件传输助手\n",
     );
-    let text = text.replace(
-        "listener:\n",
-        "listener:\n  listener_timeout: 700ms\n",
-    );
+    let text = text.replace("listener:\n", "listener:\n  listener_timeout: 700ms\n");
     let sidecar = start_sidecar(text, env).await;
     sim.sim.inject("frank", "frank", "one");
     eventually("frank removed after the timeout", DEADLINE, || async {
@@ -256,7 +289,10 @@ async fn idle_chats_time_out_upstream_and_reactivate_fixed_never_do() {
 async fn the_cap_counts_active_chats_and_keeps_messages() {
     let sim = start_sim("e").await;
     let (text, env) = config_for(&[("wx-e", &sim)], "");
-    let text = text.replace("listener:\n", "listener:\n  max_listeners_per_instance: 2\n");
+    let text = text.replace(
+        "listener:\n",
+        "listener:\n  max_listeners_per_instance: 2\n",
+    );
     let sidecar = start_sidecar(text, env).await;
     for chat in ["c1", "c2", "c3"] {
         sim.sim.inject(chat, chat, &format!("from {chat}"));
@@ -266,6 +302,10 @@ async fn the_cap_counts_active_chats_and_keeps_messages() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(sim.sim.snapshot().listened.len(), 2, "only two chats listened");
+    assert_eq!(
+        sim.sim.snapshot().listened.len(),
+        2,
+        "only two chats listened"
+    );
     sidecar.stop().await;
 }

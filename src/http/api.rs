@@ -72,11 +72,21 @@ fn api_calls(state: &AppState, snap: &Snapshot) -> u64 {
     state.monitor.metrics().api_calls_made(&ids)
 }
 
-async fn store_counts(state: &AppState) -> HashMap<(String, String), u64> {
-    match &state.message_counts {
-        Some(counts) => counts().await,
-        None => HashMap::new(),
-    }
+async fn store_counts(state: &AppState, snap: &Snapshot) -> HashMap<(String, String), u64> {
+    let Some(counts) = &state.message_counts else {
+        return HashMap::new();
+    };
+    let chats = snap
+        .instances
+        .values()
+        .flat_map(|instance| {
+            instance
+                .chats
+                .keys()
+                .map(|chat| (instance.instance_id.clone(), chat.clone()))
+        })
+        .collect();
+    counts(chats).await
 }
 
 async fn status(State(state): State<AppState>) -> Response {
@@ -86,8 +96,8 @@ async fn status(State(state): State<AppState>) -> Response {
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    let counts = store_counts(&state).await;
     let snap = state.monitor.snapshot();
+    let counts = store_counts(&state, &snap).await;
     let process = state.monitor.process_sample();
     let recent = state.monitor.recent_errors(10);
     let lookup = |id: &str, chat: &str| counts.get(&(id.to_owned(), chat.to_owned())).copied();
@@ -108,8 +118,8 @@ async fn clients(State(state): State<AppState>) -> Response {
 }
 
 async fn listeners(State(state): State<AppState>) -> Response {
-    let counts = store_counts(&state).await;
     let snap = state.monitor.snapshot();
+    let counts = store_counts(&state, &snap).await;
     let lookup = |id: &str, chat: &str| counts.get(&(id.to_owned(), chat.to_owned())).copied();
     let rows = report::listeners(&snap, &lookup);
     let active = rows

@@ -1,0 +1,414 @@
+//! Durable delivery: store → rules → platform → reply.
+//!
+//! `Delivery::sink()` commits routed messages to SQLite before the listener forgets them;
+//! a bounded pool of workers claims rows atomically, delivers them, retries with capped
+//! exponential backoff, and sends replies back through the `ReplySender`. See
+//! `docs/delivery.md` for the guarantees.
+
+mod metrics;
+mod platforms;
+mod rules;
+mod store;
+mod worker;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{DeliveryConfig, StorageConfig, fnv1a64};
+use crate::message::{BoxFuture, InboundMessage, MessageSink, ReplySender, SinkError};
+use crate::monitor::{Component, ErrorKind};
+
+use self::metrics::DeliveryMetrics;
+use self::store::{NewMessage, Store};
+
+pub use self::rules::{DropReason, RouteDecision, Routing};
+pub use self::store::{StoreCounts, StoreError};
+
+/// How often delivered rows past `storage.retention_days` are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long a sent reply may come back as an echo.
+const ECHO_WINDOW: Duration = Duration::from_secs(120);
+/// Sent replies remembered per chat for the echo guard.
+const ECHO_PER_CHAT: usize = 16;
+/// Milliseconds in a day.
+const DAY_MS: i64 = 86_400_000;
+
+/// Where delivery reports its errors (the monitor's error ring and `wxauto_errors_total`).
+pub trait ErrorSink: Send + Sync {
+    /// Records one error; `message` never contains a secret.
+    fn record_error(
+        &self,
+        component: Component,
+        kind: ErrorKind,
+        instance_id: Option<&str>,
+        message: &str,
+    );
+}
+
+/// The running delivery service; cheap to clone.
+#[derive(Clone)]
+pub struct Delivery {
+    inner: Arc<Inner>,
+}
+
+/// State shared by the handle, the sink and the workers.
+struct Inner {
+    store: Store,
+    /// The current routing snapshot; a worker clones the `Arc` when it claims a row, so a
+    /// swap never changes a delivery in flight.
+    routing: RwLock<Arc<Routing>>,
+    config: RwLock<DeliveryConfig>,
+    retention_days: u32,
+    metrics: DeliveryMetrics,
+    replies: Arc<dyn ReplySender>,
+    errors: Arc<dyn ErrorSink>,
+    /// Wakes idle workers: new rows, or a finished row that unblocks its chat.
+    notify: Notify,
+    echo: Mutex<EchoGuard>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// The `MessageSink` handed to the listener.
+struct DeliverySink {
+    inner: Arc<Inner>,
+}
+
+/// Replies sent recently, per (instance, chat), so their echo is not taken as a new message.
+#[derive(Default)]
+struct EchoGuard {
+    sent: HashMap<(String, String), VecDeque<SentReply>>,
+}
+
+#[derive(Debug, Clone)]
+struct SentReply {
+    text: String,
+    /// The sender of the message we replied to: they are not the echo's author.
+    to_sender: String,
+    at: Instant,
+}
+
+// === impl Delivery ===
+
+impl Delivery {
+    /// Opens/migrates the store, resets rows left `delivering` by a crash to pending,
+    /// registers metrics, spawns `workers` tasks and the pruner.
+    pub async fn start(
+        storage: &StorageConfig,
+        delivery: &DeliveryConfig,
+        routing: Routing,
+        replies: Arc<dyn ReplySender>,
+        errors: Arc<dyn ErrorSink>,
+        registry: &mut Registry,
+        cancel: CancellationToken,
+    ) -> Result<Delivery, StoreError> {
+        let metrics = DeliveryMetrics::register(registry);
+        let store = Store::open(&storage.path, metrics.gauges.clone()).await?;
+        let recovered = store.recover().await?;
+        if recovered > 0 {
+            tracing::warn!(
+                recovered,
+                "Messages left in flight by an unclean stop go back to the queue."
+            );
+        }
+        metrics.set_platforms(routing.platform_ids());
+        let inner = Arc::new(Inner {
+            store,
+            routing: RwLock::new(Arc::new(routing)),
+            config: RwLock::new(delivery.clone()),
+            retention_days: storage.retention_days,
+            metrics,
+            replies,
+            errors,
+            notify: Notify::new(),
+            echo: Mutex::new(EchoGuard::default()),
+            tracker: TaskTracker::new(),
+            cancel: cancel.child_token(),
+        });
+        for index in 0..delivery.workers.max(1) {
+            inner.tracker.spawn(worker::run(Arc::clone(&inner), index));
+        }
+        inner.tracker.spawn(prune_loop(Arc::clone(&inner)));
+        inner.tracker.close();
+        tracing::info!(
+            workers = delivery.workers.max(1),
+            path = %storage.path.display(),
+            "Delivery started."
+        );
+        Ok(Delivery { inner })
+    }
+
+    /// The sink for the listener.
+    pub fn sink(&self) -> Arc<dyn MessageSink> {
+        Arc::new(DeliverySink {
+            inner: Arc::clone(&self.inner),
+        })
+    }
+
+    /// Hot reload of rules and platforms: atomic; deliveries in flight finish with the
+    /// snapshot they started with, rows not yet claimed use the new one.
+    pub fn swap_routing(&self, routing: Routing) {
+        self.inner.metrics.set_platforms(routing.platform_ids());
+        match self.inner.routing.write() {
+            Ok(mut current) => *current = Arc::new(routing),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(routing),
+        }
+        self.inner.notify.notify_waiters();
+    }
+
+    /// Hot reload of `max_attempts`, `backoff` and `attempt_timeout`, used from the next
+    /// attempt on. The worker count is fixed at `start`; a change applies at the next start.
+    pub fn set_config(&self, delivery: &DeliveryConfig) {
+        match self.inner.config.write() {
+            Ok(mut current) => *current = delivery.clone(),
+            Err(poisoned) => *poisoned.into_inner() = delivery.clone(),
+        }
+    }
+
+    /// Messages stored for one chat (any state), for the listeners JSON; 0 if the store
+    /// cannot answer (the error is recorded).
+    pub async fn message_count(&self, instance_id: &str, chat: &str) -> u64 {
+        match self
+            .inner
+            .store
+            .message_count(instance_id.to_owned(), chat.to_owned())
+            .await
+        {
+            Ok(n) => n,
+            Err(err) => {
+                self.inner.storage_error(&err);
+                0
+            }
+        }
+    }
+
+    /// Row counts by state; all zero if the store cannot answer (the error is recorded).
+    pub async fn counts(&self) -> StoreCounts {
+        match self.inner.store.counts().await {
+            Ok(counts) => counts,
+            Err(err) => {
+                self.inner.storage_error(&err);
+                StoreCounts::default()
+            }
+        }
+    }
+
+    /// Counts a message the listener dropped before the sink (`echo`, `cap`, ...).
+    pub fn record_drop(&self, instance_id: &str, reason: &'static str) {
+        self.inner.metrics.dropped(instance_id, reason, 1);
+    }
+
+    /// Drops the metric series of a removed instance.
+    pub fn remove_instance(&self, instance_id: &str) {
+        self.inner.metrics.remove_instance(instance_id);
+        if let Ok(mut echo) = self.inner.echo.lock() {
+            echo.sent.retain(|(instance, _), _| instance != instance_id);
+        }
+    }
+
+    /// Deletes delivered rows older than `storage.retention_days` now (the pruner also runs
+    /// hourly); returns how many.
+    pub async fn prune(&self) -> Result<u64, StoreError> {
+        self.inner.prune().await
+    }
+
+    /// Stops claiming and waits for the work in flight; the caller bounds the wait with its
+    /// grace period. A row still in flight when the process exits is delivered again at the
+    /// next start.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tracker.wait().await;
+        tracing::info!("Delivery stopped.");
+    }
+
+    #[cfg(test)]
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn routing(&self) -> Arc<Routing> {
+        match self.routing.read() {
+            Ok(routing) => Arc::clone(&routing),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn config(&self) -> DeliveryConfig {
+        match self.config.read() {
+            Ok(config) => config.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn record(&self, kind: ErrorKind, instance_id: Option<&str>, message: &str) {
+        self.errors
+            .record_error(Component::Delivery, kind, instance_id, message);
+    }
+
+    fn storage_error(&self, err: &StoreError) {
+        tracing::error!(error = %err, "Message store failed.");
+        self.record(ErrorKind::Storage, None, &err.to_string());
+    }
+
+    async fn prune(&self) -> Result<u64, StoreError> {
+        let cutoff = store::now_ms() - i64::from(self.retention_days) * DAY_MS;
+        let pruned = self.store.prune(cutoff).await?;
+        if pruned > 0 {
+            tracing::info!(pruned, "Pruned delivered messages past retention.");
+        }
+        Ok(pruned)
+    }
+
+    /// Routes, dedupes and commits one batch; the drop counters move only once it is durable.
+    async fn accept(&self, messages: Vec<InboundMessage>) -> Result<(), SinkError> {
+        let routing = self.routing();
+        let mut rows = Vec::with_capacity(messages.len());
+        let mut drops: Vec<(String, &'static str)> = Vec::new();
+        let mut echoes = Vec::new();
+        for mut msg in messages {
+            self.metrics.learn_instance(&msg.instance_id);
+            if msg.message_id.is_empty() {
+                msg.message_id = synthetic_id(&msg);
+                msg.synthetic_id = true;
+            }
+            if let Some(echo) = self.take_echo(&msg) {
+                echoes.push(echo);
+                drops.push((msg.instance_id, "echo"));
+                continue;
+            }
+            match routing.matching_rule(&msg) {
+                Ok(rule) => rows.push(NewMessage {
+                    rule_id: rule.id.clone(),
+                    platform_id: rule.platform.clone(),
+                    reply_at_sender: rule.reply_at_sender,
+                    message: msg,
+                }),
+                Err(reason) => drops.push((msg.instance_id, reason.as_str())),
+            }
+        }
+        let instances: Vec<String> = rows
+            .iter()
+            .map(|row| row.message.instance_id.clone())
+            .collect();
+        let inserted = match self.store.insert_batch(rows).await {
+            Ok(inserted) => inserted,
+            Err(err) => {
+                self.storage_error(&err);
+                self.restore_echoes(echoes);
+                return Err(SinkError(err.to_string()));
+            }
+        };
+        for (instance_id, new) in instances.into_iter().zip(inserted) {
+            if new {
+                continue;
+            }
+            drops.push((instance_id, "duplicate"));
+        }
+        for (instance_id, reason) in drops {
+            tracing::debug!(instance_id = %instance_id, reason, "Message dropped.");
+            self.metrics.dropped(&instance_id, reason, 1);
+        }
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    fn record_sent(&self, msg: &InboundMessage, text: &str) {
+        let Ok(mut echo) = self.echo.lock() else {
+            return;
+        };
+        let queue = echo
+            .sent
+            .entry((msg.instance_id.clone(), msg.chat.clone()))
+            .or_default();
+        queue.push_back(SentReply {
+            text: text.trim().to_owned(),
+            to_sender: msg.sender.clone(),
+            at: Instant::now(),
+        });
+        while queue.len() > ECHO_PER_CHAT {
+            queue.pop_front();
+        }
+    }
+
+    /// Takes the sent reply `msg` is the echo of, if any. A private chat's peer (sender ==
+    /// chat) and the person we replied to never count as echoes; each reply absorbs at most
+    /// one echo.
+    fn take_echo(&self, msg: &InboundMessage) -> Option<((String, String), SentReply)> {
+        if !msg.is_group() {
+            return None;
+        }
+        let mut echo = self.echo.lock().ok()?;
+        let key = (msg.instance_id.clone(), msg.chat.clone());
+        let queue = echo.sent.get_mut(&key)?;
+        queue.retain(|sent| sent.at.elapsed() <= ECHO_WINDOW);
+        let content = msg.content.trim();
+        let index = queue.iter().position(|sent| {
+            sent.to_sender != msg.sender
+                && (content == sent.text
+                    || (sent.text.chars().count() >= 8 && content.contains(sent.text.as_str())))
+        })?;
+        let sent = queue.remove(index)?;
+        Some((key, sent))
+    }
+
+    fn restore_echoes(&self, echoes: Vec<((String, String), SentReply)>) {
+        let Ok(mut echo) = self.echo.lock() else {
+            return;
+        };
+        for (key, sent) in echoes {
+            echo.sent.entry(key).or_default().push_back(sent);
+        }
+    }
+}
+
+// === impl DeliverySink ===
+
+impl MessageSink for DeliverySink {
+    fn accept(&self, messages: Vec<InboundMessage>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(self.inner.accept(messages))
+    }
+
+    fn wants_chat(&self, instance_id: &str, chat: &str) -> bool {
+        self.inner.routing().wants_chat(instance_id, chat)
+    }
+}
+
+/// A stable id for a message upstream sent without one: the same message read twice gets
+/// the same id (so it is deduplicated); two identical texts from one sender collide too.
+fn synthetic_id(msg: &InboundMessage) -> String {
+    let hash = fnv1a64(&[
+        msg.chat.as_bytes(),
+        msg.sender.as_bytes(),
+        msg.msg_type.as_bytes(),
+        msg.mtype.as_deref().unwrap_or("").as_bytes(),
+        msg.content.as_bytes(),
+    ]);
+    format!("syn-{hash:016x}")
+}
+
+async fn prune_loop(inner: Arc<Inner>) {
+    let mut interval = tokio::time::interval(PRUNE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = inner.cancel.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        if let Err(err) = inner.prune().await {
+            inner.storage_error(&err);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

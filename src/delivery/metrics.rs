@@ -1,0 +1,246 @@
+//! Delivery metrics (CONTRACT §5): pending/dead gauges kept in sync with the store, drops,
+//! deliveries and replies by closed outcome, and the delivery duration histogram.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::store::StoreGauges;
+
+/// Counters are registered without `_total`: the encoder appends it.
+const MESSAGES_PENDING: &str = "wxauto_messages_pending";
+const MESSAGES_DEAD: &str = "wxauto_messages_dead";
+const MESSAGES_DROPPED: &str = "wxauto_messages_dropped";
+const DELIVERIES: &str = "wxauto_deliveries";
+/// Registered with `Unit::Seconds`, which appends `_seconds`.
+const DELIVERY_DURATION: &str = "wxauto_delivery_duration";
+const REPLIES: &str = "wxauto_replies";
+
+/// Delivery duration buckets, 10 ms to 60 s.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The `outcome` values of `wxauto_deliveries_total`.
+pub(crate) const DELIVERY_OUTCOMES: [&str; 3] = ["success", "retry", "dead"];
+/// The `outcome` values of `wxauto_replies_total`.
+pub(crate) const REPLY_OUTCOMES: [&str; 2] = ["success", "error"];
+/// Every `reason` of `wxauto_messages_dropped_total` (for removing an instance's series).
+pub(crate) const DROP_REASONS: [&str; 5] = ["no_rule", "at_filter", "duplicate", "echo", "cap"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DroppedLabels {
+    pub instance_id: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DeliveryLabels {
+    pub platform: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PlatformLabels {
+    pub platform: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReplyLabels {
+    pub instance_id: String,
+    pub outcome: &'static str,
+}
+
+type HistogramFamily = Family<PlatformLabels, Histogram, fn() -> Histogram>;
+
+/// The delivery metric group.
+#[derive(Debug)]
+pub(crate) struct DeliveryMetrics {
+    pub gauges: StoreGauges,
+    dropped: Family<DroppedLabels, Counter>,
+    deliveries: Family<DeliveryLabels, Counter>,
+    duration: HistogramFamily,
+    replies: Family<ReplyLabels, Counter>,
+    /// Instances whose reply series are initialised.
+    instances: Mutex<HashSet<String>>,
+    /// Platforms whose series are initialised.
+    platforms: Mutex<HashSet<String>>,
+}
+
+fn new_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+// === impl DeliveryMetrics ===
+
+impl DeliveryMetrics {
+    pub(crate) fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            gauges: StoreGauges::default(),
+            dropped: Family::default(),
+            deliveries: Family::default(),
+            duration: Family::new_with_constructor(new_histogram as fn() -> Histogram),
+            replies: Family::default(),
+            instances: Mutex::new(HashSet::new()),
+            platforms: Mutex::new(HashSet::new()),
+        };
+        registry.register(
+            MESSAGES_PENDING,
+            "Messages stored and not yet delivered (waiting, retrying or in flight)",
+            metrics.gauges.pending.clone(),
+        );
+        registry.register(
+            MESSAGES_DEAD,
+            "Messages that exhausted their delivery attempts or hit a permanent error",
+            metrics.gauges.dead.clone(),
+        );
+        registry.register(
+            MESSAGES_DROPPED,
+            "Messages not stored for delivery, by reason",
+            metrics.dropped.clone(),
+        );
+        registry.register(
+            DELIVERIES,
+            "Platform delivery attempts, by platform and outcome (success, retry, dead)",
+            metrics.deliveries.clone(),
+        );
+        registry.register_with_unit(
+            DELIVERY_DURATION,
+            "Duration of platform delivery attempts",
+            Unit::Seconds,
+            metrics.duration.clone(),
+        );
+        registry.register(
+            REPLIES,
+            "Replies sent back to chats, by instance and outcome (success, error)",
+            metrics.replies.clone(),
+        );
+        metrics
+    }
+
+    /// Makes the series of these platforms exist (at 0) and drops those of any other.
+    pub(crate) fn set_platforms<'a>(&self, ids: impl Iterator<Item = &'a str>) {
+        let wanted: HashSet<String> = ids.map(str::to_owned).collect();
+        let Ok(mut known) = self.platforms.lock() else {
+            return;
+        };
+        for gone in known.difference(&wanted) {
+            for outcome in DELIVERY_OUTCOMES {
+                self.deliveries.remove(&DeliveryLabels {
+                    platform: gone.clone(),
+                    outcome,
+                });
+            }
+            self.duration.remove(&PlatformLabels {
+                platform: gone.clone(),
+            });
+        }
+        for id in &wanted {
+            for outcome in DELIVERY_OUTCOMES {
+                self.deliveries.get_or_create_owned(&DeliveryLabels {
+                    platform: id.clone(),
+                    outcome,
+                });
+            }
+            self.duration.get_or_create_owned(&PlatformLabels {
+                platform: id.clone(),
+            });
+        }
+        *known = wanted;
+    }
+
+    /// Initialises an instance's reply and drop series (at 0) the first time it is seen.
+    pub(crate) fn learn_instance(&self, instance_id: &str) {
+        let Ok(mut known) = self.instances.lock() else {
+            return;
+        };
+        if known.insert(instance_id.to_owned()) {
+            for outcome in REPLY_OUTCOMES {
+                self.replies.get_or_create_owned(&ReplyLabels {
+                    instance_id: instance_id.to_owned(),
+                    outcome,
+                });
+            }
+            for reason in DROP_REASONS {
+                self.dropped.get_or_create_owned(&DroppedLabels {
+                    instance_id: instance_id.to_owned(),
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// Removes every series of an instance.
+    pub(crate) fn remove_instance(&self, instance_id: &str) {
+        if let Ok(mut known) = self.instances.lock() {
+            known.remove(instance_id);
+        }
+        for outcome in REPLY_OUTCOMES {
+            self.replies.remove(&ReplyLabels {
+                instance_id: instance_id.to_owned(),
+                outcome,
+            });
+        }
+        for reason in DROP_REASONS {
+            self.dropped.remove(&DroppedLabels {
+                instance_id: instance_id.to_owned(),
+                reason,
+            });
+        }
+    }
+
+    pub(crate) fn dropped(&self, instance_id: &str, reason: &'static str, n: u64) {
+        self.dropped
+            .get_or_create_owned(&DroppedLabels {
+                instance_id: instance_id.to_owned(),
+                reason,
+            })
+            .inc_by(n);
+    }
+
+    /// Counts a platform attempt; not for a platform a reload removed (its series are gone
+    /// and must not come back).
+    pub(crate) fn delivery(&self, platform: &str, outcome: &'static str) {
+        if !self.knows_platform(platform) {
+            return;
+        }
+        self.deliveries
+            .get_or_create_owned(&DeliveryLabels {
+                platform: platform.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub(crate) fn observe_duration(&self, platform: &str, seconds: f64) {
+        if !self.knows_platform(platform) {
+            return;
+        }
+        self.duration
+            .get_or_create_owned(&PlatformLabels {
+                platform: platform.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    fn knows_platform(&self, platform: &str) -> bool {
+        self.platforms
+            .lock()
+            .is_ok_and(|known| known.contains(platform))
+    }
+
+    pub(crate) fn reply(&self, instance_id: &str, outcome: &'static str) {
+        self.learn_instance(instance_id);
+        self.replies
+            .get_or_create_owned(&ReplyLabels {
+                instance_id: instance_id.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,118 @@
+//! `webhook`: POST the message as JSON, exactly CONTRACT §7, with an `Idempotency-Key` of
+//! `<instance_id>:<message_id>` that is the same on every attempt.
+
+use std::time::Duration;
+
+use chrono::SecondsFormat;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::WebhookPlatform;
+use crate::message::InboundMessage;
+use crate::monitor::ErrorKind;
+use crate::secret::Secret;
+
+use super::{Attempt, PlatformError, send, status_error};
+
+/// The idempotency header.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+#[derive(Debug)]
+pub(super) struct Webhook {
+    url: String,
+    /// The configured headers, or why they cannot be sent (a bad name or value).
+    headers: Result<HeaderMap, String>,
+    /// The header values, to redact from quoted bodies.
+    secrets: Vec<Secret>,
+    http: reqwest::Client,
+    timeout: Duration,
+}
+
+// === impl Webhook ===
+
+impl Webhook {
+    pub(super) fn new(config: &WebhookPlatform, http: reqwest::Client, timeout: Duration) -> Self {
+        Self {
+            url: config.url.clone(),
+            headers: header_map(&config.headers),
+            secrets: config
+                .headers
+                .iter()
+                .map(|(_, value)| value.clone())
+                .collect(),
+            http,
+            timeout,
+        }
+    }
+
+    pub(super) async fn deliver(
+        &self,
+        msg: &InboundMessage,
+        attempt: Attempt<'_>,
+    ) -> Result<Option<String>, PlatformError> {
+        let mut headers = self
+            .headers
+            .clone()
+            .map_err(|err| PlatformError::permanent(ErrorKind::HttpStatus, err))?;
+        // Ours win over configured headers of the same name.
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let key = idempotency_key(msg);
+        let key = HeaderValue::from_str(&key).map_err(|_| {
+            PlatformError::permanent(
+                ErrorKind::HttpStatus,
+                "the idempotency key is not a valid header value",
+            )
+        })?;
+        headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY), key);
+        let body = body(msg, attempt.number);
+        let (status, bytes) = send(
+            self.http.post(&self.url).headers(headers).json(&body),
+            self.timeout,
+        )
+        .await?;
+        if !status.is_success() {
+            let secrets: Vec<&Secret> = self.secrets.iter().collect();
+            return Err(status_error(status, &bytes, &secrets));
+        }
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        // A 2xx means the receiver has the message: an answer we cannot read is "no reply",
+        // never a retry (which would deliver it again).
+        let reply = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|value| value.get("reply")?.as_str().map(str::to_owned));
+        Ok(reply)
+    }
+}
+
+/// `<instance_id>:<message_id>`.
+pub(crate) fn idempotency_key(msg: &InboundMessage) -> String {
+    format!("{}:{}", msg.instance_id, msg.message_id)
+}
+
+/// The CONTRACT §7 body.
+fn body(msg: &InboundMessage, attempt: u32) -> serde_json::Value {
+    serde_json::json!({
+        "instance_id": msg.instance_id,
+        "chat": msg.chat,
+        "sender": msg.sender,
+        "content": msg.content,
+        "message_id": msg.message_id,
+        "mtype": msg.mtype,
+        "received_at": msg.received_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+        "attempt": attempt,
+    })
+}
+
+fn header_map(headers: &[(String, Secret)]) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name {name:?}"))?;
+        let mut value = HeaderValue::from_str(value.expose())
+            .map_err(|_| format!("invalid value for header {name:?}"))?;
+        value.set_sensitive(true);
+        map.insert(header, value);
+    }
+    Ok(map)
+}

@@ -1,0 +1,819 @@
+//! The durable message store: SQLite (WAL, `synchronous=FULL`), a versioned schema, and every
+//! state transition of a message, each one a single committed statement or transaction.
+//!
+//! All access goes through one `Connection` behind a `std::sync::Mutex`, used only from the
+//! blocking pool (`spawn_blocking`), so the async runtime never waits on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use prometheus_client::metrics::gauge::Gauge;
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use crate::config::SendMode;
+use crate::message::InboundMessage;
+
+/// How long a writer waits for the database lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// The schema, one step per version; `PRAGMA user_version` is the number of steps applied.
+///
+/// Steps are append-only: a released step is never edited, a change is a new step.
+const MIGRATIONS: &[&str] = &[
+    // Version 1.
+    r"
+    CREATE TABLE messages (
+        id              INTEGER PRIMARY KEY,
+        instance_id     TEXT    NOT NULL,
+        message_id      TEXT    NOT NULL,
+        synthetic_id    INTEGER NOT NULL,
+        chat            TEXT    NOT NULL,
+        sender          TEXT    NOT NULL,
+        sender_remark   TEXT,
+        msg_type        TEXT    NOT NULL,
+        mtype           TEXT,
+        content         TEXT    NOT NULL,
+        received_ms     INTEGER NOT NULL,
+        rule_id         TEXT    NOT NULL,
+        platform_id     TEXT    NOT NULL,
+        reply_at_sender INTEGER NOT NULL,
+        state           TEXT    NOT NULL DEFAULT 'pending' CHECK (state IN
+                        ('pending', 'delivering', 'failed', 'reply_pending', 'replying',
+                         'delivered', 'dead')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        reply_attempts  INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+        claimed_ms      INTEGER,
+        reply_text      TEXT,
+        reply_mode      TEXT CHECK (reply_mode IN ('send', 'send-typing')),
+        reply_sent_ms   INTEGER,
+        last_error      TEXT,
+        created_ms      INTEGER NOT NULL,
+        updated_ms      INTEGER NOT NULL,
+        delivered_ms    INTEGER,
+        UNIQUE (instance_id, message_id)
+    );
+    CREATE INDEX messages_open_by_chat ON messages (instance_id, chat, id)
+        WHERE state NOT IN ('delivered', 'dead');
+    CREATE INDEX messages_by_state ON messages (state, next_attempt_ms);
+    CREATE INDEX messages_by_chat ON messages (instance_id, chat);
+    CREATE INDEX messages_delivered ON messages (delivered_ms) WHERE state = 'delivered';
+
+    CREATE TABLE conversations (
+        instance_id     TEXT    NOT NULL,
+        chat            TEXT    NOT NULL,
+        platform_id     TEXT    NOT NULL,
+        conversation_id TEXT    NOT NULL,
+        updated_ms      INTEGER NOT NULL,
+        PRIMARY KEY (instance_id, chat, platform_id)
+    );
+
+    CREATE TABLE history (
+        id              INTEGER PRIMARY KEY,
+        instance_id     TEXT    NOT NULL,
+        chat            TEXT    NOT NULL,
+        platform_id     TEXT    NOT NULL,
+        user_text       TEXT    NOT NULL,
+        assistant_text  TEXT    NOT NULL,
+        created_ms      INTEGER NOT NULL
+    );
+    CREATE INDEX history_by_chat ON history (instance_id, chat, platform_id, id);
+    ",
+];
+
+/// The columns a claim returns, in `Job::from_row` order.
+const JOB_COLUMNS: &str = "id, instance_id, message_id, synthetic_id, chat, sender, sender_remark, \
+     msg_type, mtype, content, received_ms, rule_id, platform_id, reply_at_sender, state, \
+     attempts, reply_attempts, reply_text, reply_mode";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory of the database file could not be created.
+    #[error("cannot create the directory of the message store {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be opened or prepared.
+    #[error("cannot open the message store {path}: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer build.
+    #[error("the message store has schema version {found}, newer than the supported {supported}")]
+    TooNew {
+        /// The file's `user_version`.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// WAL could not be enabled (e.g. an in-memory or read-only database).
+    #[error("the message store refused WAL journaling (journal_mode is {0})")]
+    NoWal(String),
+    /// A statement failed.
+    #[error("message store query failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The blocking task or the connection lock failed.
+    #[error("message store task failed: {0}")]
+    Task(String),
+}
+
+/// Row counts by state, for the monitor API and the gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    /// Waiting for their first platform call, in flight, or waiting to send a reply.
+    pub pending: u64,
+    /// Waiting for a retry after a failed platform call or a failed reply.
+    pub failed: u64,
+    /// Done: the platform took it and any reply was sent.
+    pub delivered: u64,
+    /// Gave up: a permanent error or `max_attempts` exhausted.
+    pub dead: u64,
+}
+
+impl StoreCounts {
+    /// Stored and not yet delivered (the `wxauto_messages_pending` gauge).
+    pub fn undelivered(&self) -> u64 {
+        self.pending + self.failed
+    }
+}
+
+/// A message about to be stored, with the route chosen at accept time.
+#[derive(Debug, Clone)]
+pub(crate) struct NewMessage {
+    pub message: InboundMessage,
+    pub rule_id: String,
+    pub platform_id: String,
+    pub reply_at_sender: bool,
+}
+
+/// Which step a claimed row is at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Call the platform (state `delivering`).
+    Platform,
+    /// Send the stored reply (state `replying`).
+    Reply,
+}
+
+/// A claimed row: only the claiming worker touches it until it moves it on.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    pub id: i64,
+    pub message: InboundMessage,
+    pub rule_id: String,
+    pub platform_id: String,
+    pub reply_at_sender: bool,
+    pub stage: Stage,
+    /// Platform attempts so far, including this one when `stage` is `Platform` (1-based).
+    pub attempts: u32,
+    /// Reply attempts so far, including this one when `stage` is `Reply`.
+    pub reply_attempts: u32,
+    pub reply_text: Option<String>,
+    pub reply_mode: SendMode,
+}
+
+/// The SQLite store; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Store {
+    conn: Arc<Mutex<Connection>>,
+    gauges: StoreGauges,
+}
+
+/// The gauges kept in sync with the store after every write.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct StoreGauges {
+    pub pending: Gauge,
+    pub dead: Gauge,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database, and sets the gauges.
+    pub(crate) async fn open(path: &Path, gauges: StoreGauges) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
+        let conn = tokio::task::spawn_blocking(move || open_blocking(&path))
+            .await
+            .map_err(|err| StoreError::Task(err.to_string()))??;
+        let store = Self {
+            conn: Arc::new(Mutex::new(conn)),
+            gauges,
+        };
+        store.write(|_| Ok(())).await?;
+        Ok(store)
+    }
+
+    /// Runs `f` on the connection in the blocking pool.
+    async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn
+                .lock()
+                .map_err(|_| StoreError::Task("message store lock poisoned".to_owned()))?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|err| StoreError::Task(err.to_string()))?
+    }
+
+    /// Runs a write and then refreshes the pending and dead gauges from the committed state.
+    async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let gauges = self.gauges.clone();
+        self.call(move |conn| {
+            let res = f(conn)?;
+            let counts = counts_blocking(conn)?;
+            gauges.pending.set(to_i64(counts.undelivered()));
+            gauges.dead.set(to_i64(counts.dead));
+            Ok(res)
+        })
+        .await
+    }
+
+    /// Puts rows a crash left in flight back in their queue: `delivering` → `pending` (the
+    /// platform is called again) and `replying` → `reply_pending` (only the reply is re-sent).
+    pub(crate) async fn recover(&self) -> Result<u64, StoreError> {
+        self.write(|conn| {
+            let now = now_ms();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let platform = tx.execute(
+                "UPDATE messages SET state = 'pending', claimed_ms = NULL, updated_ms = ?1 \
+                 WHERE state = 'delivering'",
+                params![now],
+            )?;
+            let reply = tx.execute(
+                "UPDATE messages SET state = 'reply_pending', claimed_ms = NULL, updated_ms = ?1 \
+                 WHERE state = 'replying'",
+                params![now],
+            )?;
+            tx.commit()?;
+            Ok(u64::try_from(platform + reply).unwrap_or(u64::MAX))
+        })
+        .await
+    }
+
+    /// Inserts a batch in one transaction; returns, per message, whether it was new (false:
+    /// a row with the same `(instance_id, message_id)` already exists).
+    pub(crate) async fn insert_batch(
+        &self,
+        rows: Vec<NewMessage>,
+    ) -> Result<Vec<bool>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(move |conn| {
+            let now = now_ms();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut inserted = Vec::with_capacity(rows.len());
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO messages (instance_id, message_id, synthetic_id, chat, \
+                     sender, sender_remark, msg_type, mtype, content, received_ms, rule_id, \
+                     platform_id, reply_at_sender, state, next_attempt_ms, created_ms, updated_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'pending', \
+                     ?14, ?14, ?14)",
+                )?;
+                for row in &rows {
+                    let msg = &row.message;
+                    let n = stmt.execute(params![
+                        msg.instance_id,
+                        msg.message_id,
+                        msg.synthetic_id,
+                        msg.chat,
+                        msg.sender,
+                        msg.sender_remark,
+                        msg.msg_type,
+                        msg.mtype,
+                        msg.content,
+                        msg.received_at.timestamp_millis(),
+                        row.rule_id,
+                        row.platform_id,
+                        row.reply_at_sender,
+                        now,
+                    ])?;
+                    inserted.push(n == 1);
+                }
+            }
+            tx.commit()?;
+            Ok(inserted)
+        })
+        .await
+    }
+
+    /// Claims the next due row, if any: the oldest due row that is the head of its chat (no
+    /// earlier row of the same instance and chat is still open), so a chat is delivered in
+    /// order and never by two workers at once.
+    pub(crate) async fn claim(&self, now: i64) -> Result<Option<Job>, StoreError> {
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let job = tx
+                .query_row(
+                    &format!(
+                        "UPDATE messages SET \
+                           state = CASE state WHEN 'reply_pending' THEN 'replying' \
+                                   ELSE 'delivering' END, \
+                           attempts = attempts + (state IN ('pending', 'failed')), \
+                           reply_attempts = reply_attempts + (state = 'reply_pending'), \
+                           claimed_ms = ?1, updated_ms = ?1 \
+                         WHERE id = ( \
+                           SELECT m.id FROM messages m \
+                           WHERE m.state IN ('pending', 'failed', 'reply_pending') \
+                             AND m.next_attempt_ms <= ?1 \
+                             AND NOT EXISTS ( \
+                               SELECT 1 FROM messages o \
+                               WHERE o.instance_id = m.instance_id AND o.chat = m.chat \
+                                 AND o.id < m.id AND o.state NOT IN ('delivered', 'dead')) \
+                           ORDER BY m.id LIMIT 1) \
+                         RETURNING {JOB_COLUMNS}"
+                    ),
+                    params![now],
+                    Job::from_row,
+                )
+                .optional()?;
+            tx.commit()?;
+            Ok(job)
+        })
+        .await
+    }
+
+    /// The earliest future retry time, to sleep until it.
+    pub(crate) async fn next_due(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        self.call(move |conn| {
+            Ok(conn.query_row(
+                "SELECT MIN(next_attempt_ms) FROM messages \
+                 WHERE state IN ('pending', 'failed', 'reply_pending') AND next_attempt_ms > ?1",
+                params![now],
+                |row| row.get::<_, Option<i64>>(0),
+            )?)
+        })
+        .await
+    }
+
+    /// Moves a `delivering` row to a new platform after a reload removed its old one.
+    pub(crate) async fn reroute(
+        &self,
+        id: i64,
+        rule_id: String,
+        platform_id: String,
+        reply_at_sender: bool,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            let changed = conn.execute(
+                "UPDATE messages SET rule_id = ?2, platform_id = ?3, reply_at_sender = ?4, \
+                 updated_ms = ?5 WHERE id = ?1 AND state = 'delivering'",
+                params![id, rule_id, platform_id, reply_at_sender, now_ms()],
+            )?;
+            expect_one(changed, id, "reroute");
+            Ok(())
+        })
+        .await
+    }
+
+    /// The platform took the message and answered without a reply: `delivering` → `delivered`.
+    pub(crate) async fn mark_delivered(&self, id: i64) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let changed = conn.execute(
+                "UPDATE messages SET state = 'delivered', delivered_ms = ?2, updated_ms = ?2, \
+                 claimed_ms = NULL, last_error = NULL WHERE id = ?1 AND state = 'delivering'",
+                params![id, now],
+            )?;
+            expect_one(changed, id, "mark_delivered");
+            Ok(())
+        })
+        .await
+    }
+
+    /// The platform answered with a reply: store it and keep the row claimed for the reply,
+    /// `delivering` → `replying` (the first reply attempt), in one statement.
+    pub(crate) async fn store_reply(
+        &self,
+        id: i64,
+        text: String,
+        mode: SendMode,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let changed = conn.execute(
+                "UPDATE messages SET state = 'replying', reply_text = ?2, reply_mode = ?3, \
+                 reply_attempts = 1, last_error = NULL, updated_ms = ?4 \
+                 WHERE id = ?1 AND state = 'delivering'",
+                params![id, text, mode_str(mode), now_ms()],
+            )?;
+            expect_one(changed, id, "store_reply");
+            Ok(())
+        })
+        .await
+    }
+
+    /// The reply was sent: `replying` → `delivered`.
+    pub(crate) async fn mark_replied(&self, id: i64) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let changed = conn.execute(
+                "UPDATE messages SET state = 'delivered', reply_sent_ms = ?2, delivered_ms = ?2, \
+                 updated_ms = ?2, claimed_ms = NULL, last_error = NULL \
+                 WHERE id = ?1 AND state = 'replying'",
+                params![id, now],
+            )?;
+            expect_one(changed, id, "mark_replied");
+            Ok(())
+        })
+        .await
+    }
+
+    /// A retryable failure: back to the queue at `next_attempt_ms`. A platform failure goes
+    /// to `failed`, a reply failure to `reply_pending` (the platform is not called again).
+    pub(crate) async fn mark_retry(
+        &self,
+        id: i64,
+        stage: Stage,
+        next_attempt_ms: i64,
+        error: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let (to, from) = match stage {
+                Stage::Platform => ("failed", "delivering"),
+                Stage::Reply => ("reply_pending", "replying"),
+            };
+            let changed = conn.execute(
+                "UPDATE messages SET state = ?2, next_attempt_ms = ?3, last_error = ?4, \
+                 claimed_ms = NULL, updated_ms = ?5 WHERE id = ?1 AND state = ?6",
+                params![id, to, next_attempt_ms, error, now_ms(), from],
+            )?;
+            expect_one(changed, id, "mark_retry");
+            Ok(())
+        })
+        .await
+    }
+
+    /// Gives up on a claimed row: → `dead`. Dead rows are kept (not pruned) for inspection
+    /// and no longer block their chat.
+    pub(crate) async fn mark_dead(&self, id: i64, error: String) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let changed = conn.execute(
+                "UPDATE messages SET state = 'dead', last_error = ?2, claimed_ms = NULL, \
+                 updated_ms = ?3 WHERE id = ?1 AND state IN ('delivering', 'replying')",
+                params![id, error, now_ms()],
+            )?;
+            expect_one(changed, id, "mark_dead");
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes delivered rows delivered before `cutoff_ms`; returns how many.
+    pub(crate) async fn prune(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let n = conn.execute(
+                "DELETE FROM messages WHERE state = 'delivered' AND delivered_ms < ?1",
+                params![cutoff_ms],
+            )?;
+            Ok(u64::try_from(n).unwrap_or(u64::MAX))
+        })
+        .await
+    }
+
+    /// Messages stored for one chat (any state), for the listeners JSON.
+    pub(crate) async fn message_count(
+        &self,
+        instance_id: String,
+        chat: String,
+    ) -> Result<u64, StoreError> {
+        self.call(move |conn| {
+            let n: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM messages WHERE instance_id = ?1 AND chat = ?2",
+                params![instance_id, chat],
+                |row| row.get(0),
+            )?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
+    /// Row counts by state.
+    pub(crate) async fn counts(&self) -> Result<StoreCounts, StoreError> {
+        self.call(|conn| {
+            let mut counts = counts_blocking(conn)?;
+            counts.delivered = u64::try_from(conn.query_row(
+                "SELECT COUNT(*) FROM messages WHERE state = 'delivered'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )?)
+            .unwrap_or(0);
+            Ok(counts)
+        })
+        .await
+    }
+
+    /// The Dify conversation of a chat on a platform.
+    pub(crate) async fn conversation(
+        &self,
+        instance_id: String,
+        chat: String,
+        platform_id: String,
+    ) -> Result<Option<String>, StoreError> {
+        self.call(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT conversation_id FROM conversations \
+                     WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3",
+                    params![instance_id, chat, platform_id],
+                    |row| row.get(0),
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Sets (or, with `None`, forgets) the conversation of a chat on a platform.
+    pub(crate) async fn set_conversation(
+        &self,
+        instance_id: String,
+        chat: String,
+        platform_id: String,
+        conversation_id: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            match conversation_id {
+                Some(conversation_id) => conn.execute(
+                    "INSERT INTO conversations \
+                     (instance_id, chat, platform_id, conversation_id, updated_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (instance_id, chat, platform_id) DO UPDATE SET \
+                     conversation_id = excluded.conversation_id, updated_ms = excluded.updated_ms",
+                    params![instance_id, chat, platform_id, conversation_id, now_ms()],
+                )?,
+                None => conn.execute(
+                    "DELETE FROM conversations \
+                     WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3",
+                    params![instance_id, chat, platform_id],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    /// The last `limit` exchanges (user text, assistant text) of a chat, oldest first.
+    pub(crate) async fn history(
+        &self,
+        instance_id: String,
+        chat: String,
+        platform_id: String,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT user_text, assistant_text FROM history \
+                 WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3 \
+                 ORDER BY id DESC LIMIT ?4",
+            )?;
+            let mut rows = stmt
+                .query_map(
+                    params![
+                        instance_id,
+                        chat,
+                        platform_id,
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?
+                .collect::<Result<Vec<(String, String)>, _>>()?;
+            rows.reverse();
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Appends an exchange and keeps only the newest `keep` of that chat.
+    pub(crate) async fn push_history(
+        &self,
+        instance_id: String,
+        chat: String,
+        platform_id: String,
+        exchange: (String, String),
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO history \
+                 (instance_id, chat, platform_id, user_text, assistant_text, created_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    instance_id,
+                    chat,
+                    platform_id,
+                    exchange.0,
+                    exchange.1,
+                    now_ms()
+                ],
+            )?;
+            tx.execute(
+                "DELETE FROM history WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3 \
+                 AND id NOT IN (SELECT id FROM history \
+                   WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3 \
+                   ORDER BY id DESC LIMIT ?4)",
+                params![
+                    instance_id,
+                    chat,
+                    platform_id,
+                    i64::try_from(keep).unwrap_or(i64::MAX)
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Test helper: the state, attempts and reply text of one message.
+    #[cfg(test)]
+    pub(crate) async fn row_state(
+        &self,
+        instance_id: &str,
+        message_id: &str,
+    ) -> Option<(String, u32, Option<String>)> {
+        let (instance_id, message_id) = (instance_id.to_owned(), message_id.to_owned());
+        self.call(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT state, attempts, reply_text FROM messages \
+                     WHERE instance_id = ?1 AND message_id = ?2",
+                    params![instance_id, message_id],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
+                .optional()?)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Test helper: runs raw SQL (e.g. to age rows).
+    #[cfg(test)]
+    pub(crate) async fn exec(&self, sql: &'static str) {
+        self.call(move |conn| Ok(conn.execute_batch(sql)?))
+            .await
+            .expect("test SQL runs");
+    }
+}
+
+// === impl Job ===
+
+impl Job {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        let received_ms: i64 = row.get(10)?;
+        let state: String = row.get(14)?;
+        let reply_mode: Option<String> = row.get(18)?;
+        Ok(Self {
+            id: row.get(0)?,
+            message: InboundMessage {
+                instance_id: row.get(1)?,
+                message_id: row.get(2)?,
+                synthetic_id: row.get(3)?,
+                chat: row.get(4)?,
+                sender: row.get(5)?,
+                sender_remark: row.get(6)?,
+                msg_type: row.get(7)?,
+                mtype: row.get(8)?,
+                content: row.get(9)?,
+                received_at: from_ms(received_ms),
+            },
+            rule_id: row.get(11)?,
+            platform_id: row.get(12)?,
+            reply_at_sender: row.get(13)?,
+            stage: if state == "replying" {
+                Stage::Reply
+            } else {
+                Stage::Platform
+            },
+            attempts: row.get(15)?,
+            reply_attempts: row.get(16)?,
+            reply_text: row.get(17)?,
+            reply_mode: match reply_mode.as_deref() {
+                Some("send-typing") => SendMode::Typing,
+                _ => SendMode::Normal,
+            },
+        })
+    }
+}
+
+// === helpers ===
+
+fn open_blocking(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::NoWal(mode));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(open_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(open_err)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Applies the missing migration steps, each in its own transaction with its version bump.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if found > supported {
+        return Err(StoreError::TooNew { found, supported });
+    }
+    for (version, step) in (1..)
+        .zip(MIGRATIONS)
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+        tracing::info!(version, "Message store migrated.");
+    }
+    Ok(())
+}
+
+fn counts_blocking(conn: &Connection) -> Result<StoreCounts, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT state, reply_attempts > 0, COUNT(*) FROM messages \
+         WHERE state IN ('pending', 'delivering', 'failed', 'reply_pending', 'replying', 'dead') \
+         GROUP BY 1, 2",
+    )?;
+    let mut counts = StoreCounts::default();
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let state: String = row.get(0)?;
+        let reply_retried: bool = row.get(1)?;
+        let n = u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0);
+        match state.as_str() {
+            "failed" => counts.failed += n,
+            "reply_pending" if reply_retried => counts.failed += n,
+            "dead" => counts.dead += n,
+            _ => counts.pending += n,
+        }
+    }
+    Ok(counts)
+}
+
+/// Logs a transition that found its row in an unexpected state (a bug, or a row changed by
+/// hand); the worker carries on, as the row is then no longer its to move.
+fn expect_one(changed: usize, id: i64, transition: &str) {
+    if changed != 1 {
+        tracing::warn!(id, transition, "Message row was not in the expected state.");
+    }
+}
+
+fn mode_str(mode: SendMode) -> &'static str {
+    match mode {
+        SendMode::Normal => "send",
+        SendMode::Typing => "send-typing",
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Milliseconds since the epoch, the store's clock.
+pub(crate) fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn from_ms(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
