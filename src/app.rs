@@ -102,6 +102,8 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let process = Arc::new(ProcessCollector::new());
+    // Prime the CPU sampler so the first `cpu_percent` is a real share, not 0.
+    process.sample();
     let monitor = Arc::new(Monitor::new(
         metrics,
         Arc::clone(&process),

@@ -381,6 +381,10 @@ impl MessageSink for DeliverySink {
     fn wants_chat(&self, instance_id: &str, chat: &str) -> bool {
         self.inner.routing().wants_chat(instance_id, chat)
     }
+
+    fn record_drop(&self, instance_id: &str, reason: &'static str) {
+        self.inner.metrics.dropped(instance_id, reason, 1);
+    }
 }
 
 /// A stable id for a message upstream sent without one: the same message read twice gets

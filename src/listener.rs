@@ -523,7 +523,7 @@ impl InstanceActor {
                 continue;
             };
             if self.is_echo(&batch.chat, &message.content) {
-                self.monitor.record_listener_drop(&self.instance.id, "echo");
+                self.sink.record_drop(&self.instance.id, "echo");
                 continue;
             }
             taken.push(message);

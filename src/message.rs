@@ -72,6 +72,12 @@ pub trait MessageSink: Send + Sync + 'static {
         let _ = (instance_id, chat);
         true
     }
+
+    /// Counts a message the listener dropped before handing it over (e.g. `echo`), in
+    /// `wxauto_messages_dropped_total`.
+    fn record_drop(&self, instance_id: &str, reason: &'static str) {
+        let _ = (instance_id, reason);
+    }
 }
 
 /// A reply to send to a chat through its instance.

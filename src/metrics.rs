@@ -86,9 +86,6 @@ pub struct Metrics {
     pub listeners_removed: Family<ReasonLabels, Counter>,
     /// `wxauto_messages_processed_total{instance_id}`.
     pub messages_processed: Family<InstanceLabels, Counter>,
-    /// `wxauto_listener_messages_dropped_total{instance_id,reason}`: dropped by the listener
-    /// before reaching the sink (echo of our own reply).
-    pub listener_dropped: Family<ReasonLabels, Counter>,
     /// `wxauto_listener_restarts_total`.
     pub listener_restarts: Counter,
     /// `wxauto_listener_task_restarts_total{instance_id}`: one actor restarted after a crash.
@@ -117,7 +114,6 @@ impl Metrics {
             listeners_added: Family::default(),
             listeners_removed: Family::default(),
             messages_processed: Family::default(),
-            listener_dropped: Family::default(),
             listener_restarts: Counter::default(),
             task_restarts: Family::default(),
             config_reloads: Counter::default(),
@@ -126,63 +122,58 @@ impl Metrics {
         let wx = registry.sub_registry_with_prefix("wxauto");
         wx.register(
             "api_requests",
-            "Calls to wxauto instances by endpoint and outcome (success, error, timeout).",
+            "Calls to wxauto instances by endpoint and outcome (success, error, timeout)",
             metrics.api_requests.clone(),
         );
         wx.register_with_unit(
             "api_request_duration",
-            "Duration of calls to wxauto instances.",
+            "Duration of calls to wxauto instances",
             Unit::Seconds,
             metrics.api_duration.clone(),
         );
         wx.register(
             "client_errors",
-            "Errors recorded for a wxauto instance (one per transition to down, plus refused requests).",
+            "Errors recorded for a wxauto instance (one per transition to down, plus refused requests)",
             metrics.client_errors.clone(),
         );
         wx.register(
             "errors",
-            "Every recorded error, by component (listener, client, delivery, config) and kind.",
+            "Every recorded error, by component (listener, client, delivery, config) and kind",
             metrics.errors.clone(),
         );
         wx.register(
             "listeners_added",
-            "Chats added as listeners (new or reactivated).",
+            "Chats added as listeners (new or reactivated)",
             metrics.listeners_added.clone(),
         );
         wx.register(
             "listeners_removed",
-            "Chats removed as listeners, by reason (timeout, manual, config).",
+            "Chats removed as listeners, by reason (timeout, manual, config)",
             metrics.listeners_removed.clone(),
         );
         wx.register(
             "messages_processed",
-            "Messages received from an instance that passed the filters.",
+            "Messages received from an instance that passed the filters",
             metrics.messages_processed.clone(),
         );
         wx.register(
-            "listener_messages_dropped",
-            "Messages the listener dropped before the store, by reason (echo).",
-            metrics.listener_dropped.clone(),
-        );
-        wx.register(
             "listener_restarts",
-            "Restarts of the listener service (API restart, crash recovery).",
+            "Restarts of the listener service (API restart, crash recovery)",
             metrics.listener_restarts.clone(),
         );
         wx.register(
             "listener_task_restarts",
-            "Restarts of one instance actor after it failed or panicked.",
+            "Restarts of one instance actor after it failed or panicked",
             metrics.task_restarts.clone(),
         );
         wx.register(
             "config_reloads",
-            "Successful configuration reloads.",
+            "Successful configuration reloads",
             metrics.config_reloads.clone(),
         );
         wx.register(
             "config_reload_failures",
-            "Failed configuration reloads (the old configuration stays active).",
+            "Failed configuration reloads (the old configuration stays active)",
             metrics.config_reload_failures.clone(),
         );
         metrics
@@ -236,10 +227,6 @@ impl Metrics {
                 reason,
             });
         }
-        self.listener_dropped.get_or_create_owned(&ReasonLabels {
-            instance_id: id,
-            reason: "echo",
-        });
     }
 
     /// Drops every series of a removed instance.
@@ -271,10 +258,6 @@ impl Metrics {
                 reason,
             });
         }
-        self.listener_dropped.remove(&ReasonLabels {
-            instance_id: id,
-            reason: "echo",
-        });
     }
 
     /// Total upstream calls made so far (the statistics' `api_calls_made`).

@@ -482,17 +482,6 @@ impl Monitor {
         self.lock().totals.listeners_removed += 1;
     }
 
-    /// Records a message the listener dropped before the sink.
-    pub fn record_listener_drop(&self, instance_id: &str, reason: &'static str) {
-        self.metrics
-            .listener_dropped
-            .get_or_create_owned(&ReasonLabels {
-                instance_id: instance_id.to_owned(),
-                reason,
-            })
-            .inc();
-    }
-
     /// The listener service started: uptime counts from now.
     pub fn listener_started(&self) {
         let mut inner = self.lock();

@@ -113,7 +113,7 @@ pub enum WxautoError {
         message: String,
     },
     /// A non-success HTTP status other than 401.
-    #[error("{endpoint}: HTTP {status} (code {code:?}): {message}")]
+    #[error("{endpoint}: HTTP {status}{}: {message}", code_suffix(*code))]
     HttpStatus {
         /// Endpoint label.
         endpoint: &'static str,
@@ -142,6 +142,11 @@ pub enum WxautoError {
         /// What was wrong.
         reason: String,
     },
+}
+
+fn code_suffix(code: Option<i64>) -> String {
+    code.map(|code| format!(" (code {code})"))
+        .unwrap_or_default()
 }
 
 impl WxautoError {

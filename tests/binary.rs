@@ -171,3 +171,29 @@ fn sigterm_stops_gracefully_and_no_key_reaches_logs() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn the_shipped_example_configs_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(root.join("examples/config.yaml"))
+        .env("WXAUTO_API_KEY", "example-key-123")
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Without the key's environment variable the same file is invalid, and says why.
+    let output = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(root.join("examples/config.yaml"))
+        .env_remove("WXAUTO_API_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("WXAUTO_API_KEY"));
+}
