@@ -269,3 +269,27 @@ pub fn which(tool: &str) -> Option<std::path::PathBuf> {
             .find(|path| path.is_file())
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_health_check_writes_the_report_file() {
+    let sim = start_sim("h7").await;
+    let (text, env) = config_for(&[("wx-h", &sim)], "");
+    let report = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("report_file: "))
+        .map(std::path::PathBuf::from)
+        .unwrap();
+    let sidecar = start_sidecar(text, env).await;
+    let document: serde_json::Value = eventually("report written", DEADLINE, || async {
+        let text = std::fs::read_to_string(&report).ok()?;
+        let document: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (document["api_clients_summary"]["connected_count"] == 1).then_some(document)
+    })
+    .await;
+    assert!(document["health_score"].as_u64().unwrap() <= 100);
+    assert!(document["overall_status"].is_string());
+    assert!(document["deductions"]["clients"].is_number());
+    assert!(!std::fs::read_to_string(&report).unwrap().contains(&sim.key));
+    sidecar.stop().await;
+    let _ = std::fs::remove_file(&report);
+}

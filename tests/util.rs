@@ -127,6 +127,17 @@ pub fn config_for(sims: &[(&str, &Sim)], extra: &str) -> (String, Vec<(String, S
     let mut text = String::from(
         "listener:\n  poll_interval: 100ms\n  health_check_interval: 300ms\n  request_timeout: 1s\n  backoff: { initial: 100ms, max: 400ms }\n",
     );
+    // Keep the periodic report out of the working directory; each sidecar gets its own file.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let report = std::env::temp_dir().join(format!(
+        "wxauto-sidecar-test-{}-{}.json",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    text.push_str(&format!(
+        "health:\n  report_interval: 200ms\n  report_file: {}\n",
+        report.display()
+    ));
     text.push_str("instances:\n");
     let mut env = Vec::new();
     for (id, sim) in sims {
