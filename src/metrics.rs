@@ -204,80 +204,82 @@ impl Metrics {
 
     /// Creates every series of an instance at 0, so ratios work from the first scrape.
     pub fn init_instance(&self, instance_id: &str) {
-        let id = instance_id.to_owned();
-        for endpoint in Endpoint::ALL {
-            for outcome in ["success", "error", "timeout"] {
-                self.api_requests.get_or_create_owned(&ApiLabels {
-                    instance_id: id.clone(),
-                    endpoint: endpoint.label(),
-                    outcome,
-                });
-            }
+        for labels in api_label_sets(instance_id) {
+            self.api_requests.get_or_create_owned(&labels);
         }
         let labels = InstanceLabels {
-            instance_id: id.clone(),
+            instance_id: instance_id.to_owned(),
         };
-        self.client_errors.get_or_create_owned(&labels);
-        self.listeners_added.get_or_create_owned(&labels);
-        self.messages_processed.get_or_create_owned(&labels);
-        self.task_restarts.get_or_create_owned(&labels);
-        for reason in REMOVE_REASONS {
-            self.listeners_removed.get_or_create_owned(&ReasonLabels {
-                instance_id: id.clone(),
-                reason,
-            });
+        for family in self.instance_counters() {
+            family.get_or_create_owned(&labels);
+        }
+        for labels in remove_label_sets(instance_id) {
+            self.listeners_removed.get_or_create_owned(&labels);
         }
     }
 
     /// Drops every series of a removed instance.
     pub fn remove_instance(&self, instance_id: &str) {
-        let id = instance_id.to_owned();
+        for labels in api_label_sets(instance_id) {
+            self.api_requests.remove(&labels);
+        }
         for endpoint in Endpoint::ALL {
-            for outcome in ["success", "error", "timeout"] {
-                self.api_requests.remove(&ApiLabels {
-                    instance_id: id.clone(),
-                    endpoint: endpoint.label(),
-                    outcome,
-                });
-            }
             self.api_duration.remove(&EndpointLabels {
-                instance_id: id.clone(),
+                instance_id: instance_id.to_owned(),
                 endpoint: endpoint.label(),
             });
         }
         let labels = InstanceLabels {
-            instance_id: id.clone(),
+            instance_id: instance_id.to_owned(),
         };
-        self.client_errors.remove(&labels);
-        self.listeners_added.remove(&labels);
-        self.messages_processed.remove(&labels);
-        self.task_restarts.remove(&labels);
-        for reason in REMOVE_REASONS {
-            self.listeners_removed.remove(&ReasonLabels {
-                instance_id: id.clone(),
-                reason,
-            });
+        for family in self.instance_counters() {
+            family.remove(&labels);
         }
+        for labels in remove_label_sets(instance_id) {
+            self.listeners_removed.remove(&labels);
+        }
+    }
+
+    /// The counter families labelled by `instance_id` alone.
+    fn instance_counters(&self) -> [&Family<InstanceLabels, Counter>; 4] {
+        [
+            &self.client_errors,
+            &self.listeners_added,
+            &self.messages_processed,
+            &self.task_restarts,
+        ]
     }
 
     /// Total upstream calls made so far (the statistics' `api_calls_made`).
     pub fn api_calls_made(&self, instance_ids: &[String]) -> u64 {
-        let mut total = 0;
-        for id in instance_ids {
-            for endpoint in Endpoint::ALL {
-                for outcome in ["success", "error", "timeout"] {
-                    if let Some(counter) = self.api_requests.get(&ApiLabels {
-                        instance_id: id.clone(),
-                        endpoint: endpoint.label(),
-                        outcome,
-                    }) {
-                        total += counter.get();
-                    }
-                }
-            }
-        }
-        total
+        instance_ids
+            .iter()
+            .flat_map(|id| api_label_sets(id))
+            .filter_map(|labels| self.api_requests.get(&labels).map(|counter| counter.get()))
+            .sum()
     }
+}
+
+/// The closed set of `wxauto_api_requests_total` outcomes.
+pub const API_OUTCOMES: [&str; 3] = ["success", "error", "timeout"];
+
+/// Every `wxauto_api_requests_total` label set of one instance.
+fn api_label_sets(instance_id: &str) -> impl Iterator<Item = ApiLabels> + '_ {
+    Endpoint::ALL.into_iter().flat_map(move |endpoint| {
+        API_OUTCOMES.into_iter().map(move |outcome| ApiLabels {
+            instance_id: instance_id.to_owned(),
+            endpoint: endpoint.label(),
+            outcome,
+        })
+    })
+}
+
+/// Every `wxauto_listeners_removed_total` label set of one instance.
+fn remove_label_sets(instance_id: &str) -> impl Iterator<Item = ReasonLabels> + '_ {
+    REMOVE_REASONS.into_iter().map(move |reason| ReasonLabels {
+        instance_id: instance_id.to_owned(),
+        reason,
+    })
 }
 
 /// The closed set of `wxauto_listeners_removed_total` reasons.
@@ -311,3 +313,55 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
 
 /// A shared registry.
 pub type SharedRegistry = Arc<Registry>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_starts_at_zero_and_leaves_no_series_behind() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        metrics.init_instance("wx-a");
+        metrics.init_instance("wx-b");
+        metrics.observe_api_call("wx-a", "health", "success", Duration::from_millis(3));
+        let (text, _) = encode(&registry, false);
+        assert!(text.contains(
+            "wxauto_api_requests_total{instance_id=\"wx-a\",endpoint=\"send\",outcome=\"timeout\"} 0"
+        ));
+        assert!(
+            text.contains(
+                "wxauto_listeners_removed_total{instance_id=\"wx-a\",reason=\"config\"} 0"
+            )
+        );
+        assert!(text.contains("wxauto_api_request_duration_seconds_bucket{instance_id=\"wx-a\""));
+        assert_eq!(
+            metrics.api_calls_made(&["wx-a".to_owned(), "wx-b".to_owned()]),
+            1
+        );
+
+        metrics.remove_instance("wx-a");
+        let (text, _) = encode(&registry, false);
+        assert!(
+            !text.contains("\"wx-a\""),
+            "series of a removed instance remain"
+        );
+        assert!(text.contains("instance_id=\"wx-b\""));
+        // HELP lines end with exactly one period (the registry appends it).
+        assert!(
+            text.lines()
+                .filter(|line| line.starts_with("# HELP"))
+                .all(|line| !line.ends_with(".."))
+        );
+    }
+
+    #[test]
+    fn accept_header_negotiation() {
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        )));
+        assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(None));
+    }
+}
