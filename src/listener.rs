@@ -116,6 +116,9 @@ pub struct InstanceActor {
     chats: HashMap<String, Chat>,
     held: Vec<InboundMessage>,
     echoes: HashMap<String, VecDeque<(Instant, String)>>,
+    /// Checked between upstream calls (never during one: aborting a destructive listen/get
+    /// mid-flight could lose the messages it returns), so shutdown waits at most one call.
+    stopping: CancellationToken,
 }
 
 // === impl InstanceActor ===
@@ -155,12 +158,14 @@ impl InstanceActor {
             chats,
             held: Vec::new(),
             echoes: HashMap::new(),
+            stopping: CancellationToken::new(),
         })
     }
 
     /// Runs until `cancel` fires. Messages already taken from the instance are handed to the
     /// sink before it returns.
     pub async fn run(mut self, cancel: CancellationToken) {
+        self.stopping = cancel.clone();
         let id = self.instance.id.clone();
         tracing::info!(instance_id = %id, base_url = %self.instance.base_url, "Instance actor started.");
         let mut next_probe = Instant::now();
@@ -331,6 +336,9 @@ impl InstanceActor {
             .collect();
         names.sort();
         for name in names {
+            if self.stopping.is_cancelled() {
+                break;
+            }
             self.add_chat(&name).await?;
         }
         Ok(())
@@ -418,6 +426,9 @@ impl InstanceActor {
 
     async fn drain(&mut self, taken: &mut Vec<InboundMessage>) -> Result<(), WxautoError> {
         for _ in 0..MAX_MAIN_WINDOW_DRAIN {
+            if self.stopping.is_cancelled() {
+                return Ok(());
+            }
             match self.client.get_next_new().await {
                 Ok(batches) if batches.is_empty() => break,
                 Ok(batches) => {
@@ -434,6 +445,9 @@ impl InstanceActor {
         }
         let limit = (self.active_count() + 2).clamp(4, MAX_LISTEN_DRAIN);
         for _ in 0..limit {
+            if self.stopping.is_cancelled() {
+                return Ok(());
+            }
             match self.client.listen_get().await {
                 Ok(batches) if batches.is_empty() => break,
                 Ok(batches) => {
@@ -585,6 +599,9 @@ impl InstanceActor {
             .collect();
         idle.sort();
         for name in idle {
+            if self.stopping.is_cancelled() {
+                return Ok(());
+            }
             match self.client.listen_remove(&name).await {
                 Ok(()) => {}
                 Err(error) if error.is_instance_failure() => return Err(error),

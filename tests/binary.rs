@@ -197,3 +197,78 @@ fn the_shipped_example_configs_are_valid() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("WXAUTO_API_KEY"));
 }
+
+#[cfg(unix)]
+#[test]
+fn a_second_signal_aborts_a_slow_shutdown() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sim = runtime.block_on(start_sim("abort"));
+    // A hanging instance with a long request timeout: the graceful stop has to wait for the
+    // call in flight (it is never aborted, to protect destructive reads), so it is slow.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listener:\n  request_timeout: 60s\n  poll_interval: 100ms\ninstances:\n  - id: wx-hang\n    base_url: http://{}\n    api_key_env: ABORT_KEY\n",
+            sim.addr
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("ABORT_KEY", &sim.key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = http_client();
+    runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = http
+                .get(format!("http://127.0.0.1:{port}/-/ready"))
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == 200);
+            if ready
+                && sim.sim.snapshot().initialize_calls + sim.sim.snapshot().calls.len() as u64 > 0
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sidecar did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    sim.sim.set_fault(wxauto_sidecar::simulator::Fault::Hang);
+    // Wait until a call is hanging: the next probe or poll.
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = child.id().to_string();
+    let started = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still stopping gracefully"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "the second signal aborts");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
