@@ -309,3 +309,70 @@ async fn the_cap_counts_active_chats_and_keeps_messages() {
     );
     sidecar.stop().await;
 }
+
+/// A sink with a bug: it panics on the first batch, then works.
+struct PanicOnce {
+    inner: std::sync::Arc<CollectSink>,
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+impl wxauto_sidecar::message::MessageSink for PanicOnce {
+    fn accept(
+        &self,
+        messages: Vec<wxauto_sidecar::message::InboundMessage>,
+    ) -> wxauto_sidecar::message::BoxFuture<'_, Result<(), wxauto_sidecar::message::SinkError>>
+    {
+        if !self
+            .panicked
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("sink bug (test)");
+        }
+        self.inner.accept(messages)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_task_is_restarted_counted_and_recorded() {
+    let sim = start_sim("p").await;
+    let (text, env) = config_for(&[("wx-p", &sim)], "");
+    let collect = std::sync::Arc::new(CollectSink::default());
+    let sink = std::sync::Arc::new(PanicOnce {
+        inner: collect.clone(),
+        panicked: std::sync::atomic::AtomicBool::new(false),
+    });
+    let sidecar = start_sidecar_with_sink(text, env, false, sink, collect).await;
+    sim.sim.inject("gina", "gina", "triggers the bug");
+    eventually("actor restarted", DEADLINE, || async {
+        sidecar
+            .metric("wxauto_listener_task_restarts_total{instance_id=\"wx-p\"}")
+            .await
+            .filter(|restarts| *restarts == 1.0)
+    })
+    .await;
+    assert_eq!(
+        sidecar.metric("wxauto_listener_restarts_total").await,
+        Some(1.0)
+    );
+    let errors = sidecar.get_json("/api/v1/errors?limit=100").await;
+    assert!(
+        errors["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|error| error["error_type"] == "listener.task" && error["instance_id"] == "wx-p"),
+        "{errors}"
+    );
+    // The restarted actor works: new messages flow again.
+    sim.sim.inject("gina", "gina", "after the restart");
+    eventually("messages flow after the restart", DEADLINE, || async {
+        sidecar
+            .sink
+            .contents()
+            .contains(&"after the restart".to_owned())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(sidecar.metric("wxauto_listener_tasks").await, Some(1.0));
+    sidecar.stop().await;
+}

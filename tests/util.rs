@@ -162,16 +162,27 @@ pub async fn start_sidecar_with(
     env: Vec<(String, String)>,
     lifecycle: bool,
 ) -> Sidecar {
+    let sink = Arc::new(CollectSink::default());
+    start_sidecar_with_sink(text, env, lifecycle, sink.clone(), sink).await
+}
+
+/// Starts the sidecar with `sink` in front of the recording `collect` sink.
+pub async fn start_sidecar_with_sink(
+    text: String,
+    env: Vec<(String, String)>,
+    lifecycle: bool,
+    sink: Arc<dyn MessageSink>,
+    collect: Arc<CollectSink>,
+) -> Sidecar {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let loader = app::builtin_loader(text, env);
     let loaded = loader().expect("test config must be valid");
-    let sink = Arc::new(CollectSink::default());
     let options = RunOptions {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         enable_lifecycle: lifecycle,
         grace: Duration::from_secs(5),
         watch: false,
-        sink: Some(sink.clone()),
+        sink: Some(sink),
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -186,7 +197,7 @@ pub async fn start_sidecar_with(
     let addr = rx.await.expect("sidecar did not start");
     Sidecar {
         addr,
-        sink,
+        sink: collect,
         shutdown,
         handle,
         http: http_client(),
