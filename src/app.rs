@@ -204,9 +204,12 @@ pub async fn run(
         let handle = config::watch::spawn(
             files,
             config::watch::WatchOptions::default(),
-            on_change,
+            on_change.clone(),
             background.clone(),
         );
+        // The file may have changed between loading it and `spawn` hashing it, which no event
+        // or poll would report: reload once. An unchanged file makes this an uncounted no-op.
+        on_change();
         let path = path.to_owned();
         supervisor.subscribe(Box::new(move |config: &Arc<Config>, _: &ConfigDiff| {
             let mut files = vec![path.clone()];

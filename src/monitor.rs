@@ -501,8 +501,9 @@ impl Monitor {
 
     /// Adds or replaces an instance's published state, creating its series at 0.
     pub fn register_instance(&self, instance_id: &str, enabled: bool) {
-        self.metrics.init_instance(instance_id);
+        // Under the lock, so `drop_series_if_removed` never sees the series without the entry.
         let mut inner = self.lock();
+        self.metrics.init_instance(instance_id);
         inner
             .instances
             .entry(instance_id.to_owned())
@@ -528,6 +529,16 @@ impl Monitor {
     pub fn remove_instance(&self, instance_id: &str) {
         self.metrics.remove_instance(instance_id);
         self.lock().instances.remove(instance_id);
+    }
+
+    /// Drops the series of an instance that is not registered (any more). The supervisor calls
+    /// it once a stopped actor has really ended, since its last call may land after
+    /// `remove_instance`.
+    pub fn drop_series_if_removed(&self, instance_id: &str) {
+        let inner = self.lock();
+        if !inner.instances.contains_key(instance_id) {
+            self.metrics.remove_instance(instance_id);
+        }
     }
 
     /// Records a successful load or reload.

@@ -11,14 +11,16 @@ pub const ABORT_EXIT_CODE: i32 = 130;
 /// Spawns the signal listener. The first SIGTERM/SIGINT cancels `shutdown`; a second one ends
 /// the process at once. On unix, SIGHUP sends a reload to the supervisor.
 pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
+    // Installed before returning, not in the task: the caller reports ready next, and until a
+    // handler is installed SIGHUP's default action ends the process.
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(error) => {
+            tracing::warn!("Cannot listen for signals: {error}");
+            return;
+        }
+    };
     tokio::spawn(async move {
-        let mut signals = match Signals::new() {
-            Ok(signals) => signals,
-            Err(error) => {
-                tracing::warn!("Cannot listen for signals: {error}");
-                return;
-            }
-        };
         let mut received = 0u32;
         loop {
             match signals.next().await {

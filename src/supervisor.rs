@@ -390,6 +390,7 @@ impl Supervisor {
             .tracker
             .spawn(actor.run(cancel.clone()).instrument(span));
         let control = self.control.clone();
+        let monitor = Arc::clone(&self.monitor);
         let instance_id = instance.id.clone();
         let watched = cancel.clone();
         tokio::spawn(async move {
@@ -398,7 +399,12 @@ impl Supervisor {
                 Err(error) if error.is_panic() => "panicked".to_owned(),
                 Err(error) => format!("aborted: {error}"),
             };
-            if !watched.is_cancelled() {
+            if watched.is_cancelled() {
+                // A call in flight when the instance was removed returns after its series were
+                // dropped, and records into new ones: drop them again now that nothing of the
+                // actor runs (a no-op unless the instance is gone from the config).
+                monitor.drop_series_if_removed(&instance_id);
+            } else {
                 let _ = control
                     .send(Control::TaskExited {
                         instance_id,

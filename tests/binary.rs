@@ -6,16 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wxauto-sidecar");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn check_config_exit_codes_and_located_errors() {
     let dir = tempfile::tempdir().unwrap();

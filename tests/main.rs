@@ -5,4 +5,5 @@ mod util;
 mod binary;
 mod http;
 mod listener;
+mod reload;
 mod tidy;

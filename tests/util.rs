@@ -1,7 +1,10 @@
-//! Test harness: simulators and an in-process sidecar on `127.0.0.1:0`, plus polling helpers.
+//! Test harness: simulators, an in-process sidecar on `127.0.0.1:0`, the real binary on a
+//! config file, and polling helpers.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -223,3 +226,153 @@ where
 }
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The binary under test, built by cargo for this test run.
+pub const BIN: &str = env!("CARGO_BIN_EXE_wxauto-sidecar");
+
+/// A loopback port that was free a moment ago. Another process may take it before the binary
+/// binds it: `Binary::start` retries on that.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real binary serving a config file on `127.0.0.1:<free port>`.
+///
+/// It runs in `dir` (it writes `data/` under its working directory) with its stderr in a file
+/// there; dropping it kills the process, and prints the stderr when the test is failing.
+pub struct Binary {
+    child: Child,
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    stderr: PathBuf,
+}
+
+/// How a start attempt ended.
+enum Started {
+    Ready,
+    PortTaken,
+}
+
+impl Binary {
+    /// Starts `wxauto-sidecar --config <config> --listen <addr>` with the given environment and
+    /// waits until `/-/ready` answers 200. Config watcher events are logged at debug.
+    pub async fn start(dir: &Path, config: &Path, env: &[(String, String)]) -> Self {
+        for attempt in 0..3 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let stderr = dir.join(format!("sidecar-{attempt}.stderr"));
+            let file = std::fs::File::create(&stderr).unwrap();
+            let child = Command::new(BIN)
+                .current_dir(dir)
+                .arg("--config")
+                .arg(config)
+                .args(["--listen", &addr.to_string()])
+                .args(["--log-level", "info,wxauto_sidecar::config=debug"])
+                .env_remove("WXAUTO_SIDECAR_CONFIG")
+                .envs(env.iter().map(|(key, value)| (key, value)))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(file)
+                .spawn()
+                .unwrap();
+            let mut binary = Self {
+                child,
+                addr,
+                http: http_client(),
+                stderr,
+            };
+            match binary.wait_ready().await {
+                Started::Ready => return binary,
+                Started::PortTaken => continue,
+            }
+        }
+        panic!("the sidecar could not bind a free port in three attempts");
+    }
+
+    async fn wait_ready(&mut self) -> Started {
+        let start = tokio::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let stderr = self.stderr_text();
+                if status.code() == Some(2) && stderr.contains("cannot listen") {
+                    return Started::PortTaken;
+                }
+                panic!("the sidecar exited during startup ({status}):\n{stderr}");
+            }
+            if let Ok(response) = self.http.get(self.url("/-/ready")).send().await
+                && response.status() == 200
+            {
+                return Started::Ready;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the sidecar was not ready within {DEADLINE:?}:\n{}",
+                self.stderr_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `/metrics` as text; panics (showing the sidecar's stderr) if it cannot be scraped.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await;
+        match response {
+            Ok(response) if response.status() == 200 => response.text().await.unwrap(),
+            Ok(response) => panic!("/metrics answered {}", response.status()),
+            Err(error) => panic!("cannot scrape /metrics: {error}\n{}", self.stderr_text()),
+        }
+    }
+
+    /// Sends a request and returns the status and body.
+    pub async fn request(&self, method: reqwest::Method, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .request(method, self.url(path))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
+    /// Sends a signal with `kill(1)`, e.g. `"HUP"`.
+    #[cfg(unix)]
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = self.stderr_text();
+            let tail: Vec<&str> = text.lines().rev().take(80).collect();
+            eprintln!("--- sidecar stderr (last 80 lines) ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}

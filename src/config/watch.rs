@@ -190,6 +190,14 @@ impl Task {
         cancel: CancellationToken,
     ) {
         self.rearm().await;
+        // `spawn` hashed the files before the watch was armed; a change in between made no
+        // event (conventions §6, startup race).
+        if hash_files(&self.files)
+            .await
+            .is_some_and(|hash| hash != self.last_hash)
+        {
+            self.signal("changed while arming").await;
+        }
         // `interval` panics on a zero period.
         let period = self.options.poll_interval.max(MIN_POLL_INTERVAL);
         let mut poll = tokio::time::interval_at(Instant::now() + period, period);
@@ -359,7 +367,12 @@ type Built = (
 /// Creates a watcher for `dirs` and returns it with the directories it could not watch.
 fn build_watcher(tuning: Tuning, dirs: &[PathBuf], events: &EventSender) -> Built {
     let poll_watcher = || -> notify::Result<Box<dyn Watcher + Send>> {
-        let config = notify::Config::default().with_poll_interval(tuning.poll_watcher_interval);
+        // PollWatcher compares mtimes in whole seconds: two saves within one second (an editor's
+        // write then rename) would look unchanged. Comparing contents fixes that; it only scans
+        // the config's directory, and only when the native watcher is unavailable.
+        let config = notify::Config::default()
+            .with_poll_interval(tuning.poll_watcher_interval)
+            .with_compare_contents(true);
         Ok(Box::new(PollWatcher::new(forward(events), config)?))
     };
     let watcher = match tuning.backend {

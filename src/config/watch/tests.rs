@@ -296,6 +296,16 @@ impl Drop for Fixture {
 }
 
 #[tokio::test]
+async fn a_change_before_the_watch_is_armed_is_signalled() {
+    // A current-thread runtime: the watcher task has not run yet when the file changes, so no
+    // event reports the change and the poll is an hour away.
+    let mut fixture = Fixture::events_only();
+    let content = fixture.next_content();
+    std::fs::write(&fixture.file, content).expect("write");
+    assert!(fixture.signalled_after(0).await, "the change was missed");
+}
+
+#[tokio::test]
 async fn in_place_write_is_signalled() {
     let mut fixture = Fixture::events_only();
     let baseline = fixture.arm().await;
