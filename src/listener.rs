@@ -6,9 +6,9 @@
 
 pub mod filter;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
@@ -27,8 +27,6 @@ use crate::wxauto::{ChatBatch, Client, WxautoError};
 const MAX_MAIN_WINDOW_DRAIN: usize = 16;
 /// Upper bound of `listen/get` calls per poll (each returns at most one chat).
 const MAX_LISTEN_DRAIN: usize = 64;
-/// How long the text of a sent reply is remembered to recognise its echo.
-const ECHO_MEMORY: Duration = Duration::from_secs(120);
 /// Held messages beyond which the actor stops taking new ones until the sink recovers.
 const MAX_HELD: usize = 10_000;
 
@@ -115,7 +113,6 @@ pub struct InstanceActor {
     backoff: Backoff,
     chats: HashMap<String, Chat>,
     held: Vec<InboundMessage>,
-    echoes: HashMap<String, VecDeque<(Instant, String)>>,
     /// Checked between upstream calls (never during one: aborting a destructive listen/get
     /// mid-flight could lose the messages it returns), so shutdown waits at most one call.
     stopping: CancellationToken,
@@ -157,7 +154,6 @@ impl InstanceActor {
             last_check: None,
             chats,
             held: Vec::new(),
-            echoes: HashMap::new(),
             stopping: CancellationToken::new(),
         })
     }
@@ -417,14 +413,14 @@ impl InstanceActor {
                 return Ok(());
             }
         }
-        let mut taken = Vec::new();
-        let result = self.drain(&mut taken).await;
-        self.hand_over(taken).await;
-        result?;
+        self.drain().await?;
         self.expire_idle_chats().await
     }
 
-    async fn drain(&mut self, taken: &mut Vec<InboundMessage>) -> Result<(), WxautoError> {
+    /// Both reads are destructive, so the messages of each answer are handed to the sink (which
+    /// commits them) before the next request: a crash then loses at most the answer in flight,
+    /// not everything a drain has taken so far.
+    async fn drain(&mut self) -> Result<(), WxautoError> {
         for _ in 0..MAX_MAIN_WINDOW_DRAIN {
             if self.stopping.is_cancelled() {
                 return Ok(());
@@ -432,8 +428,18 @@ impl InstanceActor {
             match self.client.get_next_new().await {
                 Ok(batches) if batches.is_empty() => break,
                 Ok(batches) => {
-                    for batch in batches {
-                        self.take_main_window(batch, taken).await?;
+                    let mut taken = Vec::new();
+                    let chats: Vec<(String, u64)> = batches
+                        .iter()
+                        .map(|batch| (batch.chat.clone(), self.accept_batch(batch, &mut taken)))
+                        .collect();
+                    self.hand_over(taken).await;
+                    for (chat, count) in chats {
+                        self.listen_main_window_chat(chat, count).await?;
+                    }
+                    if !self.held.is_empty() {
+                        // The sink refused: leave the rest upstream until it recovers.
+                        return Ok(());
                     }
                 }
                 Err(error) if error.is_instance_failure() => return Err(error),
@@ -451,8 +457,13 @@ impl InstanceActor {
             match self.client.listen_get().await {
                 Ok(batches) if batches.is_empty() => break,
                 Ok(batches) => {
+                    let mut taken = Vec::new();
                     for batch in batches {
-                        self.take_listened(batch, taken);
+                        self.take_listened(batch, &mut taken);
+                    }
+                    self.hand_over(taken).await;
+                    if !self.held.is_empty() {
+                        return Ok(());
                     }
                 }
                 Err(error) if error.is_instance_failure() => return Err(error),
@@ -475,14 +486,13 @@ impl InstanceActor {
         );
     }
 
-    /// A chat seen in the main window: take its messages and make sure it is listened.
-    async fn take_main_window(
+    /// A chat seen in the main window, whose `count` messages were handed over: make sure it
+    /// is listened.
+    async fn listen_main_window_chat(
         &mut self,
-        batch: ChatBatch,
-        taken: &mut Vec<InboundMessage>,
+        name: String,
+        count: u64,
     ) -> Result<(), WxautoError> {
-        let count = self.accept_batch(&batch, taken);
-        let name = batch.chat;
         match self.chats.get(&name) {
             Some(chat) if chat.active => {
                 // Upstream lost the listener (or never had it): add it again.
@@ -529,36 +539,19 @@ impl InstanceActor {
         chat.touch(count);
     }
 
-    /// Filters a batch into `taken`; returns how many messages passed.
+    /// Filters a batch into `taken`; returns how many messages passed. Echoes of our replies
+    /// are the sink's to recognise (delivery's echo guard knows whom each reply answered): a
+    /// text match here would also drop a peer who repeats our words.
     fn accept_batch(&mut self, batch: &ChatBatch, taken: &mut Vec<InboundMessage>) -> u64 {
         let mut count = 0;
         for (ordinal, raw) in batch.messages.iter().enumerate() {
             let Ok(message) = filter::accept(&self.instance.id, &batch.chat, raw, ordinal) else {
                 continue;
             };
-            if self.is_echo(&batch.chat, &message.content) {
-                self.sink.record_drop(&self.instance.id, "echo");
-                continue;
-            }
             taken.push(message);
             count += 1;
         }
         count
-    }
-
-    fn is_echo(&mut self, chat: &str, content: &str) -> bool {
-        let Some(sent) = self.echoes.get_mut(chat) else {
-            return false;
-        };
-        let now = Instant::now();
-        sent.retain(|(at, _)| now.duration_since(*at) < ECHO_MEMORY);
-        match sent.iter().position(|(_, text)| text == content) {
-            Some(index) => {
-                sent.remove(index);
-                true
-            }
-            None => false,
-        }
     }
 
     /// Hands messages to the sink; on failure they are held and retried before the next poll.
@@ -653,11 +646,6 @@ impl InstanceActor {
         }
         match result {
             Ok(()) => {
-                let echoes = self.echoes.entry(reply.chat.clone()).or_default();
-                echoes.push_back((Instant::now(), reply.text.clone()));
-                if echoes.len() > 32 {
-                    echoes.pop_front();
-                }
                 if let Some(chat) = self.chats.get_mut(&reply.chat) {
                     chat.last_activity = Instant::now();
                 }

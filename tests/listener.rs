@@ -376,3 +376,82 @@ async fn a_panicking_task_is_restarted_counted_and_recorded() {
     assert_eq!(sidecar.metric("wxauto_listener_tasks").await, Some(1.0));
     sidecar.stop().await;
 }
+
+/// A sink whose store is unavailable for its first `failures` batches.
+struct FlakySink {
+    inner: std::sync::Arc<CollectSink>,
+    failures: std::sync::atomic::AtomicUsize,
+}
+
+impl wxauto_sidecar::message::MessageSink for FlakySink {
+    fn accept(
+        &self,
+        messages: Vec<wxauto_sidecar::message::InboundMessage>,
+    ) -> wxauto_sidecar::message::BoxFuture<'_, Result<(), wxauto_sidecar::message::SinkError>>
+    {
+        let failing = self
+            .failures
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |left| left.checked_sub(1),
+            )
+            .is_ok();
+        if failing {
+            return Box::pin(async {
+                Err(wxauto_sidecar::message::SinkError(
+                    "store unavailable (test)".to_owned(),
+                ))
+            });
+        }
+        self.inner.accept(messages)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_sink_holds_messages_and_loses_none() {
+    let sim = start_sim("s").await;
+    for i in 0..5 {
+        sim.sim.inject("hank", "hank", &format!("held {i}"));
+        sim.sim.inject("ivy", "ivy", &format!("held {i}"));
+    }
+    let (text, env) = config_for(&[("wx-s", &sim)], "");
+    let collect = std::sync::Arc::new(CollectSink::default());
+    let sink = std::sync::Arc::new(FlakySink {
+        inner: collect.clone(),
+        failures: std::sync::atomic::AtomicUsize::new(3),
+    });
+    let sidecar = start_sidecar_with_sink(text, env, false, sink, collect).await;
+    eventually(
+        "every message delivered once the sink recovers",
+        DEADLINE,
+        || async { (sidecar.sink.contents().len() == 10).then_some(()) },
+    )
+    .await;
+    let mut contents = sidecar.sink.contents();
+    contents.sort();
+    contents.dedup();
+    assert_eq!(
+        contents.len(),
+        5,
+        "five distinct texts, each from two chats"
+    );
+    let text = sidecar.metrics().await;
+    assert!(
+        metric_value(
+            &text,
+            "wxauto_errors_total{component=\"listener\",kind=\"storage\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "the sink failure is recorded"
+    );
+    // Counted once each, not once per retry.
+    assert_eq!(
+        metric_value(
+            &text,
+            "wxauto_messages_processed_total{instance_id=\"wx-s\"}"
+        ),
+        Some(10.0)
+    );
+    sidecar.stop().await;
+}

@@ -1,0 +1,1020 @@
+//! Delivery through the real binary: SIGKILL and restart at random moments, platform failures
+//! that retry or dead-letter, and replies back to the right chat, against simulators and a
+//! webhook receiver on loopback.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::serve::IncomingStream;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use wxauto_sidecar::simulator::{SimConfig, Simulator};
+
+use crate::util::{eventually, http_client};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wxauto-sidecar");
+
+// === the sidecar process ===
+
+/// The real binary in a tempdir of its own (it writes `data/` into its working directory),
+/// restartable on the same port, config and database. Dropping it kills the process, so a
+/// failed assertion never leaves a sidecar behind; a panicking test also prints its logs.
+struct Sidecar {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    port: u16,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Sidecar {
+    fn start(config: &str, env: Vec<(String, String)>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecar.yaml");
+        std::fs::write(&path, config).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut sidecar = Self {
+            dir,
+            config: path,
+            port,
+            env,
+            child: None,
+            starts: 0,
+        };
+        sidecar.spawn();
+        sidecar
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the previous process still runs");
+        let log = self.dir.path().join(format!("sidecar-{}.log", self.starts));
+        let log = File::create(log).unwrap();
+        let child = Command::new(BIN)
+            .current_dir(self.dir.path())
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.starts += 1;
+    }
+
+    /// SIGKILL (`Child::kill` is `kill -KILL <pid>` on Unix): no shutdown path runs.
+    #[cfg(unix)]
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("a running sidecar");
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "killed, not exited: {status}");
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The `/metrics` text, or `None` while the process is not (yet) serving.
+    async fn metrics(&self, http: &reqwest::Client) -> Option<String> {
+        let response = http.get(self.url("/metrics")).send().await.ok()?;
+        response.text().await.ok()
+    }
+
+    fn logs(&self) -> String {
+        let mut logs = String::new();
+        for start in 0..self.starts {
+            let path = self.dir.path().join(format!("sidecar-{start}.log"));
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            logs.push_str(&format!("--- sidecar run {start} (last 40 lines) ---\n"));
+            logs.push_str(&tail.join("\n"));
+            logs.push('\n');
+        }
+        logs
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// The value of the first series of `name` whose labels include every pair of `labels`.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let ours = (rest.is_empty() || rest.starts_with('{'))
+                && labels
+                    .iter()
+                    .all(|(label, want)| rest.contains(&format!("{label}=\"{want}\"")));
+            ours.then(|| value.parse().ok()).flatten()
+        })
+}
+
+// === simulators that record what they hand out ===
+
+/// A simulator whose every API answer is logged with the connection it went out on and the
+/// contents of the messages it carried (the destructive reads hand messages over exactly once).
+struct RecordedSim {
+    sim: Simulator,
+    name: String,
+    instance_id: String,
+    addr: SocketAddr,
+    key: String,
+    served: Arc<Mutex<Vec<Served>>>,
+    _stop: DropGuard,
+}
+
+/// One wxauto API answer (read by the Unix-only kill test).
+#[cfg_attr(not(unix), allow(dead_code))]
+struct Served {
+    conn: u64,
+    contents: Vec<String>,
+}
+
+/// A process-wide serial number per accepted connection: unlike a peer address, it can never
+/// be shared by a killed sidecar and its successor.
+#[derive(Clone, Copy)]
+struct ConnId(u64);
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
+
+impl Connected<IncomingStream<'_, TcpListener>> for ConnId {
+    fn connect_info(_stream: IncomingStream<'_, TcpListener>) -> Self {
+        ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+async fn start_sim(name: &str, instance_id: &str) -> RecordedSim {
+    let key = format!("key-{name}-0123456789");
+    let sim = Simulator::new(SimConfig {
+        api_key: key.clone(),
+        name: name.to_owned(),
+        flaky: false,
+    });
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let app = sim.router().layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&served),
+        record_answer,
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<ConnId>(),
+        )
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    });
+    RecordedSim {
+        sim,
+        name: name.to_owned(),
+        instance_id: instance_id.to_owned(),
+        addr,
+        key,
+        served,
+        _stop: stop.drop_guard(),
+    }
+}
+
+/// Logs the answer before it is sent, so it is in the log before the client can make its next
+/// request on that connection.
+async fn record_answer(
+    State(served): State<Arc<Mutex<Vec<Served>>>>,
+    ConnectInfo(ConnId(conn)): ConnectInfo<ConnId>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let api = request.uri().path().starts_with("/api/");
+    let response = next.run(request).await;
+    if !api {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let contents = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|answer| answer["data"]["messages"].as_object().cloned())
+        .into_iter()
+        .flat_map(|chats| chats.into_iter().map(|(_, messages)| messages))
+        .filter_map(|messages| messages.as_array().cloned())
+        .flatten()
+        .filter_map(|message| message["content"].as_str().map(str::to_owned))
+        .collect();
+    served.lock().unwrap().push(Served { conn, contents });
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+impl RecordedSim {
+    /// The replies this instance received, as (chat, text).
+    fn sent(&self) -> Vec<(String, String)> {
+        self.sim
+            .snapshot()
+            .sent
+            .into_iter()
+            .map(|sent| (sent.who, sent.message))
+            .collect()
+    }
+}
+
+// === the webhook receiver ===
+
+/// What the receiver answers to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// 200 `{"reply": "ack <content>"}`.
+    Reply,
+    /// 204, no reply.
+    Empty,
+    /// This status with a plain-text body.
+    Status(u16),
+    /// Sleep this long (past the platform timeout), then `Reply`.
+    Late(Duration),
+}
+
+/// Decides the answer from the message content and how many requests carried its key so far
+/// (1 for the first).
+type Script = Arc<dyn Fn(&str, usize) -> Answer + Send + Sync>;
+
+/// One request the receiver got, recorded on arrival.
+#[derive(Clone, Debug)]
+struct Hit {
+    key: String,
+    content_type: String,
+    body: Value,
+    answer: Answer,
+    at: Instant,
+}
+
+impl Hit {
+    fn content(&self) -> &str {
+        self.body["content"].as_str().unwrap_or_default()
+    }
+
+    fn attempt(&self) -> u64 {
+        self.body["attempt"].as_u64().unwrap_or_default()
+    }
+}
+
+struct HookState {
+    hits: Mutex<Vec<Hit>>,
+    script: Script,
+}
+
+struct Hook {
+    url: String,
+    state: Arc<HookState>,
+    _stop: DropGuard,
+}
+
+async fn start_hook(script: Script) -> Hook {
+    let state = Arc::new(HookState {
+        hits: Mutex::new(Vec::new()),
+        script,
+    });
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(Arc::clone(&state));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    });
+    Hook {
+        url: format!("http://{addr}/hook"),
+        state,
+        _stop: stop.drop_guard(),
+    }
+}
+
+async fn receive(State(state): State<Arc<HookState>>, headers: HeaderMap, body: Bytes) -> Response {
+    // A request cut short by a kill is not a delivery.
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let key = header("idempotency-key");
+    let content = body["content"].as_str().unwrap_or_default().to_owned();
+    let answer = {
+        let mut hits = state.hits.lock().unwrap();
+        let nth = 1 + hits.iter().filter(|hit| hit.key == key).count();
+        let answer = (state.script)(&content, nth);
+        hits.push(Hit {
+            key,
+            content_type: header("content-type"),
+            body,
+            answer,
+            at: Instant::now(),
+        });
+        answer
+    };
+    let reply = || axum::Json(json!({ "reply": format!("ack {content}") })).into_response();
+    match answer {
+        Answer::Reply => reply(),
+        Answer::Empty => StatusCode::NO_CONTENT.into_response(),
+        Answer::Status(code) => {
+            (StatusCode::from_u16(code).unwrap(), "scripted failure").into_response()
+        }
+        Answer::Late(delay) => {
+            tokio::time::sleep(delay).await;
+            reply()
+        }
+    }
+}
+
+impl Hook {
+    fn hits(&self) -> Vec<Hit> {
+        self.state.hits.lock().unwrap().clone()
+    }
+
+    fn hits_for(&self, content: &str) -> Vec<Hit> {
+        self.hits()
+            .into_iter()
+            .filter(|hit| hit.content() == content)
+            .collect()
+    }
+}
+
+// === configuration ===
+
+/// A config for the simulators and the receiver, with fast listener intervals; `delivery` is
+/// the verbatim `delivery:` section and `timeout` the webhook platform's.
+fn config(
+    sims: &[&RecordedSim],
+    hook: &Hook,
+    timeout: &str,
+    delivery: &str,
+) -> (String, Vec<(String, String)>) {
+    let mut text = String::from(
+        "listener:\n  poll_interval: 100ms\n  health_check_interval: 300ms\n  \
+         request_timeout: 2s\n  backoff: { initial: 100ms, max: 400ms }\n",
+    );
+    text.push_str("instances:\n");
+    let mut env = Vec::new();
+    for sim in sims {
+        let var = format!("DELIVERY_TEST_KEY_{}", sim.name.to_uppercase());
+        text.push_str(&format!(
+            "  - id: {}\n    base_url: http://{}\n    api_key_env: {var}\n",
+            sim.instance_id, sim.addr
+        ));
+        env.push((var, sim.key.clone()));
+    }
+    text.push_str(&format!(
+        "platforms:\n  - id: hook\n    type: webhook\n    url: {}\n    timeout: {timeout}\n",
+        hook.url
+    ));
+    text.push_str(
+        "rules:\n  - id: everything\n    instance: \"*\"\n    chat: \"*\"\n    platform: hook\n",
+    );
+    text.push_str(delivery);
+    // Relative to the sidecar's working directory, its tempdir.
+    text.push_str("storage:\n  path: data/delivery-test.db\n");
+    (text, env)
+}
+
+// === platform failures ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_failures_retry_or_dead_letter() {
+    let slow = Arc::new(AtomicBool::new(true));
+    let script: Script = {
+        let slow = Arc::clone(&slow);
+        Arc::new(move |content, nth| match content {
+            "slow" if slow.load(Ordering::SeqCst) => Answer::Late(Duration::from_secs(3)),
+            "e500" if nth <= 2 => Answer::Status(500),
+            "e429" if nth <= 2 => Answer::Status(429),
+            "e408" if nth <= 1 => Answer::Status(408),
+            "e408" => Answer::Empty,
+            "e400" => Answer::Status(400),
+            _ => Answer::Reply,
+        })
+    };
+    let sim = start_sim("f", "wx-f").await;
+    let hook = start_hook(script).await;
+    let (text, env) = config(
+        &[&sim],
+        &hook,
+        "1s",
+        "delivery:\n  workers: 4\n  max_attempts: 8\n  \
+         backoff: { initial: 100ms, max: 300ms }\n  attempt_timeout: 5s\n",
+    );
+    let http = http_client();
+    let sidecar = Sidecar::start(&text, env);
+    // One chat each, so that a message waiting for its retry holds back nothing else; the
+    // second message of `e400` shows that a dead message does not block its chat either.
+    for content in ["slow", "e500", "e429", "e408", "e400", "e400 after"] {
+        let chat = content.split(' ').next().unwrap();
+        sim.sim.inject(chat, chat, content);
+    }
+
+    eventually(
+        "the slow platform timed out and was retried",
+        Duration::from_secs(15),
+        || async { (hook.hits_for("slow").len() >= 2).then_some(()) },
+    )
+    .await;
+    slow.store(false, Ordering::SeqCst);
+    let metrics = eventually("every message settled", Duration::from_secs(20), || async {
+        let sent = sim.sent();
+        let replied = ["slow", "e500", "e429", "e400 after"]
+            .iter()
+            .all(|content| {
+                sent.iter()
+                    .any(|(_, text)| *text == format!("ack {content}"))
+            });
+        let metrics = sidecar.metrics(&http).await?;
+        let settled = series(&metrics, "wxauto_messages_pending", &[]) == Some(0.0);
+        (replied && settled).then_some(metrics)
+    })
+    .await;
+
+    for content in ["slow", "e500", "e429", "e408", "e400", "e400 after"] {
+        let hits = hook.hits_for(content);
+        let first = &hits[0];
+        let mut same = first.body.clone();
+        same["attempt"] = Value::Null;
+        let fields: BTreeSet<&str> = first
+            .body
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            fields,
+            BTreeSet::from([
+                "instance_id",
+                "chat",
+                "sender",
+                "content",
+                "message_id",
+                "mtype",
+                "received_at",
+                "attempt"
+            ]),
+            "CONTRACT §7 body"
+        );
+        assert_eq!(first.body["mtype"], Value::Null);
+        let received_at = first.body["received_at"].as_str().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(received_at).is_ok(),
+            "{received_at}"
+        );
+        let expected_key = format!("wx-f:{}", first.body["message_id"].as_str().unwrap());
+        for (n, hit) in hits.iter().enumerate() {
+            assert_eq!(hit.content_type, "application/json");
+            assert_eq!(hit.key, expected_key, "{content}: the key is stable");
+            // `attempt` counts from 1 and is the only field that changes.
+            assert_eq!(hit.attempt(), n as u64 + 1, "{content}: attempt");
+            let mut body = hit.body.clone();
+            body["attempt"] = Value::Null;
+            assert_eq!(body, same, "{content}: the body is stable");
+        }
+    }
+    let attempts = |content: &str| hook.hits_for(content).len();
+    assert_eq!(attempts("e500"), 3, "500 twice, then delivered");
+    assert_eq!(attempts("e429"), 3, "429 twice, then delivered");
+    assert_eq!(attempts("e408"), 2, "408 once, then 204");
+    assert_eq!(attempts("e400"), 1, "400 is dead at once");
+    assert_eq!(attempts("e400 after"), 1);
+    let slow_hits = hook.hits_for("slow");
+    let (last, timed_out) = slow_hits.split_last().unwrap();
+    assert!(timed_out.len() >= 2, "{slow_hits:?}");
+    assert!(
+        timed_out
+            .iter()
+            .all(|hit| matches!(hit.answer, Answer::Late(_))),
+        "{slow_hits:?}"
+    );
+    assert_eq!(last.answer, Answer::Reply);
+
+    // Replies: one per delivered message with a reply; none for 204 or the dead message.
+    let sent = sim.sent();
+    for content in ["slow", "e500", "e429", "e400 after"] {
+        let chat = content.split(' ').next().unwrap();
+        let reply = format!("ack {content}");
+        let copies = sent.iter().filter(|(_, text)| *text == reply).count();
+        assert_eq!(copies, 1, "{reply:?} sent once: {sent:?}");
+        assert!(sent.contains(&(chat.to_owned(), reply)), "{sent:?}");
+    }
+    assert_eq!(
+        sent.len(),
+        4,
+        "no reply for 204 or a dead message: {sent:?}"
+    );
+
+    let value = |name: &str, labels: &[(&str, &str)]| series(&metrics, name, labels);
+    let outcome = |outcome: &str| {
+        value(
+            "wxauto_deliveries_total",
+            &[("platform", "hook"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(value("wxauto_messages_dead", &[]), Some(1.0));
+    assert_eq!(outcome("dead"), Some(1.0));
+    assert_eq!(outcome("success"), Some(5.0));
+    let retries = timed_out.len() + 2 + 2 + 1;
+    assert_eq!(outcome("retry"), Some(retries as f64));
+    let timeouts = value(
+        "wxauto_errors_total",
+        &[("component", "delivery"), ("kind", "timeout")],
+    );
+    assert!(timeouts >= Some(timed_out.len() as f64), "{timeouts:?}");
+    let statuses = value(
+        "wxauto_errors_total",
+        &[("component", "delivery"), ("kind", "http_status")],
+    );
+    assert_eq!(statuses, Some(6.0), "500 ×2, 429 ×2, 408, 400");
+}
+
+// === replies and echoes ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_go_to_the_right_chat_and_echo_is_ignored() {
+    // `end …` markers get a 204: no reply, so no echo after them.
+    let script: Script = Arc::new(|content, _| {
+        if content.starts_with("end ") {
+            Answer::Empty
+        } else {
+            Answer::Reply
+        }
+    });
+    let sim = start_sim("r", "wx-r").await;
+    let hook = start_hook(script).await;
+    let (text, env) = config(
+        &[&sim],
+        &hook,
+        "2s",
+        "delivery:\n  workers: 4\n  max_attempts: 5\n  \
+         backoff: { initial: 100ms, max: 300ms }\n  attempt_timeout: 5s\n",
+    );
+    let http = http_client();
+    let sidecar = Sidecar::start(&text, env);
+    let settled = || async {
+        let metrics = sidecar.metrics(&http).await?;
+        (series(&metrics, "wxauto_messages_pending", &[]) == Some(0.0)).then_some(metrics)
+    };
+
+    // A private chat (the sender is the chat) and a group.
+    sim.sim.inject("alice", "alice", "hi alice");
+    sim.sim.inject("team", "bob", "hi team");
+    eventually("both replies sent", Duration::from_secs(15), || async {
+        let sent = sim.sent();
+        let want = [("alice", "ack hi alice"), ("team", "ack hi team")];
+        want.iter()
+            .all(|(who, text)| sent.contains(&((*who).to_owned(), (*text).to_owned())))
+            .then_some(())
+    })
+    .await;
+    // Both rows delivered: the replies are remembered for the echo guard.
+    eventually("replies recorded", Duration::from_secs(10), settled).await;
+    let snapshot = sim.sim.snapshot();
+    assert!(
+        snapshot
+            .sent
+            .iter()
+            .all(|sent| sent.at_list.is_empty() && !sent.typing),
+        "{:?}",
+        snapshot.sent
+    );
+
+    // The simulator already queued its self-echo of each reply (type "self") in the listen
+    // window. Now the group shows our reply again as a normal message from our own account
+    // (an echo), and the people we answered repeat our words (messages, not echoes).
+    sim.sim.inject_message(
+        "team",
+        json!({"type": "friend", "sender": "MyBot", "content": "ack hi team"}),
+    );
+    sim.sim.inject("team", "bob", "ack hi team");
+    sim.sim.inject("alice", "alice", "ack hi alice");
+    // Markers: a chat is delivered in order, so once its marker arrived, everything queued
+    // before it in that chat has been seen and decided.
+    sim.sim.inject("team", "bob", "end team");
+    sim.sim.inject("alice", "alice", "end alice");
+    eventually("markers delivered", Duration::from_secs(15), || async {
+        let contents: Vec<String> = hook
+            .hits()
+            .iter()
+            .map(|hit| hit.content().to_owned())
+            .collect();
+        (contents.contains(&"end team".to_owned()) && contents.contains(&"end alice".to_owned()))
+            .then_some(())
+    })
+    .await;
+    let metrics = eventually("all settled", Duration::from_secs(10), settled).await;
+
+    let mut delivered: Vec<(String, String, String)> = hook
+        .hits()
+        .iter()
+        .map(|hit| {
+            (
+                hit.body["chat"].as_str().unwrap_or_default().to_owned(),
+                hit.body["sender"].as_str().unwrap_or_default().to_owned(),
+                hit.content().to_owned(),
+            )
+        })
+        .collect();
+    delivered.sort();
+    let expected = |rows: &[(&str, &str, &str)]| -> Vec<(String, String, String)> {
+        rows.iter()
+            .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        delivered,
+        expected(&[
+            ("alice", "alice", "ack hi alice"),
+            ("alice", "alice", "end alice"),
+            ("alice", "alice", "hi alice"),
+            ("team", "bob", "ack hi team"),
+            ("team", "bob", "end team"),
+            ("team", "bob", "hi team"),
+        ]),
+        "each message exactly once; no echo delivered"
+    );
+    let mut sent = sim.sent();
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![
+            ("alice".to_owned(), "ack ack hi alice".to_owned()),
+            ("alice".to_owned(), "ack hi alice".to_owned()),
+            ("team".to_owned(), "ack ack hi team".to_owned()),
+            ("team".to_owned(), "ack hi team".to_owned()),
+        ],
+        "each reply once, to its own chat"
+    );
+    assert_eq!(
+        series(
+            &metrics,
+            "wxauto_messages_dropped_total",
+            &[("instance_id", "wx-r"), ("reason", "echo")]
+        ),
+        Some(1.0),
+        "the group echo is counted"
+    );
+}
+
+// === kill and restart ===
+
+/// SIGKILL is Unix; the rest of this file runs everywhere.
+#[cfg(unix)]
+mod kill {
+    use std::collections::{BTreeMap, HashMap, HashSet};
+
+    use super::*;
+
+    /// Messages handed out in the last answer of a connection. The sidecar commits what one answer
+    /// gave it before it makes its next request to that instance, so only these can have been in
+    /// flight when a process died; every other answer was provably committed.
+    fn unconfirmed(sim: &RecordedSim) -> HashSet<String> {
+        let mut last: HashMap<u64, &[String]> = HashMap::new();
+        let served = sim.served.lock().unwrap();
+        for answer in served.iter() {
+            last.insert(answer.conn, &answer.contents);
+        }
+        last.values()
+            .flat_map(|contents| contents.iter().cloned())
+            .collect()
+    }
+
+    /// One message of the kill test's stream.
+    struct Planned {
+        sim: usize,
+        chat: &'static str,
+        sender: &'static str,
+        content: String,
+        gap: Duration,
+    }
+
+    /// When a process was killed and when its successor was started.
+    #[derive(Debug, Clone, Copy)]
+    struct KillWindow {
+        killed: Instant,
+        restarted: Instant,
+    }
+
+    /// Chats of each simulator, with their senders: a private chat's only sender is the chat.
+    const CHATS: [(&str, &[&str]); 4] = [
+        ("alice", &["alice"]),
+        ("bob", &["bob"]),
+        ("team-1", &["carol", "dave"]),
+        ("team-2", &["erin", "frank"]),
+    ];
+
+    /// `instance/content` of the planned messages `filter` selects, for a failure report.
+    fn describe(plan: &[Planned], sims: &[RecordedSim], filter: impl Fn(&str) -> bool) -> String {
+        plan.iter()
+            .filter(|planned| filter(&planned.content))
+            .map(|planned| format!("{}/{}", sims[planned.sim].instance_id, planned.content))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kill_and_restart_loses_nothing() {
+        const MESSAGES: usize = 200;
+        const WORKERS: usize = 4;
+        /// Between a kill and the restart: a supervisor's restart delay. It also separates the
+        /// requests of the dead process (all in the receiver before the restart) from the new
+        /// one's.
+        const RESTART_DELAY: Duration = Duration::from_millis(100);
+
+        let seed = std::env::var("DELIVERY_KILL_SEED")
+            .ok()
+            .and_then(|seed| seed.parse().ok())
+            .unwrap_or_else(|| fastrand::u64(..));
+        // The kills fall into the ~3 s of injection, at random gaps. More of them make the rare
+        // windows likely: DELIVERY_KILLS=15 found a lost-message bug that 3 kills hit only now
+        // and then.
+        let kills_wanted: u64 = std::env::var("DELIVERY_KILLS")
+            .ok()
+            .and_then(|kills| kills.parse().ok())
+            .filter(|kills| *kills > 0)
+            .unwrap_or(3);
+        let max_gap = 3000 / kills_wanted;
+        eprintln!("kill test seed {seed} (set DELIVERY_KILL_SEED to replay the schedule)");
+        let mut rng = fastrand::Rng::with_seed(seed);
+
+        let sims = vec![start_sim("a", "wx-a").await, start_sim("b", "wx-b").await];
+        let hook = start_hook(Arc::new(|_, _| Answer::Reply)).await;
+        // No platform timeout can fire here, so every duplicate must come from a kill.
+        let delivery = format!(
+            "delivery:\n  workers: {WORKERS}\n  max_attempts: 50\n  \
+             backoff: {{ initial: 50ms, max: 250ms }}\n  attempt_timeout: 20s\n"
+        );
+        let (text, env) = config(&[&sims[0], &sims[1]], &hook, "10s", &delivery);
+        let http = http_client();
+        let started = Instant::now();
+        let mut sidecar = Sidecar::start(&text, env);
+
+        let plan: Vec<Planned> = (0..MESSAGES)
+            .map(|n| {
+                let sim = rng.usize(..sims.len());
+                let (chat, senders) = CHATS[rng.usize(..CHATS.len())];
+                Planned {
+                    sim,
+                    chat,
+                    sender: senders[rng.usize(..senders.len())],
+                    content: format!("{}/{chat}/{n:03}", sims[sim].name),
+                    gap: Duration::from_millis(rng.u64(5..26)),
+                }
+            })
+            .collect();
+        let injector = {
+            let targets: Vec<Simulator> = sims.iter().map(|sim| sim.sim.clone()).collect();
+            let stream: Vec<(usize, &str, &str, String, Duration)> = plan
+                .iter()
+                .map(|p| (p.sim, p.chat, p.sender, p.content.clone(), p.gap))
+                .collect();
+            tokio::spawn(async move {
+                for (sim, chat, sender, content, gap) in stream {
+                    targets[sim].inject(chat, sender, &content);
+                    tokio::time::sleep(gap).await;
+                }
+            })
+        };
+
+        let mut kills = Vec::new();
+        for _ in 0..kills_wanted {
+            tokio::time::sleep(Duration::from_millis(rng.u64(max_gap / 5..max_gap))).await;
+            let killed = Instant::now();
+            sidecar.kill();
+            tokio::time::sleep(RESTART_DELAY).await;
+            let restarted = Instant::now();
+            sidecar.spawn();
+            kills.push(KillWindow { killed, restarted });
+        }
+        injector.await.unwrap();
+        let injected = started.elapsed();
+
+        // Done when every message reached the receiver and its reply reached its chat; or when the
+        // only missing ones are messages a dead process had just taken, and all is quiet (nothing
+        // pending upstream or in the store, twice in a row).
+        let by_content: HashMap<&str, &Planned> = plan
+            .iter()
+            .map(|planned| (planned.content.as_str(), planned))
+            .collect();
+        let answered = |planned: &Planned, sent: &[Vec<(String, String)>]| {
+            let reply = format!("ack {}", planned.content);
+            sent[planned.sim]
+                .iter()
+                .any(|(who, text)| who == planned.chat && *text == reply)
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut quiet_before = false;
+        let lost: BTreeSet<String> = loop {
+            let delivered: HashSet<String> = hook
+                .hits()
+                .iter()
+                .map(|hit| hit.content().to_owned())
+                .collect();
+            let sent: Vec<Vec<(String, String)>> = sims.iter().map(RecordedSim::sent).collect();
+            let missing: BTreeSet<String> = plan
+                .iter()
+                .filter(|planned| !delivered.contains(&planned.content))
+                .map(|planned| planned.content.clone())
+                .collect();
+            let unanswered = plan
+                .iter()
+                .filter(|planned| delivered.contains(&planned.content) && !answered(planned, &sent))
+                .count();
+            if missing.is_empty() && unanswered == 0 {
+                break missing;
+            }
+            let unconfirmed: HashSet<String> = sims.iter().flat_map(unconfirmed).collect();
+            let upstream_empty = sims.iter().all(|sim| {
+                let snapshot = sim.sim.snapshot();
+                snapshot.pending_main.is_empty() && snapshot.pending_listen.is_empty()
+            });
+            let store_empty = match sidecar.metrics(&http).await {
+                Some(text) => series(&text, "wxauto_messages_pending", &[]) == Some(0.0),
+                None => false,
+            };
+            let quiet = upstream_empty
+                && store_empty
+                && unanswered == 0
+                && missing.iter().all(|content| unconfirmed.contains(content));
+            if quiet && quiet_before {
+                break missing;
+            }
+            quiet_before = quiet;
+            if Instant::now() > deadline {
+                let proven =
+                    |content: &str| missing.contains(content) && !unconfirmed.contains(content);
+                panic!(
+                    "after 30 s: {} message(s) never delivered ({}), of which lost although the \
+                     sidecar had provably taken them and moved on: [{}]; {unanswered} delivered \
+                     message(s) without their reply; seed {seed}",
+                    missing.len(),
+                    describe(&plan, &sims, |content| missing.contains(content)),
+                    describe(&plan, &sims, proven),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let settled = started.elapsed();
+
+        // Every delivery carries the right, stable key and the message it was taken from.
+        let hits = hook.hits();
+        let mut per_content: BTreeMap<&str, Vec<&Hit>> = BTreeMap::new();
+        for hit in &hits {
+            let planned = by_content
+                .get(hit.content())
+                .unwrap_or_else(|| panic!("delivered something never injected: {:?}", hit.body));
+            let sim = &sims[planned.sim];
+            assert_eq!(hit.content_type, "application/json");
+            assert_eq!(hit.body["instance_id"], sim.instance_id.as_str());
+            assert_eq!(hit.body["chat"], planned.chat);
+            assert_eq!(hit.body["sender"], planned.sender);
+            let message_id = hit.body["message_id"].as_str().unwrap_or_default();
+            assert!(
+                message_id.starts_with(&format!("sim-{}-", sim.name)),
+                "{message_id}"
+            );
+            assert_eq!(hit.key, format!("{}:{message_id}", sim.instance_id));
+            per_content
+                .entry(planned.content.as_str())
+                .or_default()
+                .push(hit);
+        }
+        let mut keys = HashSet::new();
+        let mut duplicates = 0;
+        for (content, deliveries) in &per_content {
+            let first = deliveries[0];
+            assert!(
+                keys.insert(first.key.clone()),
+                "two messages share {}",
+                first.key
+            );
+            for pair in deliveries.windows(2) {
+                let (before, after) = (pair[0], pair[1]);
+                assert_eq!(before.key, after.key, "{content}: the key changed");
+                assert!(
+                    after.attempt() > before.attempt(),
+                    "{content}: attempt {} after {}",
+                    after.attempt(),
+                    before.attempt()
+                );
+                // The earlier delivery is the dead process's (in before its successor started),
+                // the later one is a successor's (after the kill).
+                assert!(
+                    kills
+                        .iter()
+                        .any(|kill| before.at <= kill.restarted && after.at >= kill.killed),
+                    "{content} delivered twice with no kill in between (attempts {} and {})",
+                    before.attempt(),
+                    after.attempt()
+                );
+                duplicates += 1;
+            }
+        }
+
+        // Replies went to the chat of the message they answer, on its own instance.
+        let mut reply_duplicates = 0;
+        for (index, sim) in sims.iter().enumerate() {
+            let mut seen = HashSet::new();
+            for (who, text) in sim.sent() {
+                let content = text.strip_prefix("ack ").unwrap_or(&text);
+                let planned = by_content
+                    .get(content)
+                    .unwrap_or_else(|| panic!("{}: unexpected reply {text:?}", sim.instance_id));
+                assert_eq!(planned.sim, index, "{text:?} went to the wrong instance");
+                assert_eq!(who, planned.chat, "{text:?} went to the wrong chat");
+                if !seen.insert(text.clone()) {
+                    reply_duplicates += 1;
+                }
+            }
+            for (chat, _) in CHATS {
+                let expected = plan.iter().any(|planned| {
+                    planned.sim == index && planned.chat == chat && !lost.contains(&planned.content)
+                });
+                let got = sim.sent().iter().any(|(who, _)| who == chat);
+                assert_eq!(got, expected, "{}: replies to {chat}", sim.instance_id);
+            }
+        }
+
+        // The true bound: a worker claims one row at a time (one atomic UPDATE), so a kill
+        // leaves at most WORKERS rows `delivering` (or `replying`); the next start puts exactly
+        // those back in the queue, and each is delivered (or its reply sent) once more. A
+        // platform timeout, the only other source of duplicates, cannot fire against this
+        // receiver. Hence at most WORKERS duplicates per kill, of deliveries and of replies each.
+        let bound = kills.len() * WORKERS;
+        assert!(
+            duplicates <= bound,
+            "{duplicates} duplicate deliveries, more than {bound}"
+        );
+        assert!(
+            reply_duplicates <= bound,
+            "{reply_duplicates} duplicate replies, more than {bound}"
+        );
+        // The last restart may be only moments old.
+        let metrics = eventually("the last sidecar serves", Duration::from_secs(10), || {
+            sidecar.metrics(&http)
+        })
+        .await;
+        assert_eq!(series(&metrics, "wxauto_messages_dead", &[]), Some(0.0));
+        let unconfirmed: usize = sims.iter().map(|sim| unconfirmed(sim).len()).sum();
+        eprintln!(
+            "kill test: {MESSAGES} messages, {} kills at {:?} ms, {} deliveries, {duplicates} \
+             duplicate(s) (bound {bound}), {reply_duplicates} duplicate repl(ies), {} lost in \
+             flight at a kill {:?} (of {unconfirmed} unconfirmed at the end), injected in \
+             {injected:?}, settled in {settled:?}, seed {seed}",
+            kills.len(),
+            kills
+                .iter()
+                .map(|kill| kill.killed.duration_since(started).as_millis())
+                .collect::<Vec<_>>(),
+            hits.len(),
+            lost.len(),
+            lost,
+        );
+    }
+}
