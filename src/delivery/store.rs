@@ -464,6 +464,28 @@ impl Store {
         .await
     }
 
+    /// Puts a `replying` row back to `reply_pending` without counting the attempt: the
+    /// instance is down, so the reply waits for it instead of using up its budget.
+    pub(crate) async fn mark_waiting_for_instance(
+        &self,
+        id: i64,
+        next_attempt_ms: i64,
+        note: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let changed = conn.execute(
+                "UPDATE messages SET state = 'reply_pending', \
+                 reply_attempts = MAX(reply_attempts - 1, 0), next_attempt_ms = ?2, \
+                 last_error = ?3, claimed_ms = NULL, updated_ms = ?4 \
+                 WHERE id = ?1 AND state = 'replying'",
+                params![id, next_attempt_ms, note, now_ms()],
+            )?;
+            expect_one(changed, id, "mark_waiting_for_instance");
+            Ok(())
+        })
+        .await
+    }
+
     /// Gives up on a claimed row: → `dead`. Dead rows are kept (not pruned) for inspection
     /// and no longer block their chat.
     pub(crate) async fn mark_dead(&self, id: i64, error: String) -> Result<(), StoreError> {

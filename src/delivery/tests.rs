@@ -1124,9 +1124,10 @@ async fn failed_replies_are_retried_without_calling_the_platform_again() {
     assert_eq!(harness.replies.calls.load(Ordering::SeqCst), 3);
     assert_eq!(harness.replies.sent().len(), 1);
     let metrics = harness.metrics();
+    // Waiting for a down instance is not a failed reply; the HTTP 500 is.
     assert!(has_line(
         &metrics,
-        r#"wxauto_replies_total{instance_id="wx1",outcome="error"} 2"#
+        r#"wxauto_replies_total{instance_id="wx1",outcome="error"} 1"#
     ));
     assert!(has_line(
         &metrics,
@@ -1135,6 +1136,34 @@ async fn failed_replies_are_retried_without_calling_the_platform_again() {
     assert!(has_line(
         &metrics,
         r#"wxauto_deliveries_total{platform="hook",outcome="success"} 1"#
+    ));
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_instance_does_not_use_up_reply_attempts() {
+    let server = Server::start(vec![Step::Json(200, json!({"reply": "hi"}))]).await;
+    // Two attempts only, but the instance is down for five tries: the reply must wait.
+    let harness = Harness::start(
+        &delivery_config(1, 2),
+        routing(&[rule("r", "hook")], &[webhook("hook", &server.url)]),
+    )
+    .await;
+    harness
+        .replies
+        .failures
+        .lock()
+        .expect("lock")
+        .extend((0..5).map(|_| ReplyError::InstanceDown("wx1".to_owned())));
+    harness.accept(vec![msg("a", "a", "m1", "x")]).await;
+    harness.wait_state("m1", "delivered").await;
+    assert_eq!(server.count(), 1, "the platform is called once");
+    assert_eq!(harness.replies.calls.load(Ordering::SeqCst), 6);
+    assert_eq!(harness.replies.sent().len(), 1);
+    let metrics = harness.metrics();
+    assert!(has_line(
+        &metrics,
+        r#"wxauto_replies_total{instance_id="wx1",outcome="error"} 0"#
     ));
     harness.stop().await;
 }

@@ -206,24 +206,44 @@ async fn send_reply(inner: &Inner, job: Job) {
         at,
         mode: job.reply_mode,
     };
-    let result =
-        match tokio::time::timeout(config.attempt_timeout, inner.replies.send_reply(reply)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => {
-                let kind = match &err {
-                    ReplyError::NoInstance(_) | ReplyError::InstanceDown(_) => ErrorKind::Connect,
-                    ReplyError::Upstream(_) => ErrorKind::ApiCode,
-                };
-                Err((kind, err.to_string()))
-            }
-            Err(_) => Err((
-                ErrorKind::Timeout,
-                format!(
-                    "no answer within {}",
-                    humantime::format_duration(config.attempt_timeout)
-                ),
-            )),
-        };
+    let result = match tokio::time::timeout(config.attempt_timeout, inner.replies.send_reply(reply))
+        .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(ReplyError::InstanceDown(instance))) => {
+            // WeChat restarts take minutes; the listener already recorded the outage once.
+            // Wait for the instance without spending the reply's attempts or adding errors.
+            let wait = config
+                .backoff
+                .initial
+                .max(Duration::from_secs(1))
+                .min(config.backoff.max);
+            tracing::debug!(instance_id = %instance, "Reply waits for its instance to come back.");
+            let next = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(1000);
+            let note = format!("waiting for instance {instance} to come back");
+            persist(inner, || {
+                inner
+                    .store
+                    .mark_waiting_for_instance(job.id, next, note.clone())
+            })
+            .await;
+            return;
+        }
+        Ok(Err(err)) => {
+            let kind = match &err {
+                ReplyError::NoInstance(_) | ReplyError::InstanceDown(_) => ErrorKind::Connect,
+                ReplyError::Upstream(_) => ErrorKind::ApiCode,
+            };
+            Err((kind, err.to_string()))
+        }
+        Err(_) => Err((
+            ErrorKind::Timeout,
+            format!(
+                "no answer within {}",
+                humantime::format_duration(config.attempt_timeout)
+            ),
+        )),
+    };
     match result {
         Ok(()) => {
             inner.metrics.reply(&msg.instance_id, "success");
