@@ -3,7 +3,7 @@
 //! `Delivery::sink()` commits routed messages to SQLite before the listener forgets them;
 //! a bounded pool of workers claims rows atomically, delivers them, retries with capped
 //! exponential backoff, and sends replies back through the `ReplySender`. See
-//! `docs/delivery.md` for the guarantees.
+//! the README's "Delivery" section for the guarantees.
 
 mod metrics;
 mod platforms;

@@ -169,6 +169,8 @@ fn the_shipped_example_configs_are_valid() {
         .args(["check-config", "--config"])
         .arg(root.join("examples/config.yaml"))
         .env("WXAUTO_API_KEY", "example-key-123")
+        .env("OPENAI_API_KEY", "example-openai-key")
+        .env("DIFY_API_KEY", "example-dify-key")
         .output()
         .unwrap();
     assert_eq!(
@@ -182,6 +184,8 @@ fn the_shipped_example_configs_are_valid() {
         .args(["check-config", "--config"])
         .arg(root.join("examples/config.yaml"))
         .env_remove("WXAUTO_API_KEY")
+        .env("OPENAI_API_KEY", "example-openai-key")
+        .env("DIFY_API_KEY", "example-dify-key")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
