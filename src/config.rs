@@ -110,6 +110,25 @@ pub struct InstanceConfig {
     pub enabled: bool,
 }
 
+impl InstanceConfig {
+    /// `base_url` safe to log: credentials in the URL (`user:pass@`) become `****@`.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.base_url)
+    }
+}
+
+/// Replaces any `user:password@` part of a URL with `****@`.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            let _ = parsed.set_password(None);
+            let _ = parsed.set_username("****");
+            parsed.to_string().trim_end_matches('/').to_owned()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Where a secret was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
@@ -410,4 +429,19 @@ pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_credentials_for_display() {
+        assert_eq!(
+            redact_url("http://admin:hunter2@10.0.0.5:5000"),
+            "http://****@10.0.0.5:5000"
+        );
+        assert_eq!(redact_url("http://10.0.0.5:5000"), "http://10.0.0.5:5000");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
 }

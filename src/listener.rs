@@ -163,7 +163,7 @@ impl InstanceActor {
     pub async fn run(mut self, cancel: CancellationToken) {
         self.stopping = cancel.clone();
         let id = self.instance.id.clone();
-        tracing::info!(instance_id = %id, base_url = %self.instance.base_url, "Instance actor started.");
+        tracing::info!(instance_id = %id, base_url = %self.instance.display_url(), "Instance actor started.");
         let mut next_probe = Instant::now();
         let mut next_poll = Instant::now();
         self.publish();

@@ -200,7 +200,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("instance_id", &self.instance_id)
-            .field("base_url", &self.base_url)
+            .field("base_url", &crate::config::redact_url(&self.base_url))
             .field("api_key", &self.api_key)
             .finish()
     }
