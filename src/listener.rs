@@ -116,6 +116,8 @@ pub struct InstanceActor {
     /// Checked between upstream calls (never during one: aborting a destructive listen/get
     /// mid-flight could lose the messages it returns), so shutdown waits at most one call.
     stopping: CancellationToken,
+    /// The current outage already recorded its one error.
+    outage_recorded: bool,
 }
 
 // === impl InstanceActor ===
@@ -155,6 +157,7 @@ impl InstanceActor {
             chats,
             held: Vec::new(),
             stopping: CancellationToken::new(),
+            outage_recorded: false,
         })
     }
 
@@ -288,6 +291,7 @@ impl InstanceActor {
             self.publish();
             self.restore_chats().await?;
             self.connectivity = Connectivity::Up;
+            self.outage_recorded = false;
             self.backoff.reset();
             match was {
                 Connectivity::Unknown => {
@@ -389,7 +393,11 @@ impl InstanceActor {
     /// Marks the instance down. Only the transition records an error; retries of a known-down
     /// instance show in `wxauto_api_requests_total` alone.
     fn go_down(&mut self, message: &str, kind: ErrorKind) {
-        if self.connectivity != Connectivity::Down {
+        // `Recovering` after `Down` is still the same outage: a probe that passes while the
+        // re-adds fail (a rejected key, where only /api/health is unauthenticated) must not
+        // record an error per retry.
+        if !self.outage_recorded {
+            self.outage_recorded = true;
             self.monitor.record_error(
                 Component::Client,
                 kind,

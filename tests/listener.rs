@@ -455,3 +455,55 @@ async fn a_failing_sink_holds_messages_and_loses_none() {
     );
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_key_is_one_error_per_outage_not_per_retry() {
+    let sim = start_sim("k").await;
+    // Someone with the right key initialised WeChat; /api/health is unauthenticated upstream,
+    // so our probe passes and only the authenticated re-add fails, cycle after cycle.
+    let (text, env) = config_for(&[("wx-k", &sim)], "");
+    let first = start_sidecar(text, env).await;
+    eventually("initialised by the right key", DEADLINE, || async {
+        sim.sim.snapshot().initialized.then_some(())
+    })
+    .await;
+    first.stop().await;
+
+    let (text, _) = config_for(&[("wx-k", &sim)], "fixed_listeners:\n  - chat: ops\n");
+    let env = vec![("KEY_WX_K".to_owned(), "a-wrong-key-123".to_owned())];
+    let sidecar = start_sidecar(text, env).await;
+    let adds_before = sim
+        .sim
+        .snapshot()
+        .calls
+        .get("POST /api/message/listen/add")
+        .copied()
+        .unwrap_or(0);
+    eventually("several rejected retries", DEADLINE, || async {
+        let adds = sim
+            .sim
+            .snapshot()
+            .calls
+            .get("POST /api/message/listen/add")
+            .copied()
+            .unwrap_or(0);
+        (adds >= adds_before + 4).then_some(())
+    })
+    .await;
+    let errors = sidecar.get_json("/api/v1/errors?limit=100").await;
+    let recorded: Vec<_> = errors["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|error| error["instance_id"] == "wx-k")
+        .collect();
+    assert_eq!(recorded.len(), 1, "one error for the outage: {recorded:?}");
+    assert_eq!(recorded[0]["kind"], "auth");
+    assert_eq!(
+        sidecar
+            .metric("wxauto_client_up{instance_id=\"wx-k\"}")
+            .await,
+        Some(0.0)
+    );
+    sidecar.stop().await;
+}
