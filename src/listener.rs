@@ -123,7 +123,9 @@ pub struct InstanceActor {
 // === impl InstanceActor ===
 
 impl InstanceActor {
-    /// Builds an actor; `commands` is the receiving end of its command channel.
+    /// Builds an actor; `commands` is the receiving end of its command channel. `seed` is the
+    /// chat table a predecessor published (after a restart or crash): those chats are re-added
+    /// on the first connection and keep their idle timers.
     pub fn new(
         instance: InstanceConfig,
         settings: ActorSettings,
@@ -131,6 +133,7 @@ impl InstanceActor {
         monitor: Arc<Monitor>,
         sink: Arc<dyn MessageSink>,
         commands: mpsc::Receiver<InstanceCommand>,
+        seed: Vec<(String, ChatState)>,
     ) -> Result<Self, reqwest::Error> {
         let client = Client::new(
             &instance.id,
@@ -139,9 +142,14 @@ impl InstanceActor {
             settings.listener.request_timeout,
             metrics,
         )?;
-        let mut chats = HashMap::new();
+        let mut chats: HashMap<String, Chat> = seed
+            .iter()
+            .map(|(name, state)| (name.clone(), Chat::restored(state)))
+            .collect();
         for chat in &settings.fixed_chats {
-            chats.insert(chat.clone(), Chat::new(true));
+            let entry = chats.entry(chat.clone()).or_insert_with(|| Chat::new(true));
+            entry.fixed = true;
+            entry.active = true;
         }
         Ok(Self {
             backoff: Backoff::new(settings.listener.backoff),
@@ -351,9 +359,11 @@ impl InstanceActor {
             Ok(()) => {
                 if let Some(chat) = self.chats.get_mut(name) {
                     chat.active = true;
-                    chat.last_activity = Instant::now();
                     if !chat.announced {
+                        // New or reactivated: its idle timer starts now. A re-add after a
+                        // recovery or restart keeps the timer it had.
                         chat.announced = true;
+                        chat.last_activity = Instant::now();
                         self.monitor.record_listener_added(&self.instance.id, "");
                     }
                 }
@@ -569,6 +579,13 @@ impl InstanceActor {
         }
         self.monitor
             .record_messages(&self.instance.id, taken.len() as u64);
+        // One line per upstream answer (one chat): ids and counts, never the text.
+        tracing::info!(
+            instance_id = %self.instance.id,
+            chat = %taken[0].chat,
+            messages = taken.len(),
+            "Messages taken from the instance."
+        );
         self.held.extend(taken);
         self.flush_held().await;
     }
@@ -701,6 +718,29 @@ impl InstanceActor {
 }
 
 impl Chat {
+    /// A chat as a previous actor left it. Fixed-ness comes from the current settings.
+    fn restored(state: &ChatState) -> Self {
+        let now = SystemTime::now();
+        let last_message = state.last_message_time.map(|seconds| {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds.max(0.0))
+        });
+        let idle = last_message
+            .and_then(|at| now.duration_since(at).ok())
+            .unwrap_or_default();
+        Self {
+            active: state.active,
+            fixed: false,
+            announced: true,
+            last_activity: Instant::now()
+                .checked_sub(idle)
+                .unwrap_or_else(Instant::now),
+            last_message,
+            last_check: now,
+            message_count: state.message_count,
+            error_count: state.error_count,
+        }
+    }
+
     fn touch(&mut self, messages: u64) {
         self.last_check = SystemTime::now();
         if messages > 0 {

@@ -525,6 +525,21 @@ impl Monitor {
         inner.instances.insert(state.instance_id.clone(), state);
     }
 
+    /// The chats an instance's last actor published, to seed its successor.
+    pub fn chats_of(&self, instance_id: &str) -> Vec<(String, ChatState)> {
+        self.lock()
+            .instances
+            .get(instance_id)
+            .map(|state| {
+                state
+                    .chats
+                    .iter()
+                    .map(|(name, chat)| (name.clone(), chat.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Forgets a removed instance: its JSON rows and every metric series disappear.
     pub fn remove_instance(&self, instance_id: &str) {
         self.metrics.remove_instance(instance_id);

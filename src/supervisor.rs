@@ -362,6 +362,7 @@ impl Supervisor {
             Arc::clone(&self.monitor),
             Arc::clone(&self.sink),
             receiver,
+            self.monitor.chats_of(&instance.id),
         ) {
             Ok(actor) => actor,
             Err(error) => {

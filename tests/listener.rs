@@ -507,3 +507,49 @@ async fn a_rejected_key_is_one_error_per_outage_not_per_retry() {
     );
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_chat_table_and_re_adds_upstream() {
+    let sim = start_sim("r").await;
+    let (text, env) = config_for(&[("wx-r", &sim)], "");
+    let sidecar = start_sidecar_with(text, env, true).await;
+    sim.sim.inject("jack", "jack", "one");
+    sim.sim.inject("kate", "kate", "two");
+    eventually("both chats listened", DEADLINE, || async {
+        (adds(&sim, "jack") == 1 && adds(&sim, "kate") == 1).then_some(())
+    })
+    .await;
+    let response = sidecar
+        .http
+        .post(sidecar.url("/api/v1/restart"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The new actors start from the old table: both chats are re-added upstream on the first
+    // connection (a restored listener, not a new one), and stay in the JSON.
+    eventually("chats re-added after the restart", DEADLINE, || async {
+        (adds(&sim, "jack") == 2 && adds(&sim, "kate") == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        sidecar
+            .metric("wxauto_listeners_added_total{instance_id=\"wx-r\"}")
+            .await,
+        Some(2.0),
+        "a restored chat is not counted as added again"
+    );
+    let listeners = sidecar.get_json("/api/v1/listeners").await;
+    assert_eq!(listeners["total_count"], 2, "{listeners}");
+    assert_eq!(listeners["active_count"], 2);
+    sim.sim.inject("jack", "jack", "three");
+    eventually("messages still flow", DEADLINE, || async {
+        sidecar
+            .sink
+            .contents()
+            .contains(&"three".to_owned())
+            .then_some(())
+    })
+    .await;
+    sidecar.stop().await;
+}
