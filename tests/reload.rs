@@ -589,3 +589,45 @@ async fn reload_unchanged_content_is_not_counted() {
     assert_eq!(value(&metrics, RELOADS), reloads + 1.0);
     assert_eq!(footprint(&a), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_fixed_listeners_are_added_and_removed_live() {
+    let a = start_sim("a").await;
+    let files = files();
+    let (text, env) = config_for(&[("wx-a", &a)], FIXED_ALL);
+    write_in_place(&files.config, &text);
+    let binary = Binary::start(files.dir.path(), &files.config, &env).await;
+    wait_up(&binary, &a, "wx-a").await;
+    let before = footprint(&a);
+
+    // A new fixed chat is listened without restarting the instance.
+    let with_ops = format!("{FIXED_ALL}  - chat: ops\n");
+    let (text, _) = config_for(&[("wx-a", &a)], &with_ops);
+    write_by_rename(&files.config, &text);
+    eventually("ops listened", DEADLINE, || async {
+        (adds(&a, "ops") == 1).then_some(())
+    })
+    .await;
+
+    // Removing it from the config removes it upstream, counted with reason "config".
+    let (text, _) = config_for(&[("wx-a", &a)], FIXED_ALL);
+    write_by_rename(&files.config, &text);
+    wait_for(&binary, "ops removed for the config", |text| {
+        metric_value(
+            text,
+            "wxauto_listeners_removed_total{instance_id=\"wx-a\",reason=\"config\"}",
+        ) == Some(1.0)
+    })
+    .await;
+    let log = a.sim.snapshot().listen_log;
+    assert!(
+        log.iter()
+            .any(|event| event.action == ListenAction::Remove && event.nickname == "ops")
+    );
+    assert!(
+        !log.iter()
+            .any(|event| event.action == ListenAction::Remove && event.nickname == FIXED_CHAT),
+        "the remaining fixed chat stays"
+    );
+    assert_eq!(footprint(&a), before, "wx-a was not restarted");
+}
