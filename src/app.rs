@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub grace: Duration,
     /// Watch the config file (off for built-in configs).
     pub watch: bool,
+    /// Watch by scanning instead of filesystem events (`--watch poll`).
+    pub watch_poll: bool,
     /// Where messages go instead of the default (embedding and tests).
     pub sink: Option<Arc<dyn MessageSink>>,
 }
@@ -49,6 +51,7 @@ impl RunOptions {
             enable_lifecycle: false,
             grace: DEFAULT_GRACE,
             watch: true,
+            watch_poll: false,
             sink: None,
         }
     }
@@ -203,7 +206,10 @@ pub async fn run(
         files.extend(config.source.referenced_files.iter().cloned());
         let handle = config::watch::spawn(
             files,
-            config::watch::WatchOptions::default(),
+            config::watch::WatchOptions {
+                poll_only: options.watch_poll,
+                ..config::watch::WatchOptions::default()
+            },
             on_change.clone(),
             background.clone(),
         );

@@ -110,8 +110,10 @@ impl Write for DailyFile {
 pub fn init(level: &str, file: Option<&LoggingConfig>) -> io::Result<LogGuard> {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
+    // Colours only for a terminal: redirected stderr (systemd, files, CI) stays plain text.
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .with_target(false);
     let (file_layer, guard) = match file {
         Some(logging) => {

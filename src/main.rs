@@ -84,6 +84,17 @@ struct RunArgs {
     /// Allow POST /-/reload, /api/v1/reload and /api/v1/restart.
     #[arg(long)]
     enable_lifecycle: bool,
+    /// How to watch the config file: `native` filesystem events (with a scan fallback), or
+    /// `poll` (scan every 2 s) for network drives, WSL paths and filesystems without events.
+    #[arg(long, value_enum, default_value_t = WatchMode::Native)]
+    watch: WatchMode,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum WatchMode {
+    #[default]
+    Native,
+    Poll,
 }
 
 fn main() -> ExitCode {
@@ -172,6 +183,7 @@ async fn run(args: RunArgs) -> ExitCode {
     let options = RunOptions {
         listen: args.listen,
         enable_lifecycle: args.enable_lifecycle,
+        watch_poll: args.watch == WatchMode::Poll,
         ..RunOptions::new()
     };
     serve(loaded, loader, options).await

@@ -631,3 +631,26 @@ async fn reload_fixed_listeners_are_added_and_removed_live() {
     );
     assert_eq!(footprint(&a), before, "wx-a was not restarted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_with_watch_poll_sees_edits_without_filesystem_events() {
+    let (a, b) = (start_sim("a").await, start_sim("b").await);
+    let files = files();
+    let (both, env) = config_for(&[("wx-a", &a), ("wx-b", &b)], FIXED_ALL);
+    let (only_a, _) = config_for(&[("wx-a", &a)], FIXED_ALL);
+    write_in_place(&files.config, &only_a);
+    let binary =
+        Binary::start_with_args(files.dir.path(), &files.config, &env, &["--watch", "poll"]).await;
+    wait_up(&binary, &a, "wx-a").await;
+    let started = binary.stderr_text();
+    assert!(
+        started
+            .lines()
+            .any(|line| line.contains("Watching the configuration") && line.contains("poll")),
+        "the poll watcher is in use:\n{started}"
+    );
+    write_by_rename(&files.config, &both);
+    wait_up(&binary, &b, "wx-b").await;
+    let metrics = binary.metrics().await;
+    assert_eq!(value(&metrics, RELOADS), 1.0);
+}

@@ -185,6 +185,7 @@ pub async fn start_sidecar_with_sink(
         enable_lifecycle: lifecycle,
         grace: Duration::from_secs(5),
         watch: false,
+        watch_poll: false,
         sink: Some(sink),
     };
     let shutdown = CancellationToken::new();
@@ -261,6 +262,16 @@ impl Binary {
     /// Starts `wxauto-sidecar --config <config> --listen <addr>` with the given environment and
     /// waits until `/-/ready` answers 200. Config watcher events are logged at debug.
     pub async fn start(dir: &Path, config: &Path, env: &[(String, String)]) -> Self {
+        Self::start_with_args(dir, config, env, &[]).await
+    }
+
+    /// `start` with extra command-line arguments.
+    pub async fn start_with_args(
+        dir: &Path,
+        config: &Path,
+        env: &[(String, String)],
+        args: &[&str],
+    ) -> Self {
         for attempt in 0..3 {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let stderr = dir.join(format!("sidecar-{attempt}.stderr"));
@@ -271,6 +282,7 @@ impl Binary {
                 .arg(config)
                 .args(["--listen", &addr.to_string()])
                 .args(["--log-level", "info,wxauto_sidecar::config=debug"])
+                .args(args)
                 .env_remove("WXAUTO_SIDECAR_CONFIG")
                 .envs(env.iter().map(|(key, value)| (key, value)))
                 .stdin(Stdio::null())
@@ -357,7 +369,7 @@ impl Binary {
         assert!(status.success(), "kill -{name} failed");
     }
 
-    fn stderr_text(&self) -> String {
+    pub fn stderr_text(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 }

@@ -40,6 +40,9 @@ pub struct WatchOptions {
     pub debounce: Duration,
     /// Period of the content-hash poll that catches changes without events (default 30s).
     pub poll_interval: Duration,
+    /// Scan the directory instead of using the platform's events (`--watch poll`): for network
+    /// drives, WSL paths and filesystems that deliver no events.
+    pub poll_only: bool,
 }
 
 impl Default for WatchOptions {
@@ -47,6 +50,7 @@ impl Default for WatchOptions {
         Self {
             debounce: Duration::from_millis(500),
             poll_interval: Duration::from_secs(30),
+            poll_only: false,
         }
     }
 }
@@ -81,7 +85,20 @@ pub fn spawn(
     on_change: Arc<dyn Fn() + Send + Sync>,
     cancel: CancellationToken,
 ) -> WatchHandle {
-    spawn_with(files, options, Tuning::default(), on_change, cancel).0
+    tracing::info!(
+        mode = if options.poll_only { "poll" } else { "native" },
+        files = files.len(),
+        "Watching the configuration."
+    );
+    let tuning = Tuning {
+        backend: if options.poll_only {
+            Backend::Poll
+        } else {
+            Backend::Native
+        },
+        ..Tuning::default()
+    };
+    spawn_with(files, options, tuning, on_change, cancel).0
 }
 
 /// Where filesystem events come from.
@@ -91,7 +108,6 @@ enum Backend {
     /// created or runs out of watches.
     Native,
     /// notify's `PollWatcher` only.
-    #[cfg_attr(not(test), allow(dead_code))]
     Poll,
     /// No event source at all: only the hash poll (tests of the poll fallback).
     #[cfg_attr(not(test), allow(dead_code))]

@@ -219,6 +219,7 @@ impl Fixture {
             WatchOptions {
                 debounce: DEBOUNCE,
                 poll_interval: Duration::from_secs(3600),
+                poll_only: false,
             },
         )
     }
@@ -363,6 +364,7 @@ async fn configmap_data_swap_is_signalled() {
     let options = WatchOptions {
         debounce: DEBOUNCE,
         poll_interval: Duration::from_secs(3600),
+        poll_only: false,
     };
     let mut fixture = Fixture::start_on(dir, vec![file.clone()], file, Backend::Native, options);
 
@@ -419,6 +421,7 @@ async fn hash_poll_sees_changes_without_any_events() {
             // Irrelevant here: no event ever arrives.
             debounce: Duration::from_secs(3600),
             poll_interval: Duration::from_millis(50),
+            poll_only: false,
         },
     );
     let content = fixture.next_content();
@@ -440,6 +443,7 @@ async fn poll_watcher_backend_sees_changes() {
         WatchOptions {
             debounce: DEBOUNCE,
             poll_interval: Duration::from_secs(3600),
+            poll_only: false,
         },
     );
     let baseline = fixture.arm().await;
@@ -488,6 +492,7 @@ async fn a_watcher_error_recreates_it_and_signals_once() {
         WatchOptions {
             debounce: DEBOUNCE,
             poll_interval: Duration::from_secs(3600),
+            poll_only: false,
         },
     );
     // Errors in a row, as a failing watcher reports them: one recreation, one signal.
