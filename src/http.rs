@@ -157,7 +157,9 @@ async fn healthy() -> &'static str {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::SeqCst) {
+    // Ready means: the config is loaded (we are serving), shutdown has not begun, and the
+    // listener service runs (it is briefly stopped during POST /api/v1/restart).
+    if state.ready.load(Ordering::SeqCst) && state.monitor.is_running() {
         (StatusCode::OK, "Ready.\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "Not ready.\n").into_response()

@@ -494,6 +494,11 @@ impl Monitor {
         self.lock().running = false;
     }
 
+    /// Whether the listener service runs (cheap; for readiness).
+    pub fn is_running(&self) -> bool {
+        self.lock().running
+    }
+
     /// Sets the number of live supervised tasks.
     pub fn set_tasks(&self, tasks: usize) {
         self.lock().tasks = tasks;
