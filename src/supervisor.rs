@@ -92,12 +92,33 @@ pub type ConfigLoader = Box<dyn Fn() -> Result<Loaded, ConfigErrors> + Send + Sy
 pub type ConfigSubscriber = Box<dyn Fn(&Arc<Config>, &ConfigDiff) + Send + Sync>;
 
 /// How the supervisor reaches the actors to send replies; implements `ReplySender`.
+///
+/// An enabled instance whose actor is not running yet (start-up, a crash-restart backoff)
+/// answers `InstanceDown`, so the reply waits; only an instance the config does not have
+/// answers `NoInstance`, which spends the reply's attempts.
 #[derive(Debug, Default)]
 pub struct ReplyRouter {
     senders: RwLock<HashMap<String, mpsc::Sender<InstanceCommand>>>,
+    enabled: RwLock<std::collections::HashSet<String>>,
 }
 
 impl ReplyRouter {
+    /// Sets which instances the active config enables.
+    pub fn set_enabled(&self, ids: impl IntoIterator<Item = String>) {
+        let mut enabled = match self.enabled.write() {
+            Ok(enabled) => enabled,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *enabled = ids.into_iter().collect();
+    }
+
+    fn is_enabled(&self, instance_id: &str) -> bool {
+        match self.enabled.read() {
+            Ok(enabled) => enabled.contains(instance_id),
+            Err(poisoned) => poisoned.into_inner().contains(instance_id),
+        }
+    }
+
     fn set(&self, instance_id: &str, sender: Option<mpsc::Sender<InstanceCommand>>) {
         let mut senders = match self.senders.write() {
             Ok(senders) => senders,
@@ -122,9 +143,13 @@ impl ReplySender for ReplyRouter {
     fn send_reply(&self, reply: Reply) -> BoxFuture<'_, Result<(), ReplyError>> {
         Box::pin(async move {
             let id = reply.instance_id.clone();
-            let sender = self
-                .get(&id)
-                .ok_or_else(|| ReplyError::NoInstance(id.clone()))?;
+            let sender = self.get(&id).ok_or_else(|| {
+                if self.is_enabled(&id) {
+                    ReplyError::InstanceDown(id.clone())
+                } else {
+                    ReplyError::NoInstance(id.clone())
+                }
+            })?;
             let (respond, answer) = oneshot::channel();
             sender
                 .send(InstanceCommand::Reply { reply, respond })
@@ -181,6 +206,11 @@ impl Supervisor {
         control: mpsc::Sender<Control>,
         grace: Duration,
     ) -> Self {
+        replies.set_enabled(
+            config
+                .enabled_instances()
+                .map(|instance| instance.id.clone()),
+        );
         Self {
             config,
             loader,
@@ -481,6 +511,8 @@ impl Supervisor {
         }
         let diff = ConfigDiff::between(&self.config, &new);
         let old = std::mem::replace(&mut self.config, Arc::clone(&new));
+        self.replies
+            .set_enabled(new.enabled_instances().map(|instance| instance.id.clone()));
         self.apply(&old, &diff);
         for subscriber in &self.subscribers {
             subscriber(&new, &diff);
@@ -543,5 +575,49 @@ impl Supervisor {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SendMode;
+
+    fn reply(instance_id: &str) -> Reply {
+        Reply {
+            instance_id: instance_id.to_owned(),
+            chat: "alice".to_owned(),
+            text: "hi".to_owned(),
+            at: Vec::new(),
+            mode: SendMode::Normal,
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_wait_for_enabled_instances_and_fail_for_unknown_ones() {
+        let router = ReplyRouter::default();
+        router.set_enabled(["wx-a".to_owned()]);
+        // Enabled but its actor is not registered yet: wait (no attempt spent).
+        assert_eq!(
+            router.send_reply(reply("wx-a")).await,
+            Err(ReplyError::InstanceDown("wx-a".to_owned()))
+        );
+        // Not in the config: give up eventually.
+        assert_eq!(
+            router.send_reply(reply("wx-gone")).await,
+            Err(ReplyError::NoInstance("wx-gone".to_owned()))
+        );
+        // A registered actor gets the command.
+        let (sender, mut receiver) = mpsc::channel(1);
+        router.set("wx-a", Some(sender));
+        let send = tokio::spawn(async move { router.send_reply(reply("wx-a")).await });
+        match receiver.recv().await {
+            Some(InstanceCommand::Reply { reply, respond }) => {
+                assert_eq!(reply.chat, "alice");
+                let _ = respond.send(Ok(()));
+            }
+            other => panic!("unexpected command: {other:?}"),
+        }
+        assert_eq!(send.await.unwrap(), Ok(()));
     }
 }
