@@ -322,6 +322,13 @@ mod tests {
                 Status::Warning,
                 [10, 9, 5, 5],
             ),
+            // The README's worked example.
+            (
+                inputs(true, 7, (5, 1), (7, 2), (7, 100)),
+                74,
+                Status::Warning,
+                [10, 6, 5, 5],
+            ),
         ];
         for (i, (input, score, status, d)) in cases.iter().enumerate() {
             let health = compute(input);
