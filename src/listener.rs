@@ -97,6 +97,38 @@ impl Chat {
             error_count: 0,
         }
     }
+
+    /// A chat as a previous actor left it. Fixed-ness comes from the current settings.
+    fn restored(state: &ChatState) -> Self {
+        let now = SystemTime::now();
+        let last_message = state.last_message_time.map(|seconds| {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds.max(0.0))
+        });
+        let idle = last_message
+            .and_then(|at| now.duration_since(at).ok())
+            .unwrap_or_default();
+        Self {
+            active: state.active,
+            fixed: false,
+            announced: true,
+            last_activity: Instant::now()
+                .checked_sub(idle)
+                .unwrap_or_else(Instant::now),
+            last_message,
+            last_check: now,
+            message_count: state.message_count,
+            error_count: state.error_count,
+        }
+    }
+
+    fn touch(&mut self, messages: u64) {
+        self.last_check = SystemTime::now();
+        if messages > 0 {
+            self.last_activity = Instant::now();
+            self.last_message = Some(SystemTime::now());
+            self.message_count += messages;
+        }
+    }
 }
 
 /// The actor for one instance.
@@ -382,16 +414,23 @@ impl InstanceActor {
         }
     }
 
+    /// Listens to a chat that is inactive or unknown: a new listener as far as the metrics and
+    /// its idle timer are concerned.
+    async fn reactivate(&mut self, name: &str) -> Result<(), WxautoError> {
+        let chat = self
+            .chats
+            .entry(name.to_owned())
+            .or_insert_with(|| Chat::new(false));
+        chat.active = true;
+        chat.announced = false;
+        self.add_chat(name).await
+    }
+
     fn chat_error(&mut self, name: &str, error: &WxautoError) {
         if let Some(chat) = self.chats.get_mut(name) {
             chat.error_count += 1;
         }
-        self.monitor.record_error(
-            Component::Client,
-            error.kind(),
-            Some(&self.instance.id),
-            &error.to_string(),
-        );
+        self.record_client_error(error);
     }
 
     fn set_inactive(&mut self, name: &str) {
@@ -462,7 +501,7 @@ impl InstanceActor {
                 }
                 Err(error) if error.is_instance_failure() => return Err(error),
                 Err(error) => {
-                    self.record_bad_answer(&error);
+                    self.record_client_error(&error);
                     break;
                 }
             }
@@ -486,7 +525,7 @@ impl InstanceActor {
                 }
                 Err(error) if error.is_instance_failure() => return Err(error),
                 Err(error) => {
-                    self.record_bad_answer(&error);
+                    self.record_client_error(&error);
                     break;
                 }
             }
@@ -494,8 +533,8 @@ impl InstanceActor {
         Ok(())
     }
 
-    /// A malformed answer is counted and survived; the instance stays up.
-    fn record_bad_answer(&mut self, error: &WxautoError) {
+    /// Records a refused or malformed answer; the instance stays up.
+    fn record_client_error(&self, error: &WxautoError) {
         self.monitor.record_error(
             Component::Client,
             error.kind(),
@@ -516,14 +555,8 @@ impl InstanceActor {
                 // Upstream lost the listener (or never had it): add it again.
                 self.add_chat(&name).await?;
             }
-            Some(_) => {
-                // A message for a timed-out chat reactivates it instead of being dropped.
-                if let Some(chat) = self.chats.get_mut(&name) {
-                    chat.active = true;
-                    chat.announced = false;
-                }
-                self.add_chat(&name).await?;
-            }
+            // A message for a timed-out chat reactivates it instead of being dropped.
+            Some(_) => self.reactivate(&name).await?,
             None => {
                 let cap = self.settings.listener.max_listeners_per_instance;
                 if self.active_count() >= cap {
@@ -643,13 +676,7 @@ impl InstanceActor {
         // Replies only reach listened chats: make sure this one is.
         let listened = self.chats.get(&reply.chat).is_some_and(|chat| chat.active);
         if !listened {
-            let chat = self
-                .chats
-                .entry(reply.chat.clone())
-                .or_insert_with(|| Chat::new(false));
-            chat.active = true;
-            chat.announced = false;
-            self.add_chat(&reply.chat)
+            self.reactivate(&reply.chat)
                 .await
                 .map_err(|error| ReplyError::Upstream(error.to_string()))?;
         }
@@ -714,39 +741,5 @@ impl InstanceActor {
         state.last_check_time = self.last_check.map(unix_seconds);
         state.chats = chats;
         self.monitor.publish_instance(state);
-    }
-}
-
-impl Chat {
-    /// A chat as a previous actor left it. Fixed-ness comes from the current settings.
-    fn restored(state: &ChatState) -> Self {
-        let now = SystemTime::now();
-        let last_message = state.last_message_time.map(|seconds| {
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds.max(0.0))
-        });
-        let idle = last_message
-            .and_then(|at| now.duration_since(at).ok())
-            .unwrap_or_default();
-        Self {
-            active: state.active,
-            fixed: false,
-            announced: true,
-            last_activity: Instant::now()
-                .checked_sub(idle)
-                .unwrap_or_else(Instant::now),
-            last_message,
-            last_check: now,
-            message_count: state.message_count,
-            error_count: state.error_count,
-        }
-    }
-
-    fn touch(&mut self, messages: u64) {
-        self.last_check = SystemTime::now();
-        if messages > 0 {
-            self.last_activity = Instant::now();
-            self.last_message = Some(SystemTime::now());
-            self.message_count += messages;
-        }
     }
 }
