@@ -63,6 +63,12 @@ async fn api_envelope_fields_and_bad_queries() {
         (!sidecar.sink.contents().is_empty()).then_some(())
     })
     .await;
+    // The message is committed before its chat is listened and published: wait for both.
+    eventually("chat published", DEADLINE, || async {
+        let listeners = sidecar.get_json("/api/v1/listeners").await;
+        (listeners["total_count"] == 1).then_some(())
+    })
+    .await;
     let status = sidecar.get_json("/api/v1/status").await;
     assert_eq!(status["success"], true);
     assert!(status["timestamp"].as_str().unwrap().contains('T'));
