@@ -96,7 +96,7 @@ impl Fixture {
         registry.register_collector(Box::new(StateCollector::new(Arc::clone(&monitor))));
         monitor.listener_started();
         monitor.set_tasks(INSTANCES);
-        monitor.record_reload_success(0x1234_5678, true);
+        monitor.record_reload_success(0x1234_5678, false);
 
         let now = wxauto_sidecar::monitor::unix_seconds(std::time::SystemTime::now());
         for n in 0..INSTANCES {
@@ -132,7 +132,7 @@ impl Fixture {
                 }
             }
             monitor.record_messages(&id, 25);
-            monitor.record_listener_added(&id, "");
+            monitor.record_listener_added(&id);
             if n % 10 == 0 {
                 monitor.record_error(Component::Client, ErrorKind::Timeout, Some(&id), "timeout");
             }

@@ -396,7 +396,7 @@ impl InstanceActor {
                         // recovery or restart keeps the timer it had.
                         chat.announced = true;
                         chat.last_activity = Instant::now();
-                        self.monitor.record_listener_added(&self.instance.id, "");
+                        self.monitor.record_listener_added(&self.instance.id);
                     }
                 }
                 Ok(())

@@ -222,8 +222,6 @@ pub struct ReloadState {
     pub reloads: u64,
     /// Failed reloads.
     pub failures: u64,
-    /// The last failure's errors, redacted.
-    pub last_errors: Vec<String>,
 }
 
 /// A point-in-time copy of everything the API and the collector read.
@@ -259,8 +257,6 @@ pub struct Snapshot {
     pub error_ratio: f64,
     /// When the snapshot was taken (unix seconds).
     pub now: f64,
-    /// When the sidecar process started (unix seconds).
-    pub process_start_time: f64,
 }
 
 /// Counters of the statistics endpoint.
@@ -279,7 +275,6 @@ pub struct Totals {
 pub struct Monitor {
     metrics: Metrics,
     process: Arc<ProcessCollector>,
-    process_start: SystemTime,
     inner: Mutex<Inner>,
 }
 
@@ -319,7 +314,6 @@ impl Monitor {
         Self {
             metrics,
             process,
-            process_start: SystemTime::now(),
             inner: Mutex::new(Inner {
                 window,
                 running: false,
@@ -455,12 +449,8 @@ impl Monitor {
     }
 
     /// Records a listen/add of a new or reactivated chat.
-    pub fn record_listener_added(&self, instance_id: &str, chat_redacted: &str) {
-        tracing::debug!(
-            instance_id,
-            chat = chat_redacted,
-            "Chat added as a listener."
-        );
+    pub fn record_listener_added(&self, instance_id: &str) {
+        tracing::debug!(instance_id, "Chat added as a listener.");
         self.metrics
             .listeners_added
             .get_or_create_owned(&InstanceLabels {
@@ -468,6 +458,24 @@ impl Monitor {
             })
             .inc();
         self.lock().totals.listeners_added += 1;
+    }
+
+    /// Records that a supervised instance task ended on its own and will be restarted: the
+    /// error, `wxauto_listener_restarts_total` and `wxauto_listener_task_restarts_total`.
+    pub fn record_task_restart(&self, instance_id: &str, message: &str) {
+        self.record_error(
+            Component::Listener,
+            ErrorKind::Task,
+            Some(instance_id),
+            message,
+        );
+        self.metrics.listener_restarts.inc();
+        self.metrics
+            .task_restarts
+            .get_or_create_owned(&InstanceLabels {
+                instance_id: instance_id.to_owned(),
+            })
+            .inc();
     }
 
     /// Records a listen/remove.
@@ -561,17 +569,17 @@ impl Monitor {
         }
     }
 
-    /// Records a successful load or reload.
-    pub fn record_reload_success(&self, hash: u64, first: bool) {
-        if !first {
+    /// Records a successful load or reload. `counted` is false for the first load and for a
+    /// watcher signal whose content had not changed: those are not reloads.
+    pub fn record_reload_success(&self, hash: u64, counted: bool) {
+        if counted {
             self.metrics.config_reloads.inc();
         }
         let mut inner = self.lock();
         inner.reload.last_reload_successful = true;
         inner.reload.last_success_time = unix_seconds(SystemTime::now());
         inner.reload.config_hash = hash;
-        inner.reload.last_errors.clear();
-        if !first {
+        if counted {
             inner.reload.reloads += 1;
         }
     }
@@ -594,7 +602,6 @@ impl Monitor {
         let mut inner = self.lock();
         inner.reload.last_reload_successful = false;
         inner.reload.failures += 1;
-        inner.reload.last_errors = errors.to_vec();
     }
 
     /// The newest `limit` errors, oldest first.
@@ -660,7 +667,6 @@ impl Monitor {
             health: health::compute(&inputs),
             error_ratio: health::error_ratio(window_errors, window_messages),
             now: unix_seconds(now),
-            process_start_time: unix_seconds(self.process_start),
         }
     }
 }

@@ -242,7 +242,7 @@ impl Supervisor {
         }
         self.monitor.set_window(self.config.health.window);
         self.monitor
-            .record_reload_success(self.config.source.hash, true);
+            .record_reload_success(self.config.source.hash, false);
         self.start_service();
         loop {
             tokio::select! {
@@ -305,23 +305,13 @@ impl Supervisor {
         }
         self.replies.set(&instance_id, None);
         let delay = task.crash_backoff.next_delay();
-        self.monitor.record_error(
-            Component::Listener,
-            ErrorKind::Task,
-            Some(&instance_id),
+        self.monitor.record_task_restart(
+            &instance_id,
             &format!(
                 "instance task ended unexpectedly ({reason}); restarting in {}",
                 humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
             ),
         );
-        self.monitor.metrics().listener_restarts.inc();
-        self.monitor
-            .metrics()
-            .task_restarts
-            .get_or_create_owned(&crate::metrics::InstanceLabels {
-                instance_id: instance_id.clone(),
-            })
-            .inc();
         let control = self.control.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -498,11 +488,8 @@ impl Supervisor {
             tracing::debug!(source = source.as_str(), "Configuration unchanged.");
             // A manual reload of an unchanged file still counts as a successful reload, like
             // Prometheus; watcher noise (kubelet touching files) does not.
-            if source != ReloadSource::Watcher {
-                self.monitor.record_reload_success(new.source.hash, false);
-            } else {
-                self.monitor.record_reload_success(new.source.hash, true);
-            }
+            self.monitor
+                .record_reload_success(new.source.hash, source != ReloadSource::Watcher);
             return Ok(ReloadReport {
                 changed: false,
                 summary: "no change".to_owned(),
@@ -510,15 +497,15 @@ impl Supervisor {
             });
         }
         let diff = ConfigDiff::between(&self.config, &new);
-        let old = std::mem::replace(&mut self.config, Arc::clone(&new));
+        self.config = Arc::clone(&new);
         self.replies
             .set_enabled(new.enabled_instances().map(|instance| instance.id.clone()));
-        self.apply(&old, &diff);
+        self.apply(&diff);
         for subscriber in &self.subscribers {
             subscriber(&new, &diff);
         }
         self.monitor.set_window(new.health.window);
-        self.monitor.record_reload_success(new.source.hash, false);
+        self.monitor.record_reload_success(new.source.hash, true);
         let _ = self.active.send(Arc::clone(&new));
         let summary = diff.summary();
         tracing::info!(source = source.as_str(), changes = %summary, "Configuration reloaded.");
@@ -535,8 +522,8 @@ impl Supervisor {
         })
     }
 
-    fn apply(&mut self, old: &Config, diff: &ConfigDiff) {
-        let _ = old;
+    /// Applies a diff against the config already in `self.config`.
+    fn apply(&mut self, diff: &ConfigDiff) {
         let config = Arc::clone(&self.config);
         for (id, change) in &diff.instances {
             match change {
@@ -562,10 +549,7 @@ impl Supervisor {
                 if touched.contains(&id.as_str()) {
                     continue;
                 }
-                let settings = ActorSettings {
-                    listener: config.listener.clone(),
-                    fixed_chats: config.fixed_chats_for(id).map(str::to_owned).collect(),
-                };
+                let settings = self.settings_for(id);
                 if task
                     .commands
                     .try_send(InstanceCommand::Settings(settings))
