@@ -125,11 +125,14 @@ pub async fn run(
     let (active_tx, active_rx) = watch::channel(Arc::clone(&config));
     let replies = Arc::new(ReplyRouter::default());
     let delivery_stop = CancellationToken::new();
+    // One client (one connection pool) for every routing the platforms get, reloads included.
+    let platform_http = platform_client();
     let delivery = match &options.sink {
         Some(_) => None,
         None => Some(
             start_delivery(
                 &config,
+                platform_http.clone(),
                 Arc::clone(&replies),
                 Arc::clone(&monitor),
                 &mut registry,
@@ -161,7 +164,7 @@ pub async fn run(
                 delivery.swap_routing(Routing::new(
                     &config.rules,
                     &config.platforms,
-                    platform_client(),
+                    platform_http.clone(),
                 ));
             }
             if diff.delivery_changed {
@@ -177,14 +180,7 @@ pub async fn run(
     let message_counts: Option<http::MessageCounts> = delivery.clone().map(|delivery| {
         let counts: http::MessageCounts = Arc::new(move |chats: Vec<(String, String)>| {
             let delivery = delivery.clone();
-            Box::pin(async move {
-                let mut counts = std::collections::HashMap::new();
-                for (instance_id, chat) in chats {
-                    let count = delivery.message_count(&instance_id, &chat).await;
-                    counts.insert((instance_id, chat), count);
-                }
-                counts
-            })
+            Box::pin(async move { delivery.message_counts(chats).await })
         });
         counts
     });
@@ -202,10 +198,8 @@ pub async fn run(
                 respond: None,
             });
         });
-        let mut files = vec![path.to_owned()];
-        files.extend(config.source.referenced_files.iter().cloned());
         let handle = config::watch::spawn(
-            files,
+            watched_files(path, &config),
             config::watch::WatchOptions {
                 poll_only: options.watch_poll,
                 ..config::watch::WatchOptions::default()
@@ -218,9 +212,7 @@ pub async fn run(
         on_change();
         let path = path.to_owned();
         supervisor.subscribe(Box::new(move |config: &Arc<Config>, _: &ConfigDiff| {
-            let mut files = vec![path.clone()];
-            files.extend(config.source.referenced_files.iter().cloned());
-            handle.set_files(files);
+            handle.set_files(watched_files(&path, config));
         }));
     }
 
@@ -229,6 +221,7 @@ pub async fn run(
     tasks.spawn(health_reports(
         Arc::clone(&monitor),
         active_rx.clone(),
+        message_counts.clone(),
         background.clone(),
     ));
     crate::shutdown::spawn(shutdown.clone(), control_tx.clone());
@@ -285,6 +278,13 @@ pub async fn run(
     }
 }
 
+/// The config file plus the files it references (API key files).
+fn watched_files(path: &std::path::Path, config: &Config) -> Vec<PathBuf> {
+    let mut files = vec![path.to_owned()];
+    files.extend(config.source.referenced_files.iter().cloned());
+    files
+}
+
 /// The HTTP client platforms use (timeouts are per request, from each platform's config).
 fn platform_client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -295,12 +295,13 @@ fn platform_client() -> reqwest::Client {
 
 async fn start_delivery(
     config: &Config,
+    http: reqwest::Client,
     replies: Arc<ReplyRouter>,
     monitor: Arc<Monitor>,
     registry: &mut Registry,
     cancel: CancellationToken,
 ) -> Result<Delivery, RunError> {
-    let routing = Routing::new(&config.rules, &config.platforms, platform_client());
+    let routing = Routing::new(&config.rules, &config.platforms, http);
     let delivery = Delivery::start(
         &config.storage,
         &config.delivery,
@@ -320,6 +321,7 @@ async fn start_delivery(
 async fn health_reports(
     monitor: Arc<Monitor>,
     config: watch::Receiver<Arc<Config>>,
+    message_counts: Option<http::MessageCounts>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -334,12 +336,10 @@ async fn health_reports(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
+        // The same document as GET /api/v1/health, store counts included.
         let snap = monitor.snapshot();
-        let process = monitor.process_sample();
-        let recent = monitor.recent_errors(10);
-        let ids: Vec<String> = snap.instances.keys().cloned().collect();
-        let calls = monitor.metrics().api_calls_made(&ids);
-        let document = report::health(&snap, &process, calls, &recent, &|_, _| None);
+        let counts = http::store_counts(message_counts.as_ref(), &snap).await;
+        let document = monitor.health_document(&snap, &counts);
         tracing::info!(
             score = snap.health.score,
             status = snap.health.status.as_str(),

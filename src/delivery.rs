@@ -171,19 +171,28 @@ impl Delivery {
         }
     }
 
-    /// Messages stored for one chat (any state), for the listeners JSON; 0 if the store
-    /// cannot answer (the error is recorded).
+    /// Messages stored for one chat (any state); 0 if the store cannot answer (the error is
+    /// recorded).
     pub async fn message_count(&self, instance_id: &str, chat: &str) -> u64 {
-        match self
-            .inner
-            .store
-            .message_count(instance_id.to_owned(), chat.to_owned())
+        let key = (instance_id.to_owned(), chat.to_owned());
+        self.message_counts(vec![key.clone()])
             .await
-        {
-            Ok(n) => n,
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Messages stored for each of `chats` (any state), for the listeners JSON, in one store
+    /// call; empty if the store cannot answer (the error is recorded).
+    pub async fn message_counts(
+        &self,
+        chats: Vec<(String, String)>,
+    ) -> HashMap<(String, String), u64> {
+        match self.inner.store.message_counts(chats).await {
+            Ok(counts) => counts,
             Err(err) => {
                 self.inner.storage_error(&err);
-                0
+                HashMap::new()
             }
         }
     }
@@ -197,11 +206,6 @@ impl Delivery {
                 StoreCounts::default()
             }
         }
-    }
-
-    /// Counts a message the listener dropped before the sink (`echo`, `cap`, ...).
-    pub fn record_drop(&self, instance_id: &str, reason: &'static str) {
-        self.inner.metrics.dropped(instance_id, reason, 1);
     }
 
     /// Drops the metric series of a removed instance.

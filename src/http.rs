@@ -8,7 +8,6 @@
 
 mod api;
 
-use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,15 +24,31 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::config::Config;
 use crate::message::BoxFuture;
-use crate::monitor::Monitor;
+use crate::monitor::report::ChatCounts;
+use crate::monitor::{Monitor, Snapshot};
 use crate::supervisor::{Control, ReloadReport, ReloadSource};
 
 /// Reads how many messages the store holds for each given `(instance_id, chat)`.
-pub type MessageCounts = Arc<
-    dyn Fn(Vec<(String, String)>) -> BoxFuture<'static, HashMap<(String, String), u64>>
-        + Send
-        + Sync,
->;
+pub type MessageCounts =
+    Arc<dyn Fn(Vec<(String, String)>) -> BoxFuture<'static, ChatCounts> + Send + Sync>;
+
+/// The store's message counts for every chat in `snap`; empty without a store.
+pub async fn store_counts(counts: Option<&MessageCounts>, snap: &Snapshot) -> ChatCounts {
+    let Some(counts) = counts else {
+        return ChatCounts::new();
+    };
+    let chats = snap
+        .instances
+        .values()
+        .flat_map(|instance| {
+            instance
+                .chats
+                .keys()
+                .map(|chat| (instance.instance_id.clone(), chat.clone()))
+        })
+        .collect();
+    counts(chats).await
+}
 
 /// Everything the handlers read. Cheap to clone; no lock is held across an await.
 #[derive(Clone)]

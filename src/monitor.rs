@@ -611,6 +611,23 @@ impl Monitor {
         inner.ring.iter().skip(skip).cloned().collect()
     }
 
+    /// Upstream calls made to the instances of `snap` (the statistics' `api_calls_made`).
+    pub fn api_calls_made(&self, snap: &Snapshot) -> u64 {
+        let ids: Vec<String> = snap.instances.keys().cloned().collect();
+        self.metrics.api_calls_made(&ids)
+    }
+
+    /// The health document: `data` of `GET /api/v1/health`, and the report file.
+    pub fn health_document(
+        &self,
+        snap: &Snapshot,
+        counts: &report::ChatCounts,
+    ) -> serde_json::Value {
+        let process = self.process_sample();
+        let recent = self.recent_errors(10);
+        report::health(snap, &process, self.api_calls_made(snap), &recent, counts)
+    }
+
     /// A consistent copy of the state, with the health score computed from it.
     pub fn snapshot(&self) -> Snapshot {
         let now = SystemTime::now();

@@ -4,6 +4,7 @@
 //! All access goes through one `Connection` behind a `std::sync::Mutex`, used only from the
 //! blocking pool (`spawn_blocking`), so the async runtime never waits on disk.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -513,19 +514,22 @@ impl Store {
         .await
     }
 
-    /// Messages stored for one chat (any state), for the listeners JSON.
-    pub(crate) async fn message_count(
+    /// Messages stored per chat (any state), for the listeners JSON.
+    pub(crate) async fn message_counts(
         &self,
-        instance_id: String,
-        chat: String,
-    ) -> Result<u64, StoreError> {
+        chats: Vec<(String, String)>,
+    ) -> Result<HashMap<(String, String), u64>, StoreError> {
+        // One blocking call and one prepared statement for the whole list, not one per chat.
         self.call(move |conn| {
-            let n: i64 = conn.query_row(
+            let mut statement = conn.prepare_cached(
                 "SELECT COUNT(*) FROM messages WHERE instance_id = ?1 AND chat = ?2",
-                params![instance_id, chat],
-                |row| row.get(0),
             )?;
-            Ok(u64::try_from(n).unwrap_or(0))
+            let mut counts = HashMap::with_capacity(chats.len());
+            for (instance_id, chat) in chats {
+                let n: i64 = statement.query_row(params![instance_id, chat], |row| row.get(0))?;
+                counts.insert((instance_id, chat), u64::try_from(n).unwrap_or(0));
+            }
+            Ok(counts)
         })
         .await
     }

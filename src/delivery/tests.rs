@@ -973,6 +973,18 @@ async fn duplicates_are_ignored_and_counted() {
     assert_eq!(server.count(), 2);
     assert!(server.requests()[1].message_id().starts_with("syn-"));
     assert_eq!(harness.delivery.message_count("wx1", "a").await, 2);
+    let counts = harness
+        .delivery
+        .message_counts(vec![
+            ("wx1".to_owned(), "a".to_owned()),
+            ("wx1".to_owned(), "nobody".to_owned()),
+        ])
+        .await;
+    assert_eq!(counts.get(&("wx1".to_owned(), "a".to_owned())), Some(&2));
+    assert_eq!(
+        counts.get(&("wx1".to_owned(), "nobody".to_owned())),
+        Some(&0)
+    );
     let metrics = harness.metrics();
     assert!(
         has_line(
@@ -1010,7 +1022,7 @@ async fn unrouted_messages_are_counted_not_stored() {
     assert!(harness.state("m1").await.is_none());
     assert!(harness.state("m2").await.is_none());
     assert_eq!(harness.delivery.message_count("wx1", "g").await, 1);
-    harness.delivery.record_drop("wx1", "cap");
+    harness.delivery.sink().record_drop("wx1", "cap");
     let metrics = harness.metrics();
     for reason in ["no_rule", "at_filter", "cap"] {
         assert!(

@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::AppState;
-use crate::monitor::{ERROR_RING_CAPACITY, Snapshot, report, rfc3339};
+use super::{AppState, store_counts};
+use crate::monitor::{ERROR_RING_CAPACITY, report, rfc3339};
 
 /// An API failure: the one place errors become status codes and JSON.
 #[derive(Debug)]
@@ -67,28 +67,6 @@ pub(super) fn router() -> Router<AppState> {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
 }
 
-fn api_calls(state: &AppState, snap: &Snapshot) -> u64 {
-    let ids: Vec<String> = snap.instances.keys().cloned().collect();
-    state.monitor.metrics().api_calls_made(&ids)
-}
-
-async fn store_counts(state: &AppState, snap: &Snapshot) -> HashMap<(String, String), u64> {
-    let Some(counts) = &state.message_counts else {
-        return HashMap::new();
-    };
-    let chats = snap
-        .instances
-        .values()
-        .flat_map(|instance| {
-            instance
-                .chats
-                .keys()
-                .map(|chat| (instance.instance_id.clone(), chat.clone()))
-        })
-        .collect();
-    counts(chats).await
-}
-
 async fn status(State(state): State<AppState>) -> Response {
     let snap = state.monitor.snapshot();
     let process = state.monitor.process_sample();
@@ -97,12 +75,8 @@ async fn status(State(state): State<AppState>) -> Response {
 
 async fn health(State(state): State<AppState>) -> Response {
     let snap = state.monitor.snapshot();
-    let counts = store_counts(&state, &snap).await;
-    let process = state.monitor.process_sample();
-    let recent = state.monitor.recent_errors(10);
-    let lookup = |id: &str, chat: &str| counts.get(&(id.to_owned(), chat.to_owned())).copied();
-    let data = report::health(&snap, &process, api_calls(&state, &snap), &recent, &lookup);
-    ok(data, &[])
+    let counts = store_counts(state.message_counts.as_ref(), &snap).await;
+    ok(state.monitor.health_document(&snap, &counts), &[])
 }
 
 async fn clients(State(state): State<AppState>) -> Response {
@@ -119,13 +93,9 @@ async fn clients(State(state): State<AppState>) -> Response {
 
 async fn listeners(State(state): State<AppState>) -> Response {
     let snap = state.monitor.snapshot();
-    let counts = store_counts(&state, &snap).await;
-    let lookup = |id: &str, chat: &str| counts.get(&(id.to_owned(), chat.to_owned())).copied();
-    let rows = report::listeners(&snap, &lookup);
-    let active = rows
-        .iter()
-        .filter(|row| row["active"] == Value::Bool(true))
-        .count();
+    let counts = store_counts(state.message_counts.as_ref(), &snap).await;
+    let rows = report::listeners(&snap, &counts);
+    let active = report::active_count(&rows);
     let total = rows.len();
     ok(
         Value::Array(rows),
@@ -138,7 +108,10 @@ async fn listeners(State(state): State<AppState>) -> Response {
 
 async fn statistics(State(state): State<AppState>) -> Response {
     let snap = state.monitor.snapshot();
-    ok(report::statistics(&snap, api_calls(&state, &snap)), &[])
+    ok(
+        report::statistics(&snap, state.monitor.api_calls_made(&snap)),
+        &[],
+    )
 }
 
 async fn errors(

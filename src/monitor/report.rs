@@ -2,6 +2,8 @@
 //!
 //! Field names are the seed's (CONTRACT §4); the periodic report file is the health document.
 
+use std::collections::HashMap;
+
 use serde_json::{Value, json};
 
 use super::{ErrorRecord, Snapshot, format_uptime};
@@ -69,8 +71,12 @@ pub fn client_counts(snap: &Snapshot) -> (usize, usize) {
     (total, connected)
 }
 
-/// `GET /api/v1/listeners` rows. `message_count` comes from `counts` when the store is there.
-pub fn listeners(snap: &Snapshot, counts: &dyn Fn(&str, &str) -> Option<u64>) -> Vec<Value> {
+/// Messages the store holds per `(instance_id, chat)`.
+pub type ChatCounts = HashMap<(String, String), u64>;
+
+/// `GET /api/v1/listeners` rows. `message_count` comes from `counts` when the store knows the
+/// chat, else from the listener's own count.
+pub fn listeners(snap: &Snapshot, counts: &ChatCounts) -> Vec<Value> {
     let mut rows = Vec::new();
     for state in snap.instances.values().filter(|state| state.enabled) {
         for (who, chat) in &state.chats {
@@ -81,12 +87,22 @@ pub fn listeners(snap: &Snapshot, counts: &dyn Fn(&str, &str) -> Option<u64>) ->
                 "fixed": chat.fixed,
                 "last_message_time": chat.last_message_time,
                 "last_check_time": chat.last_check_time,
-                "message_count": counts(&state.instance_id, who).unwrap_or(chat.message_count),
+                "message_count": counts
+                    .get(&(state.instance_id.clone(), who.clone()))
+                    .copied()
+                    .unwrap_or(chat.message_count),
                 "error_count": chat.error_count,
             }));
         }
     }
     rows
+}
+
+/// How many listener rows are active.
+pub fn active_count(rows: &[Value]) -> usize {
+    rows.iter()
+        .filter(|row| row["active"] == Value::Bool(true))
+        .count()
 }
 
 /// `GET /api/v1/statistics`.
@@ -123,16 +139,13 @@ pub fn health(
     process: &ProcessSample,
     api_calls_made: u64,
     recent: &[ErrorRecord],
-    counts: &dyn Fn(&str, &str) -> Option<u64>,
+    counts: &ChatCounts,
 ) -> Value {
     let mut listener = status(snap, process);
     listener["status"] = json!(if snap.running { "running" } else { "stopped" });
     let (total, connected) = client_counts(snap);
     let listeners = listeners(snap, counts);
-    let active = listeners
-        .iter()
-        .filter(|row| row["active"] == Value::Bool(true))
-        .count();
+    let active = active_count(&listeners);
     json!({
         "timestamp": rfc3339_of(snap.now),
         "health_score": snap.health.score,
