@@ -407,7 +407,7 @@ impl Client {
         }
         // The reqwest error text includes the URL (never the key, which is a header); strip
         // it anyway so error texts stay short and uniform.
-        let mut reason = error.without_url_ref().to_string();
+        let mut reason = text_without_url(error);
         let mut source = std::error::Error::source(error);
         while let Some(cause) = source {
             reason = format!("{reason}: {cause}");
@@ -419,26 +419,47 @@ impl Client {
         }
     }
 
-    /// Shortens upstream text and removes the key if a server echoed it.
+    /// Removes the key if a server echoed it, then shortens the text. Redacting first matters:
+    /// a cut through the middle of the key would leave its first characters unmatched.
     fn clean(&self, text: &str) -> String {
-        let text: String = text.chars().take(200).collect();
-        self.api_key.redact_in(&text)
+        self.api_key.redact_in(text).chars().take(200).collect()
     }
 }
 
-/// reqwest has no `without_url` on a shared reference; this small trait provides it.
-trait WithoutUrlRef {
-    fn without_url_ref(&self) -> String;
+/// A reqwest error's text without its URL (reqwest's `without_url` takes the error by value).
+fn text_without_url(error: &reqwest::Error) -> String {
+    let text = error.to_string();
+    match error.url() {
+        Some(url) => text
+            .replace(&format!(" ({url})"), "")
+            .replace(url.as_str(), "<url>"),
+        None => text,
+    }
 }
 
-impl WithoutUrlRef for reqwest::Error {
-    fn without_url_ref(&self) -> String {
-        let text = self.to_string();
-        match self.url() {
-            Some(url) => text
-                .replace(&format!(" ({url})"), "")
-                .replace(url.as_str(), "<url>"),
-            None => text,
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_echoed_across_the_cut_is_still_redacted() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let key = "k3y-0123456789abcdef";
+        let client = Client::new(
+            "wx",
+            "http://127.0.0.1:1",
+            Secret::new(key),
+            Duration::from_secs(1),
+            metrics,
+        )
+        .unwrap();
+        // The key starts at character 195, so a cut at 200 would split it.
+        let echoed = format!("{}{key} rejected", "x".repeat(195));
+        let cleaned = client.clean(&echoed);
+        assert!(!cleaned.contains(&key[..5]), "{cleaned}");
+        assert!(cleaned.contains(crate::secret::REDACTED));
+        assert!(cleaned.chars().count() <= 200);
     }
 }
