@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub watch_poll: bool,
     /// Where messages go instead of the default (embedding and tests).
     pub sink: Option<Arc<dyn MessageSink>>,
+    /// The live log filter, swapped when `logging.level` changes on a reload. `None` when the
+    /// level is fixed (a `--log-level` on the command line wins over the file).
+    pub log_level: Option<crate::logging::LevelHandle>,
 }
 
 impl RunOptions {
@@ -53,6 +56,7 @@ impl RunOptions {
             watch: true,
             watch_poll: false,
             sink: None,
+            log_level: None,
         }
     }
 }
@@ -184,6 +188,26 @@ pub async fn run(
         });
         counts
     });
+
+    if let Some(handle) = options.log_level.clone() {
+        supervisor.subscribe(Box::new(move |config: &Arc<Config>, diff: &ConfigDiff| {
+            if !diff.log_level_changed {
+                return;
+            }
+            // The decoder validated the directive; a failure here would be a bug, so keep the
+            // running filter and say so.
+            match tracing_subscriber::EnvFilter::try_new(&config.logging.level) {
+                Ok(filter) => {
+                    if let Err(error) = handle.reload(filter) {
+                        tracing::warn!("Cannot apply the new log level: {error}");
+                    } else {
+                        tracing::info!(level = %config.logging.level, "Log level changed.");
+                    }
+                }
+                Err(error) => tracing::warn!("Cannot apply the new log level: {error}"),
+            }
+        }));
+    }
 
     let tasks = tokio_util::task::TaskTracker::new();
     let background = CancellationToken::new();

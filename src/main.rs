@@ -168,7 +168,7 @@ async fn run(args: RunArgs) -> ExitCode {
         .log_level
         .clone()
         .unwrap_or_else(|| loaded.config.logging.level.clone());
-    let _guard = match logging::init(&level, Some(&loaded.config.logging)) {
+    let guard = match logging::init(&level, Some(&loaded.config.logging)) {
         Ok(guard) => guard,
         Err(error) => {
             eprintln!(
@@ -184,9 +184,13 @@ async fn run(args: RunArgs) -> ExitCode {
         listen: args.listen,
         enable_lifecycle: args.enable_lifecycle,
         watch_poll: args.watch == WatchMode::Poll,
+        // `--log-level` wins over the file, on reloads too.
+        log_level: args.log_level.is_none().then(|| guard.level.clone()),
         ..RunOptions::new()
     };
-    serve(loaded, loader, options).await
+    let code = serve(loaded, loader, options).await;
+    drop(guard);
+    code
 }
 
 async fn serve(

@@ -654,3 +654,74 @@ async fn reload_with_watch_poll_sees_edits_without_filesystem_events() {
     let metrics = binary.metrics().await;
     assert_eq!(value(&metrics, RELOADS), 1.0);
 }
+
+/// Kills the child on drop, so a failing assertion leaves no process behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_a_new_log_level_live() {
+    let a = start_sim("a").await;
+    let files = files();
+    let with_level =
+        |level: &str| config_for(&[("wx-a", &a)], &format!("logging:\n  level: {level}\n"));
+    let (text, env) = with_level("info");
+    write_in_place(&files.config, &text);
+    // No --log-level on the command line: the file decides, on reloads too.
+    let port = free_port();
+    let stderr = files.dir.path().join("level.stderr");
+    let _child = KillOnDrop(
+        std::process::Command::new(BIN)
+            .current_dir(files.dir.path())
+            .arg("--config")
+            .arg(&files.config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env_remove("WXAUTO_SIDECAR_CONFIG")
+            .envs(env.iter().map(|(key, value)| (key, value)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let http = http_client();
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let scrape = || async {
+        match http.get(&metrics_url).send().await {
+            Ok(response) => response.text().await.ok(),
+            Err(_) => None,
+        }
+    };
+    eventually("the sidecar is up", DEADLINE, || async {
+        let text = scrape().await?;
+        (metric_value(&text, &up("wx-a")) == Some(1.0)).then_some(())
+    })
+    .await;
+    let debug_lines = || {
+        std::fs::read_to_string(&stderr)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(" DEBUG "))
+            .count()
+    };
+    assert_eq!(debug_lines(), 0, "info level logs no debug lines");
+
+    let (text, _) = with_level("debug");
+    write_by_rename(&files.config, &text);
+    let hash = expected_hash(&text, &env);
+    eventually("the new config is live", DEADLINE, || async {
+        let text = scrape().await?;
+        (metric_value(&text, HASH) == Some(hash)).then_some(())
+    })
+    .await;
+    // Debug lines now appear (every poll logs some at debug).
+    eventually("debug lines after the reload", DEADLINE, || async {
+        (debug_lines() > 0).then_some(())
+    })
+    .await;
+}

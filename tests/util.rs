@@ -187,6 +187,7 @@ pub async fn start_sidecar_with_sink(
         watch: false,
         watch_poll: false,
         sink: Some(sink),
+        log_level: None,
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
