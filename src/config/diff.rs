@@ -72,6 +72,10 @@ impl ConfigDiff {
         let restart_keys = [
             ("server.listen", old.server.listen != new.server.listen),
             ("storage.path", old.storage.path != new.storage.path),
+            (
+                "storage.synchronous",
+                old.storage.synchronous != new.storage.synchronous,
+            ),
             ("logging.dir", old.logging.dir != new.logging.dir),
             (
                 "logging.file_prefix",

@@ -235,6 +235,7 @@ mod tests {
             content: content.to_owned(),
             mtype: None,
             received_at: Utc::now(),
+            epoch: 0,
         }
     }
 

@@ -5,6 +5,7 @@
 //! - `POST /_sim/wechat` `{online}`
 //! - `POST /_sim/fault` `{mode: none|http500|garbage|wrong_types|slow|hang, delay_ms?}`
 //! - `POST /_sim/reset` (answers the fresh state)
+//! - `POST /_sim/restart` (a server restart: ids start over; answers the fresh state)
 //! - `GET  /_sim/state`
 
 use std::time::Duration;
@@ -59,6 +60,7 @@ pub(super) fn routes() -> Router<Simulator> {
         .route("/wechat", post(wechat))
         .route("/fault", post(fault))
         .route("/reset", post(reset))
+        .route("/restart", post(restart))
         .route("/state", get(state))
         // Its own fallback, so an unknown control path is neither faulted nor counted as an
         // API call by the API router's fallback.
@@ -134,6 +136,11 @@ async fn fault(State(sim): State<Simulator>, body: Bytes) -> Response {
 
 async fn reset(State(sim): State<Simulator>) -> Response {
     sim.reset();
+    Json(sim.snapshot()).into_response()
+}
+
+async fn restart(State(sim): State<Simulator>) -> Response {
+    sim.restart();
     Json(sim.snapshot()).into_response()
 }
 

@@ -13,7 +13,7 @@ use super::routing;
 use crate::config::{
     BackoffConfig, Config, ConfigSource, DEFAULT_LISTEN, DeliveryConfig, FixedListener,
     HealthConfig, InstanceConfig, InstanceSelector, ListenerConfig, LoggingConfig, ServerConfig,
-    StorageConfig,
+    StorageConfig, Synchronous,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -50,7 +50,7 @@ const FIXED_LISTENER_KEYS: &[&str] = &["chat", "instances"];
 const DELIVERY_KEYS: &[&str] = &["workers", "max_attempts", "backoff", "attempt_timeout"];
 const HEALTH_KEYS: &[&str] = &["window", "report_interval", "report_file"];
 const LOGGING_KEYS: &[&str] = &["level", "dir", "file_prefix", "retention_days"];
-const STORAGE_KEYS: &[&str] = &["path", "retention_days"];
+const STORAGE_KEYS: &[&str] = &["path", "retention_days", "dead_retention_days", "synchronous"];
 
 const fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
@@ -286,11 +286,36 @@ fn storage(ctx: &mut Ctx<'_>, node: Option<&Node>) -> StorageConfig {
         return StorageConfig {
             path: PathBuf::from(PATH),
             retention_days: 7,
+            dead_retention_days: 30,
+            synchronous: Synchronous::Normal,
         };
+    };
+    // Bounded so that `days × 86 400 000` ms can never overflow the store's clock arithmetic.
+    let days = IntRange::between(1, 36_500);
+    let synchronous = match fields.get("synchronous") {
+        Some(node) => synchronous(ctx, node, &fields.path_of("synchronous")),
+        None => Synchronous::Normal,
     };
     StorageConfig {
         path: PathBuf::from(fields.string_or(ctx, "path", PATH)),
-        retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
+        retention_days: to_u32(fields.int_or(ctx, "retention_days", days, 7)),
+        dead_retention_days: to_u32(fields.int_or(ctx, "dead_retention_days", days, 30)),
+        synchronous,
+    }
+}
+
+fn synchronous(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Synchronous {
+    let Some(text) = ctx.string(node, path) else {
+        return Synchronous::Normal;
+    };
+    match text.trim() {
+        "normal" => Synchronous::Normal,
+        "full" => Synchronous::Full,
+        _ => {
+            let message = format!("unknown synchronous mode {text:?}; expected normal or full");
+            ctx.error(node, path, message);
+            Synchronous::Normal
+        }
     }
 }
 
