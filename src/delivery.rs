@@ -322,10 +322,16 @@ impl Inner {
         let dead_cutoff = now - i64::from(self.dead_retention_days) * DAY_MS;
         let (delivered, dead) = self.store.prune(delivered_cutoff, dead_cutoff).await?;
         if delivered > 0 {
-            tracing::info!(pruned = delivered, "Pruned delivered messages past retention.");
+            tracing::info!(
+                pruned = delivered,
+                "Pruned delivered messages past retention."
+            );
         }
         if dead > 0 {
-            tracing::warn!(pruned = dead, "Pruned dead letters past dead_retention_days.");
+            tracing::warn!(
+                pruned = dead,
+                "Pruned dead letters past dead_retention_days."
+            );
         }
         Ok(delivered + dead)
     }

@@ -287,7 +287,10 @@ impl InstanceActor {
             }
         };
         self.session = session;
-        let seeded = self.chats.values().any(|chat| !chat.fixed || chat.announced);
+        let seeded = self
+            .chats
+            .values()
+            .any(|chat| !chat.fixed || chat.announced);
         if !seeded {
             for chat in &stored {
                 let entry = Chat::from_stored(chat);
@@ -322,11 +325,7 @@ impl InstanceActor {
         if chats == self.saved_chats {
             return;
         }
-        match self
-            .sink
-            .save_chats(&self.instance.id, chats.clone())
-            .await
-        {
+        match self.sink.save_chats(&self.instance.id, chats.clone()).await {
             Ok(()) => self.saved_chats = chats,
             Err(error) => {
                 tracing::warn!(instance_id = %self.instance.id, "Cannot store the chat table: {error}")
@@ -921,7 +920,9 @@ impl InstanceActor {
     fn held(&self) -> MutexGuard<'_, Vec<InboundMessage>> {
         // A panic while the lock was held cannot leave the list half-changed (only whole
         // pushes and drains happen under it): carry on with it.
-        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn held_count(&self) -> usize {
@@ -1056,8 +1057,9 @@ impl InstanceActor {
 
 /// Unix milliseconds of a time (0 before the epoch).
 fn unix_ms(at: SystemTime) -> i64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+    })
 }
 
 fn from_unix_ms(ms: i64) -> SystemTime {

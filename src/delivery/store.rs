@@ -437,10 +437,9 @@ impl Store {
                 .optional()?;
             let clean = match marker.as_deref() {
                 Some(value) => value == "1",
-                None => !tx
-                    .query_row("SELECT EXISTS (SELECT 1 FROM messages)", [], |row| {
-                        row.get::<_, bool>(0)
-                    })?,
+                None => !tx.query_row("SELECT EXISTS (SELECT 1 FROM messages)", [], |row| {
+                    row.get::<_, bool>(0)
+                })?,
             };
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES (?1, '0') \
@@ -580,9 +579,9 @@ impl Store {
                      WHERE instance_id = ?1 AND epoch = ?2 AND message_id = ?3)",
                 )?;
                 for id in ids {
-                    if stmt.query_row(params![instance_id, epoch, id], |row| {
-                        row.get::<_, bool>(0)
-                    })? {
+                    if stmt
+                        .query_row(params![instance_id, epoch, id], |row| row.get::<_, bool>(0))?
+                    {
                         known_ids.push(id);
                     }
                 }
@@ -1366,7 +1365,10 @@ mod tests {
         let dead = store.dead_letters(10).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].message_id, "b");
-        assert_eq!(dead[0].dead_ms, 7, "a migrated dead row died at its last update");
+        assert_eq!(
+            dead[0].dead_ms, 7,
+            "a migrated dead row died at its last update"
+        );
     }
 
     /// The trigger-kept counts match a full count after every kind of transition.
@@ -1459,12 +1461,18 @@ mod tests {
         let now = now_ms();
         let first = store.claim(now).await.unwrap().unwrap();
         let second = store.claim(now).await.unwrap().unwrap();
-        store.mark_dead(first.id, "platform said 400".to_owned()).await.unwrap();
+        store
+            .mark_dead(first.id, "platform said 400".to_owned())
+            .await
+            .unwrap();
         store
             .store_reply(second.id, "hi".to_owned(), SendMode::Normal)
             .await
             .unwrap();
-        store.mark_dead(second.id, "reply failed".to_owned()).await.unwrap();
+        store
+            .mark_dead(second.id, "reply failed".to_owned())
+            .await
+            .unwrap();
         let dead = store.dead_letters(10).await.unwrap();
         assert_eq!(dead.len(), 2);
         assert_eq!(dead[0].last_error.as_deref(), Some("platform said 400"));
@@ -1474,10 +1482,13 @@ mod tests {
 
         assert_eq!(store.retry_dead(None).await.unwrap(), 2);
         let now = now_ms();
-        let again: Vec<Job> = [store.claim(now).await.unwrap(), store.claim(now).await.unwrap()]
-            .into_iter()
-            .flatten()
-            .collect();
+        let again: Vec<Job> = [
+            store.claim(now).await.unwrap(),
+            store.claim(now).await.unwrap(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let platform = again.iter().find(|job| job.id == first.id).unwrap();
         assert_eq!((platform.stage, platform.attempts), (Stage::Platform, 1));
         let reply = again.iter().find(|job| job.id == second.id).unwrap();
@@ -1493,7 +1504,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
         let store = open(&path).await;
-        assert!(store.begin_run().await.unwrap(), "a new store has nothing to recover");
+        assert!(
+            store.begin_run().await.unwrap(),
+            "a new store has nothing to recover"
+        );
         drop(store);
         // Killed: never marked.
         let store = open(&path).await;
@@ -1504,7 +1518,10 @@ mod tests {
         assert!(store.begin_run().await.unwrap());
         drop(store);
         let store = open(&path).await;
-        assert!(!store.begin_run().await.unwrap(), "each run clears the marker");
+        assert!(
+            !store.begin_run().await.unwrap(),
+            "each run clears the marker"
+        );
     }
 
     #[tokio::test]
@@ -1532,7 +1549,10 @@ mod tests {
                 error_count: 0,
             },
         ];
-        store.save_chats("wx".to_owned(), chats.clone()).await.unwrap();
+        store
+            .save_chats("wx".to_owned(), chats.clone())
+            .await
+            .unwrap();
         let session = UpstreamSession {
             epoch: 3,
             started_ms: Some(42),
@@ -1566,7 +1586,11 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(history.known_ids, vec!["1".to_owned()], "3 is of another epoch");
+        assert_eq!(
+            history.known_ids,
+            vec!["1".to_owned()],
+            "3 is of another epoch"
+        );
         let contents: Vec<&str> = history.tail.iter().map(|(_, c)| c.as_str()).collect();
         assert_eq!(contents, ["text 1", "text 2", "text 3"]);
     }

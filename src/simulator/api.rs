@@ -39,8 +39,7 @@ pub(super) fn routes(sim: &Simulator) -> Router<Simulator> {
     if sim.inner.config.history {
         authed = authed.route("/api/chat/get-all-messages", get(get_all_messages));
     }
-    let authed =
-        authed.route_layer(middleware::from_fn_with_state(sim.clone(), require_api_key));
+    let authed = authed.route_layer(middleware::from_fn_with_state(sim.clone(), require_api_key));
     Router::new()
         .route("/api/health", get(health))
         .merge(authed)

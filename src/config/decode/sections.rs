@@ -50,7 +50,12 @@ const FIXED_LISTENER_KEYS: &[&str] = &["chat", "instances"];
 const DELIVERY_KEYS: &[&str] = &["workers", "max_attempts", "backoff", "attempt_timeout"];
 const HEALTH_KEYS: &[&str] = &["window", "report_interval", "report_file"];
 const LOGGING_KEYS: &[&str] = &["level", "dir", "file_prefix", "retention_days"];
-const STORAGE_KEYS: &[&str] = &["path", "retention_days", "dead_retention_days", "synchronous"];
+const STORAGE_KEYS: &[&str] = &[
+    "path",
+    "retention_days",
+    "dead_retention_days",
+    "synchronous",
+];
 
 const fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
