@@ -177,6 +177,8 @@ fn quote(body: &[u8], secrets: &[&Secret]) -> String {
     let mut text = secrets
         .iter()
         .fold(text.into_owned(), |text, secret| secret.redact_in(&text));
+    // Every other registered secret form too (URL credentials, encodings).
+    text = crate::secret::redact(&text);
     text = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if text.chars().count() > BODY_QUOTE_CHARS {
         let cut: String = text.chars().take(BODY_QUOTE_CHARS).collect();

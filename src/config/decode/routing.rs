@@ -349,6 +349,17 @@ fn webhook(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<WebhookPlatform> {
         }
     }
     let url = url?;
+    let has_auth = headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("authorization"));
+    if has_auth
+        && has_credentials(&url)
+        && let Some(node) = fields.get("url")
+    {
+        let message =
+            "the user:password@ part of the URL is not sent: an Authorization header is configured";
+        ctx.warn(node, &fields.path_of("url"), message);
+    }
     ok.then_some(WebhookPlatform { url, headers })
 }
 
@@ -427,6 +438,7 @@ fn openai(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<OpenAiPlatform> {
     });
     let history = to_usize(fields.int_or(ctx, "history", IntRange::at_least(0), 0));
     let (api_key, _) = key?;
+    warn_unsent_credentials(ctx, fields, api_base.as_deref());
     Some(OpenAiPlatform {
         api_base: api_base?,
         api_key,
@@ -452,6 +464,7 @@ fn dify(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<DifyPlatform> {
     let key = keys::api_key(ctx, fields);
     let user_id = fields.string_or(ctx, "user_id", DIFY_USER_ID);
     let (api_key, _) = key?;
+    warn_unsent_credentials(ctx, fields, api_base.as_deref());
     Some(DifyPlatform {
         api_base: api_base?,
         api_key,
@@ -470,6 +483,7 @@ fn coze(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<CozePlatform> {
         .map(|node| ctx.non_empty_string(node, &fields.path_of("workspace_id")));
     let continuous_conversation = fields.bool_or(ctx, "continuous_conversation", false);
     let (api_key, _) = key?;
+    warn_unsent_credentials(ctx, fields, api_base.as_deref());
     Some(CozePlatform {
         api_base: api_base?,
         api_key,
@@ -477,6 +491,19 @@ fn coze(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<CozePlatform> {
         workspace_id: optional(workspace_id)?,
         continuous_conversation,
     })
+}
+
+/// Whether a URL carries `user:password@`.
+fn has_credentials(url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|url| !url.username().is_empty() || url.password().is_some())
+}
+
+/// `api_base` credentials are never sent next to the API key's `Authorization: Bearer`.
+fn warn_unsent_credentials(ctx: &mut Ctx<'_>, fields: &Fields<'_>, api_base: Option<&str>) {
+    if let (Some(node), Some(true)) = (fields.get("api_base"), api_base.map(has_credentials)) {
+        let message = "the user:password@ part of api_base is not sent: the API key is sent as Authorization: Bearer";
+        ctx.warn(node, &fields.path_of("api_base"), message);
+    }
 }
 
 /// `api_base`, required when there is no default.

@@ -765,7 +765,7 @@ fn platform_errors() {
         &[
             "3:5: platforms[0].id: missing required key",
             "5:5: platforms[1].type: missing required key",
-            "7:11: platforms[2].type: unknown platform type \"mail\"; expected keyword, webhook, openai or dify",
+            "7:11: platforms[2].type: unknown platform type \"mail\"; expected keyword, webhook, openai, dify or coze",
         ],
     );
     check(

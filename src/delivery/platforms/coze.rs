@@ -96,7 +96,8 @@ impl PollSchedule {
 impl Coze {
     pub(super) fn new(config: &CozePlatform, http: reqwest::Client, timeout: Duration) -> Self {
         Self {
-            api_base: config.api_base.clone(),
+            // URL credentials are never sent: the key goes as `Authorization: Bearer`.
+            api_base: crate::secret::split_url_credentials(&config.api_base).0,
             api_key: config.api_key.clone(),
             bot_id: config.bot_id.clone(),
             continuous: config.continuous_conversation,
