@@ -6,5 +6,6 @@ mod binary;
 mod delivery;
 mod http;
 mod listener;
+mod media;
 mod reload;
 mod tidy;

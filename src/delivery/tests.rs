@@ -263,6 +263,20 @@ fn routing(rules: &[RuleConfig], platforms: &[PlatformConfig]) -> Routing {
     Routing::new(rules, platforms, http())
 }
 
+/// Media beside the database, downloads off (these tests send text).
+fn media_settings(db: &Path) -> MediaSettings {
+    let dir = db.parent().unwrap_or(Path::new("."));
+    MediaSettings {
+        config: crate::config::MediaConfig {
+            download: false,
+            dir: dir.join("downloads"),
+            ..crate::config::MediaConfig::default()
+        },
+        log_dir: dir.join("logs"),
+        log_retention_days: 7,
+    }
+}
+
 fn msg(chat: &str, sender: &str, id: &str, content: &str) -> InboundMessage {
     InboundMessage {
         instance_id: "wx1".to_owned(),
@@ -274,6 +288,7 @@ fn msg(chat: &str, sender: &str, id: &str, content: &str) -> InboundMessage {
         sender_remark: None,
         content: content.to_owned(),
         mtype: None,
+        file_path: None,
         received_at: Utc
             .with_ymd_and_hms(2026, 11, 29, 14, 0, 0)
             .single()
@@ -308,6 +323,7 @@ impl Harness {
         let delivery = Delivery::start(
             &storage(path),
             config,
+            media_settings(path),
             routing,
             Arc::clone(&replies) as Arc<dyn ReplySender>,
             Arc::clone(&errors) as Arc<dyn ErrorSink>,
@@ -758,6 +774,7 @@ fn reply_survives_a_crash_without_a_second_platform_call() {
         let delivery = Delivery::start(
             &storage(&path),
             &delivery_config(1, 5),
+            media_settings(&path),
             routing(&rules, &platforms),
             Arc::new(Stuck),
             Arc::new(Errors::default()),
@@ -1085,7 +1102,7 @@ async fn schema_is_versioned_and_a_newer_file_is_refused() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .expect("version");
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |row| row.get(0))
         .expect("mode");
@@ -1095,6 +1112,7 @@ async fn schema_is_versioned_and_a_newer_file_is_refused() {
     let err = Delivery::start(
         &storage(&path),
         &delivery_config(1, 3),
+        media_settings(&path),
         routing(&[], &[]),
         Arc::new(Replies::default()),
         Arc::new(Errors::default()),
@@ -1109,7 +1127,7 @@ async fn schema_is_versioned_and_a_newer_file_is_refused() {
             err,
             StoreError::TooNew {
                 found: 99,
-                supported: 1
+                supported: 2
             }
         ),
         "{err}"
@@ -1281,6 +1299,7 @@ fn openai(url: &str, history: usize) -> PlatformConfig {
             api_base: format!("{url}/v1/"),
             api_key: Secret::new("sk-test-openai-key"),
             model: "gpt-test".to_owned(),
+            vision: false,
             system_prompt: Some("Be brief.".to_owned()),
             temperature: Some(0.5),
             max_tokens: Some(64),

@@ -27,6 +27,7 @@ const OPENAI_KEYS: &[&str] = &[
     "temperature",
     "max_tokens",
     "history",
+    "vision",
 ];
 const DIFY_KEYS: &[&str] = &["api_base", "user_id"];
 const KEYWORD_ENTRY_KEYS: &[&str] = &["keywords", "match_type", "replies", "random"];
@@ -414,6 +415,7 @@ fn openai(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<OpenAiPlatform> {
             .map(to_u32)
     });
     let history = to_usize(fields.int_or(ctx, "history", IntRange::at_least(0), 0));
+    let vision = fields.bool_or(ctx, "vision", false);
     let (api_key, _) = key?;
     Some(OpenAiPlatform {
         api_base: api_base?,
@@ -423,6 +425,7 @@ fn openai(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<OpenAiPlatform> {
         temperature: optional(temperature)?,
         max_tokens: optional(max_tokens)?,
         history,
+        vision,
     })
 }
 
