@@ -8,4 +8,5 @@ mod http;
 mod listener;
 mod media;
 mod reload;
+mod security;
 mod tidy;

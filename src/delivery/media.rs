@@ -342,7 +342,8 @@ fn log_line(
     if let Some(error) = error {
         line.push_str(&format!(" error={error:?}"));
     }
-    inner.file_log.write(&line);
+    // Like the other log writers: nothing that looks like a registered secret goes to disk.
+    inner.file_log.write(&crate::secret::redact(&line));
 }
 
 // === files ===

@@ -31,8 +31,15 @@ pub(super) struct Dify {
 impl Dify {
     pub(super) fn new(config: &DifyPlatform, http: reqwest::Client, timeout: Duration) -> Self {
         Self {
-            url: join(&config.api_base, "chat-messages"),
-            upload_url: join(&config.api_base, "files/upload"),
+            // URL credentials are never sent: the key goes as `Authorization: Bearer`.
+            url: join(
+                &crate::secret::split_url_credentials(&config.api_base).0,
+                "chat-messages",
+            ),
+            upload_url: join(
+                &crate::secret::split_url_credentials(&config.api_base).0,
+                "files/upload",
+            ),
             api_key: config.api_key.clone(),
             user_id: config.user_id.clone(),
             http,
