@@ -23,6 +23,10 @@ const HISTORY_TAIL: usize = 50;
 /// The `meta` key of the clean-stop marker.
 const CLEAN_STOP: &str = "clean_stop";
 
+mod media;
+
+pub(crate) use self::media::MediaRow;
+
 /// How long a writer waits for the database lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
@@ -101,7 +105,23 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (instance_id, chat, sender, platform_id)
     );
     ",
-    // Version 3: upstream ids are unique per upstream session (`epoch`), not forever; dead rows
+    // Version 3: media messages. One row per message with a file; `outcome` is NULL until
+    // the download was tried, so a retry of the platform call never downloads again.
+    r"
+    CREATE TABLE media (
+        message_row   INTEGER PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+        file_path     TEXT    NOT NULL,
+        outcome       TEXT,
+        local_path    TEXT,
+        name          TEXT    NOT NULL DEFAULT '',
+        content_type  TEXT    NOT NULL DEFAULT 'application/octet-stream',
+        size          INTEGER,
+        sha256        TEXT,
+        waits         INTEGER NOT NULL DEFAULT 0,
+        updated_ms    INTEGER NOT NULL
+    );
+    ",
+    // Version 4: upstream ids are unique per upstream session (`epoch`), not forever; dead rows
     // remember when they died (for `dead_retention_days`); counts per state are kept by
     // triggers instead of a GROUP BY after every write; the listener's chat table, its upstream
     // sessions and the clean-stop marker live here too.
@@ -783,6 +803,15 @@ impl Store {
                         now,
                         msg.epoch,
                     ])?;
+                    if n == 1
+                        && let Some(file_path) = &msg.file_path
+                    {
+                        tx.execute(
+                            "INSERT INTO media (message_row, file_path, updated_ms) \
+                             VALUES (?1, ?2, ?3)",
+                            params![tx.last_insert_rowid(), file_path, now],
+                        )?;
+                    }
                     inserted.push(n == 1);
                 }
             }
@@ -1255,6 +1284,8 @@ impl Job {
                 msg_type: row.get(7)?,
                 mtype: row.get(8)?,
                 content: row.get(9)?,
+                // Kept in the `media` table; the worker loads it with the download's result.
+                file_path: None,
                 received_at: from_ms(received_ms),
                 epoch: row.get(19)?,
             },
@@ -1300,9 +1331,14 @@ fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<Connection, St
     }
     conn.pragma_update(None, "synchronous", synchronous.pragma())
         .map_err(open_err)?;
-    conn.pragma_update(None, "foreign_keys", "ON")
+    // Migrations run with foreign keys off, as SQLite's procedure for rebuilding a table asks:
+    // dropping the old `messages` must not cascade into the tables that reference it. (The
+    // bundled SQLite turns them on by default, so say it.)
+    conn.pragma_update(None, "foreign_keys", "OFF")
         .map_err(open_err)?;
     migrate(&mut conn)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(open_err)?;
     Ok(conn)
 }
 
@@ -1452,6 +1488,45 @@ mod tests {
             dead[0].dead_ms, 7,
             "a migrated dead row died at its last update"
         );
+    }
+
+    /// Rebuilding `messages` (step 4) keeps the rows of tables that reference it.
+    #[tokio::test]
+    async fn the_messages_rebuild_keeps_media_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for step in &MIGRATIONS[..3] {
+                conn.execute_batch(step).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute(
+                "INSERT INTO messages (id, instance_id, message_id, synthetic_id, chat, sender, \
+                 msg_type, content, received_ms, rule_id, platform_id, reply_at_sender, \
+                 created_ms, updated_ms) \
+                 VALUES (7, 'wx', 'img', 0, 'c', 's', 'friend', '', 1, 'r', 'p', 0, 5, 5)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO media (message_row, file_path, updated_ms) VALUES (7, 'C:\\a.png', 5)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = open(&path).await;
+        let media: i64 = store
+            .call(|conn| {
+                Ok(conn.query_row(
+                    "SELECT COUNT(*) FROM media JOIN messages ON messages.id = media.message_row",
+                    [],
+                    |row| row.get(0),
+                )?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(media, 1);
     }
 
     /// The trigger-kept counts match a full count after every kind of transition.
