@@ -1,4 +1,4 @@
-//! `platforms:` (keyword, webhook, openai, dify) and `rules:`, including the rule ordering.
+//! `platforms:` (keyword, webhook, openai, dify, coze) and `rules:`, including the rule ordering.
 
 use std::cmp::Reverse;
 use std::time::Duration;
@@ -11,9 +11,9 @@ use super::node::{Node, NodeKind};
 use super::reader::{Ctx, Fields, IntRange, index};
 use super::sections::{KnownIds, http_url, to_u32, to_usize};
 use crate::config::{
-    ChatPattern, DeliveryConfig, DifyPlatform, InstanceSelector, KeywordEntry, KeywordMatch,
-    KeywordPlatform, OpenAiPlatform, PlatformConfig, PlatformKind, RuleConfig, SendMode,
-    WebhookPlatform,
+    ChatPattern, CozePlatform, DeliveryConfig, DifyPlatform, InstanceSelector, KeywordEntry,
+    KeywordMatch, KeywordPlatform, OpenAiPlatform, PlatformConfig, PlatformKind, RuleConfig,
+    SendMode, WebhookPlatform,
 };
 use crate::secret::Secret;
 
@@ -29,6 +29,12 @@ const OPENAI_KEYS: &[&str] = &[
     "history",
 ];
 const DIFY_KEYS: &[&str] = &["api_base", "user_id"];
+const COZE_KEYS: &[&str] = &[
+    "api_base",
+    "bot_id",
+    "workspace_id",
+    "continuous_conversation",
+];
 const KEYWORD_ENTRY_KEYS: &[&str] = &["keywords", "match_type", "replies", "random"];
 const RULE_KEYS: &[&str] = &[
     "id",
@@ -40,10 +46,11 @@ const RULE_KEYS: &[&str] = &[
     "at_names",
     "reply_at_sender",
 ];
-const TYPES: &str = "keyword, webhook, openai or dify";
+const TYPES: &str = "keyword, webhook, openai, dify or coze";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const OPENAI_API_BASE: &str = "https://api.openai.com/v1";
 const DIFY_USER_ID: &str = "wxauto-sidecar";
+const COZE_API_BASE: &str = "https://api.coze.cn";
 
 #[derive(Clone, Copy)]
 enum Type {
@@ -51,6 +58,7 @@ enum Type {
     Webhook,
     OpenAi,
     Dify,
+    Coze,
 }
 
 impl Type {
@@ -60,6 +68,7 @@ impl Type {
             "webhook" => Some(Self::Webhook),
             "openai" => Some(Self::OpenAi),
             "dify" => Some(Self::Dify),
+            "coze" => Some(Self::Coze),
             _ => None,
         }
     }
@@ -71,10 +80,11 @@ impl Type {
             Self::Webhook => WEBHOOK_KEYS,
             Self::OpenAi => OPENAI_KEYS,
             Self::Dify => DIFY_KEYS,
+            Self::Coze => COZE_KEYS,
         };
         let mut allowed = COMMON_KEYS.to_vec();
         allowed.extend_from_slice(specific);
-        if matches!(self, Self::OpenAi | Self::Dify) {
+        if matches!(self, Self::OpenAi | Self::Dify | Self::Coze) {
             allowed.extend_from_slice(&KEY_SOURCES);
         }
         allowed
@@ -86,6 +96,7 @@ impl Type {
             Self::Webhook => "webhook",
             Self::OpenAi => "openai",
             Self::Dify => "dify",
+            Self::Coze => "coze",
         }
     }
 }
@@ -151,6 +162,7 @@ fn platform(
         Type::Webhook => webhook(ctx, &fields).map(PlatformKind::Webhook),
         Type::OpenAi => openai(ctx, &fields).map(PlatformKind::OpenAi),
         Type::Dify => dify(ctx, &fields).map(PlatformKind::Dify),
+        Type::Coze => coze(ctx, &fields).map(PlatformKind::Coze),
     };
     Some(PlatformConfig {
         id: id?,
@@ -457,6 +469,27 @@ fn dify(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<DifyPlatform> {
         api_base: api_base?,
         api_key,
         user_id,
+    })
+}
+
+fn coze(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<CozePlatform> {
+    let api_base = api_base(ctx, fields, Some(COZE_API_BASE));
+    let key = keys::api_key(ctx, fields);
+    let bot_id = fields
+        .required(ctx, "bot_id")
+        .and_then(|node| ctx.non_empty_string(node, &fields.path_of("bot_id")));
+    let workspace_id = fields
+        .get("workspace_id")
+        .map(|node| ctx.non_empty_string(node, &fields.path_of("workspace_id")));
+    let continuous_conversation = fields.bool_or(ctx, "continuous_conversation", false);
+    let (api_key, _) = key?;
+    warn_unsent_credentials(ctx, fields, api_base.as_deref());
+    Some(CozePlatform {
+        api_base: api_base?,
+        api_key,
+        bot_id: bot_id?,
+        workspace_id: optional(workspace_id)?,
+        continuous_conversation,
     })
 }
 
