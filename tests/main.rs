@@ -6,6 +6,7 @@ mod binary;
 mod delivery;
 mod http;
 mod listener;
+mod media;
 mod reload;
 mod security;
 mod tidy;
