@@ -259,6 +259,13 @@ pub async fn run(
         ready: Arc::clone(&ready),
         lifecycle_flag: options.enable_lifecycle,
         message_counts,
+        delivery_counts: delivery.clone().map(|delivery| {
+            let counts: http::DeliveryCounts = Arc::new(move || {
+                let delivery = delivery.clone();
+                Box::pin(async move { delivery.counts().await })
+            });
+            counts
+        }),
     };
     tracing::info!(%addr, "Serving metrics and the monitor API.");
     on_started(Started { addr });

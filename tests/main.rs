@@ -7,4 +7,5 @@ mod delivery;
 mod http;
 mod listener;
 mod reload;
+mod status_page;
 mod tidy;
