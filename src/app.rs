@@ -189,6 +189,10 @@ pub async fn run(
         counts
     });
 
+    // `logging.redact_chat_names` is read live by every log line that names a chat.
+    supervisor.subscribe(Box::new(|config: &Arc<Config>, _: &ConfigDiff| {
+        crate::logging::set_redact_chat_names(config.logging.redact_chat_names);
+    }));
     if let Some(handle) = options.log_level.clone() {
         supervisor.subscribe(Box::new(move |config: &Arc<Config>, diff: &ConfigDiff| {
             if !diff.log_level_changed {

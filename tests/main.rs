@@ -6,6 +6,7 @@ mod binary;
 mod delivery;
 mod http;
 mod listener;
+mod logging;
 mod reload;
 mod status_page;
 mod tidy;
