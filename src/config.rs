@@ -44,6 +44,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// `storage:` section.
     pub storage: StorageConfig,
+    /// `media:` section.
+    pub media: MediaConfig,
     /// Where the config came from and its content hash.
     pub source: ConfigSource,
 }
@@ -201,6 +203,8 @@ pub enum PlatformKind {
     OpenAi(OpenAiPlatform),
     /// Dify `/chat-messages` in blocking mode.
     Dify(DifyPlatform),
+    /// Coze `/v3/chat`, polled until the chat completes.
+    Coze(CozePlatform),
 }
 
 impl PlatformKind {
@@ -211,6 +215,7 @@ impl PlatformKind {
             Self::Webhook(_) => "webhook",
             Self::OpenAi(_) => "openai",
             Self::Dify(_) => "dify",
+            Self::Coze(_) => "coze",
         }
     }
 }
@@ -274,6 +279,8 @@ pub struct OpenAiPlatform {
     pub max_tokens: Option<u32>,
     /// How many previous exchanges of the same chat to send (0 = none).
     pub history: usize,
+    /// Send images as `image_url` content parts (a vision model); otherwise a placeholder.
+    pub vision: bool,
 }
 
 /// `type: dify`.
@@ -285,6 +292,21 @@ pub struct DifyPlatform {
     pub api_key: Secret,
     /// Fallback user id when the sender is unknown.
     pub user_id: String,
+}
+
+/// `type: coze`.
+#[derive(Debug, Clone)]
+pub struct CozePlatform {
+    /// `https://api.coze.cn` (default) or `https://api.coze.com` (no trailing slash).
+    pub api_base: String,
+    /// Bearer token (a personal access token).
+    pub api_key: Secret,
+    /// The bot, published to the API channel.
+    pub bot_id: String,
+    /// The workspace (space) of the bot; informational, not sent with chats.
+    pub workspace_id: Option<String>,
+    /// Keep one Coze conversation per (instance, chat, sender) in the store.
+    pub continuous_conversation: bool,
 }
 
 /// A routing rule.
@@ -401,6 +423,30 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// Delivered rows older than this are pruned.
     pub retention_days: u32,
+}
+
+/// `media:` section: downloads of image, file, video and voice messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaConfig {
+    /// Fetch the files at all; `false` forwards metadata only.
+    pub download: bool,
+    /// Where downloaded files are kept.
+    pub dir: PathBuf,
+    /// Larger files are not downloaded (the message is still delivered).
+    pub max_bytes: u64,
+    /// Downloaded files older than this many days are deleted.
+    pub retention_days: u32,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            download: true,
+            dir: PathBuf::from("data/downloads"),
+            max_bytes: 20 * 1024 * 1024,
+            retention_days: 7,
+        }
+    }
 }
 
 // === impl Config ===

@@ -183,7 +183,7 @@ pub fn init(level: &str, file: Option<&LoggingConfig>) -> io::Result<LogGuard> {
     set_redact_chat_names(file.is_some_and(|logging| logging.redact_chat_names));
     // Colours only for a terminal: redirected stderr (systemd, files, CI) stays plain text.
     let stderr = fmt_layer(
-        io::stderr,
+        || crate::secret::RedactingWriter(io::stderr()),
         format,
         io::IsTerminal::is_terminal(&io::stderr()),
     );
@@ -193,6 +193,7 @@ pub fn init(level: &str, file: Option<&LoggingConfig>) -> io::Result<LogGuard> {
             let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
                 .lossy(false)
                 .finish(daily);
+            let writer = move || crate::secret::RedactingWriter(writer.clone());
             (Some(fmt_layer(writer, format, false)), Some(guard))
         }
         None => (None, None),

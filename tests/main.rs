@@ -7,6 +7,8 @@ mod delivery;
 mod http;
 mod listener;
 mod logging;
+mod media;
 mod reload;
+mod security;
 mod status_page;
 mod tidy;

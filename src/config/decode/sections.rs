@@ -13,7 +13,7 @@ use super::routing;
 use crate::config::{
     BackoffConfig, Config, ConfigSource, DEFAULT_LISTEN, DeliveryConfig, FixedListener,
     HealthConfig, InstanceConfig, InstanceSelector, ListenerConfig, LogFormat, LoggingConfig,
-    ServerConfig, StorageConfig,
+    MediaConfig, ServerConfig, StorageConfig,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -27,6 +27,7 @@ const ROOT_KEYS: &[&str] = &[
     "health",
     "logging",
     "storage",
+    "media",
 ];
 const SERVER_KEYS: &[&str] = &["listen", "enable_lifecycle"];
 const LISTENER_KEYS: &[&str] = &[
@@ -58,6 +59,7 @@ const LOGGING_KEYS: &[&str] = &[
     "redact_chat_names",
 ];
 const STORAGE_KEYS: &[&str] = &["path", "retention_days"];
+const MEDIA_KEYS: &[&str] = &["download", "dir", "max_bytes", "retention_days"];
 
 const fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
@@ -84,6 +86,7 @@ pub(super) fn config(ctx: &mut Ctx<'_>, root: &Node) -> Option<Config> {
     let health = health(ctx, fields.get_raw("health"));
     let logging = logging(ctx, fields.get_raw("logging"));
     let storage = storage(ctx, fields.get_raw("storage"));
+    let media = media(ctx, fields.get_raw("media"));
 
     let (instances, known_ids) = match fields.get_raw("instances") {
         // `instances: []` is valid (nothing to poll yet); a bare `instances:` is not a list.
@@ -108,6 +111,7 @@ pub(super) fn config(ctx: &mut Ctx<'_>, root: &Node) -> Option<Config> {
         health,
         logging,
         storage,
+        media,
         // Filled in by `decode` once the key files are known.
         source: ConfigSource {
             path: None,
@@ -328,6 +332,25 @@ fn storage(ctx: &mut Ctx<'_>, node: Option<&Node>) -> StorageConfig {
     }
 }
 
+fn media(ctx: &mut Ctx<'_>, node: Option<&Node>) -> MediaConfig {
+    let default = MediaConfig::default();
+    let Some(fields) = ctx.section(node, "media", MEDIA_KEYS) else {
+        return default;
+    };
+    let max_bytes = fields.int_or(
+        ctx,
+        "max_bytes",
+        IntRange::at_least(1),
+        i128::from(default.max_bytes),
+    );
+    MediaConfig {
+        download: fields.bool_or(ctx, "download", default.download),
+        dir: PathBuf::from(fields.string_or(ctx, "dir", "data/downloads")),
+        max_bytes: u64::try_from(max_bytes).unwrap_or(u64::MAX),
+        retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
+    }
+}
+
 // === instances ===
 
 fn instances(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> (Vec<InstanceConfig>, KnownIds) {
@@ -403,7 +426,14 @@ pub(super) fn http_url(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<Str
             "the scheme must be http or https".to_owned()
         }
         Ok(url) if url.host_str().is_none_or(str::is_empty) => "missing host".to_owned(),
-        Ok(url) => return Some(url.as_str().trim_end_matches('/').to_owned()),
+        Ok(url) => {
+            if !url.username().is_empty() || url.password().is_some() {
+                // Registers the credentials (and their encodings) with the redactor now, so
+                // that no later text can show them, whether or not they are sent.
+                let _ = crate::secret::split_url_credentials(url.as_str());
+            }
+            return Some(url.as_str().trim_end_matches('/').to_owned());
+        }
     };
     ctx.error(node, path, format!("invalid URL {shown:?}: {problem}"));
     None

@@ -1,16 +1,18 @@
 //! `webhook`: POST the message as JSON, exactly CONTRACT §7, with an `Idempotency-Key` of
-//! `<instance_id>:<message_id>` that is the same on every attempt.
+//! `<instance_id>:<message_id>` that is the same on every attempt. A media message adds
+//! `attachments` (the file inline as base64 when it was downloaded).
 
 use std::time::Duration;
 
 use chrono::SecondsFormat;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::WebhookPlatform;
 use crate::message::InboundMessage;
 use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
+use super::super::media::{self, Attachment};
 use super::{Attempt, PlatformError, send, status_error};
 
 /// The idempotency header.
@@ -31,14 +33,33 @@ pub(super) struct Webhook {
 
 impl Webhook {
     pub(super) fn new(config: &WebhookPlatform, http: reqwest::Client, timeout: Duration) -> Self {
+        let mut secrets: Vec<Secret> = config
+            .headers
+            .iter()
+            .map(|(_, value)| value.clone())
+            .collect();
+        // `user:password@` in the URL becomes basic auth, unless an Authorization header is
+        // configured (then it is dropped): exactly one Authorization header is ever sent.
+        let (url, credentials) = crate::secret::split_url_credentials(&config.url);
+        let mut headers = header_map(&config.headers);
+        if let (Ok(map), Some(credentials)) = (&mut headers, credentials)
+            && !map.contains_key(AUTHORIZATION)
+        {
+            match HeaderValue::from_str(credentials.header_value().expose()) {
+                Ok(mut value) => {
+                    value.set_sensitive(true);
+                    map.insert(AUTHORIZATION, value);
+                    secrets.push(credentials.header_value().clone());
+                }
+                Err(_) => {
+                    headers = Err("the URL credentials are not a valid header value".to_owned());
+                }
+            }
+        }
         Self {
-            url: config.url.clone(),
-            headers: header_map(&config.headers),
-            secrets: config
-                .headers
-                .iter()
-                .map(|(_, value)| value.clone())
-                .collect(),
+            url,
+            headers,
+            secrets,
             http,
             timeout,
         }
@@ -63,7 +84,10 @@ impl Webhook {
             )
         })?;
         headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY), key);
-        let body = body(msg, attempt.number);
+        let mut body = body(msg, attempt.number);
+        if !attempt.attachments.is_empty() {
+            body["attachments"] = attachments(attempt.attachments).await;
+        }
         let (status, bytes) = send(
             self.http.post(&self.url).headers(headers).json(&body),
             self.timeout,
@@ -102,6 +126,23 @@ fn body(msg: &InboundMessage, attempt: u32) -> serde_json::Value {
         "received_at": msg.received_at.to_rfc3339_opts(SecondsFormat::Secs, true),
         "attempt": attempt,
     })
+}
+
+/// The `attachments` list: metadata always, the bytes inline when the file was kept.
+async fn attachments(attachments: &[Attachment]) -> serde_json::Value {
+    let mut list = Vec::with_capacity(attachments.len());
+    for attachment in attachments {
+        let data = attachment.data().await;
+        list.push(serde_json::json!({
+            "kind": attachment.kind,
+            "name": attachment.name,
+            "content_type": attachment.content_type,
+            "size": attachment.size,
+            "sha256": data.as_ref().and(attachment.sha256.as_ref()),
+            "data_base64": data.as_deref().map(media::base64),
+        }));
+    }
+    serde_json::Value::Array(list)
 }
 
 fn header_map(headers: &[(String, Secret)]) -> Result<HeaderMap, String> {
