@@ -44,6 +44,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// `storage:` section.
     pub storage: StorageConfig,
+    /// `media:` section.
+    pub media: MediaConfig,
     /// Where the config came from and its content hash.
     pub source: ConfigSource,
 }
@@ -277,6 +279,8 @@ pub struct OpenAiPlatform {
     pub max_tokens: Option<u32>,
     /// How many previous exchanges of the same chat to send (0 = none).
     pub history: usize,
+    /// Send images as `image_url` content parts (a vision model); otherwise a placeholder.
+    pub vision: bool,
 }
 
 /// `type: dify`.
@@ -405,6 +409,30 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// Delivered rows older than this are pruned.
     pub retention_days: u32,
+}
+
+/// `media:` section: downloads of image, file, video and voice messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaConfig {
+    /// Fetch the files at all; `false` forwards metadata only.
+    pub download: bool,
+    /// Where downloaded files are kept.
+    pub dir: PathBuf,
+    /// Larger files are not downloaded (the message is still delivered).
+    pub max_bytes: u64,
+    /// Downloaded files older than this many days are deleted.
+    pub retention_days: u32,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            download: true,
+            dir: PathBuf::from("data/downloads"),
+            max_bytes: 20 * 1024 * 1024,
+            retention_days: 7,
+        }
+    }
 }
 
 // === impl Config ===

@@ -17,7 +17,9 @@ use crate::config::{
     BackoffConfig, Config, ConfigDiff, ConfigErrors, InstanceChange, InstanceConfig, Loaded,
 };
 use crate::listener::{ActorSettings, InstanceActor, InstanceCommand};
-use crate::message::{BoxFuture, MessageSink, Reply, ReplyError, ReplySender};
+use crate::message::{
+    BoxFuture, Download, DownloadError, MessageSink, Reply, ReplyError, ReplySender,
+};
 use crate::monitor::{Component, ErrorKind, Monitor};
 
 /// What asked for a reload.
@@ -156,6 +158,34 @@ impl ReplySender for ReplyRouter {
                 .await
                 .map_err(|_| ReplyError::NoInstance(id.clone()))?;
             answer.await.map_err(|_| ReplyError::NoInstance(id))?
+        })
+    }
+
+    fn download_file(
+        &self,
+        instance_id: &str,
+        file_path: &str,
+        max_bytes: u64,
+    ) -> BoxFuture<'_, Result<Download, DownloadError>> {
+        let (id, file_path) = (instance_id.to_owned(), file_path.to_owned());
+        Box::pin(async move {
+            let sender = self.get(&id).ok_or_else(|| {
+                if self.is_enabled(&id) {
+                    DownloadError::InstanceDown(id.clone())
+                } else {
+                    DownloadError::NoInstance(id.clone())
+                }
+            })?;
+            let (respond, answer) = oneshot::channel();
+            sender
+                .send(InstanceCommand::Download {
+                    file_path,
+                    max_bytes,
+                    respond,
+                })
+                .await
+                .map_err(|_| DownloadError::NoInstance(id.clone()))?;
+            answer.await.map_err(|_| DownloadError::NoInstance(id))?
         })
     }
 }

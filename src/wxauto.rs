@@ -11,6 +11,7 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::message::Download;
 use crate::metrics::Metrics;
 use crate::monitor::ErrorKind;
 use crate::secret::Secret;
@@ -19,6 +20,10 @@ pub use types::{ChatBatch, HealthInfo, RawMessage};
 
 /// Answers larger than this are refused as `Decode` errors instead of being buffered.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The budget of one file download (the old client's 60 s per try), instead of
+/// `listener.request_timeout`: a large file over a slow link takes longer than a poll.
+pub const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The upstream endpoints the sidecar calls (the `endpoint` metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,11 +44,13 @@ pub enum Endpoint {
     Send,
     /// `POST /api/chat-window/message/send-typing`.
     SendTyping,
+    /// `POST /api/file/download` (raw bytes).
+    FileDownload,
 }
 
 impl Endpoint {
     /// Every endpoint, for pre-initialising label sets.
-    pub const ALL: [Endpoint; 8] = [
+    pub const ALL: [Endpoint; 9] = [
         Self::Health,
         Self::Initialize,
         Self::GetNextNew,
@@ -52,6 +59,7 @@ impl Endpoint {
         Self::ListenRemove,
         Self::Send,
         Self::SendTyping,
+        Self::FileDownload,
     ];
 
     /// The metric label.
@@ -65,6 +73,7 @@ impl Endpoint {
             Self::ListenRemove => "listen_remove",
             Self::Send => "send",
             Self::SendTyping => "send_typing",
+            Self::FileDownload => "file_download",
         }
     }
 
@@ -80,6 +89,7 @@ impl Endpoint {
             Self::ListenRemove => "/api/message/listen/remove",
             Self::Send => "/api/chat-window/message/send",
             Self::SendTyping => "/api/chat-window/message/send-typing",
+            Self::FileDownload => "/api/file/download",
         }
     }
 }
@@ -317,6 +327,120 @@ impl Client {
             body["at_list"] = serde_json::json!(at);
         }
         self.call::<Value>(endpoint, Some(body)).await.map(drop)
+    }
+
+    /// `POST /api/file/download`: the raw bytes of a file on the instance's machine, or
+    /// `TooLarge` once the answer passes `max_bytes` (announced or read). A JSON error
+    /// envelope (code 3003 or 1002) is an error like any other call's.
+    pub async fn download_file(
+        &self,
+        file_path: &str,
+        max_bytes: u64,
+    ) -> Result<Download, WxautoError> {
+        let started = Instant::now();
+        let result = self.download_inner(file_path, max_bytes).await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(WxautoError::Timeout { .. }) => "timeout",
+            Err(_) => "error",
+        };
+        self.metrics.observe_api_call(
+            &self.instance_id,
+            Endpoint::FileDownload.label(),
+            outcome,
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn download_inner(
+        &self,
+        file_path: &str,
+        max_bytes: u64,
+    ) -> Result<Download, WxautoError> {
+        let endpoint = Endpoint::FileDownload;
+        let label = endpoint.label();
+        let url = format!("{}{}", self.base_url, endpoint.path());
+        let mut response = self
+            .http
+            .post(url)
+            .timeout(DOWNLOAD_TIMEOUT)
+            .json(&serde_json::json!({ "file_path": file_path }))
+            .header("X-API-Key", self.api_key.expose())
+            .send()
+            .await
+            .map_err(|error| self.transport_error(label, &error))?;
+        let status = response.status();
+        let is_json = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.starts_with("application/json"));
+        if status.is_success()
+            && let Some(size) = response.content_length()
+            && size > max_bytes
+        {
+            return Ok(Download::TooLarge { size: Some(size) });
+        }
+        // An error envelope is small; a file is capped at `max_bytes`.
+        let cap = if status.is_success() {
+            usize::try_from(max_bytes).unwrap_or(usize::MAX)
+        } else {
+            MAX_BODY_BYTES
+        };
+        let mut bytes = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len() + chunk.len() > cap {
+                        if status.is_success() {
+                            return Ok(Download::TooLarge { size: None });
+                        }
+                        return Err(WxautoError::Decode {
+                            endpoint: label,
+                            reason: format!("answer larger than {cap} bytes"),
+                        });
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(error) => return Err(self.transport_error(label, &error)),
+            }
+        }
+        if status.is_success() && !is_json {
+            return Ok(Download::Bytes(bytes));
+        }
+        let envelope = types::parse_envelope(&bytes);
+        if status == StatusCode::UNAUTHORIZED {
+            let message = envelope
+                .map(|envelope| envelope.message)
+                .unwrap_or_default();
+            return Err(WxautoError::Auth {
+                endpoint: label,
+                message: self.clean(&message),
+            });
+        }
+        match envelope {
+            Ok(envelope) if !status.is_success() => Err(WxautoError::HttpStatus {
+                endpoint: label,
+                status: status.as_u16(),
+                code: Some(envelope.code),
+                message: self.clean(&envelope.message),
+            }),
+            Ok(envelope) if envelope.code != 0 => Err(WxautoError::ApiCode {
+                endpoint: label,
+                code: envelope.code,
+                message: self.clean(&envelope.message),
+            }),
+            // A JSON file that is not an error envelope is a file like any other.
+            _ if status.is_success() => Ok(Download::Bytes(bytes)),
+            _ => Err(WxautoError::HttpStatus {
+                endpoint: label,
+                status: status.as_u16(),
+                code: None,
+                message: String::new(),
+            }),
+        }
     }
 
     async fn call<T: DeserializeOwned>(

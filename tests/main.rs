@@ -7,6 +7,7 @@ mod delivery;
 mod http;
 mod import_mgt;
 mod listener;
+mod media;
 mod reload;
 mod security;
 mod tidy;

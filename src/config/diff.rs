@@ -205,6 +205,7 @@ fn same_kind(a: &PlatformKind, b: &PlatformKind) -> bool {
                 && x.temperature == y.temperature
                 && x.max_tokens == y.max_tokens
                 && x.history == y.history
+                && x.vision == y.vision
         }
         (PlatformKind::Dify(x), PlatformKind::Dify(y)) => {
             x.api_base == y.api_base && x.api_key == y.api_key && x.user_id == y.user_id

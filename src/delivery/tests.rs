@@ -263,6 +263,20 @@ fn routing(rules: &[RuleConfig], platforms: &[PlatformConfig]) -> Routing {
     Routing::new(rules, platforms, http())
 }
 
+/// Media beside the database, downloads off (these tests send text).
+fn media_settings(db: &Path) -> MediaSettings {
+    let dir = db.parent().unwrap_or(Path::new("."));
+    MediaSettings {
+        config: crate::config::MediaConfig {
+            download: false,
+            dir: dir.join("downloads"),
+            ..crate::config::MediaConfig::default()
+        },
+        log_dir: dir.join("logs"),
+        log_retention_days: 7,
+    }
+}
+
 fn msg(chat: &str, sender: &str, id: &str, content: &str) -> InboundMessage {
     InboundMessage {
         instance_id: "wx1".to_owned(),
@@ -274,6 +288,7 @@ fn msg(chat: &str, sender: &str, id: &str, content: &str) -> InboundMessage {
         sender_remark: None,
         content: content.to_owned(),
         mtype: None,
+        file_path: None,
         received_at: Utc
             .with_ymd_and_hms(2026, 11, 29, 14, 0, 0)
             .single()
@@ -308,6 +323,7 @@ impl Harness {
         let delivery = Delivery::start(
             &storage(path),
             config,
+            media_settings(path),
             routing,
             Arc::clone(&replies) as Arc<dyn ReplySender>,
             Arc::clone(&errors) as Arc<dyn ErrorSink>,
@@ -758,6 +774,7 @@ fn reply_survives_a_crash_without_a_second_platform_call() {
         let delivery = Delivery::start(
             &storage(&path),
             &delivery_config(1, 5),
+            media_settings(&path),
             routing(&rules, &platforms),
             Arc::new(Stuck),
             Arc::new(Errors::default()),
@@ -1095,6 +1112,7 @@ async fn schema_is_versioned_and_a_newer_file_is_refused() {
     let err = Delivery::start(
         &storage(&path),
         &delivery_config(1, 3),
+        media_settings(&path),
         routing(&[], &[]),
         Arc::new(Replies::default()),
         Arc::new(Errors::default()),
@@ -1281,6 +1299,7 @@ fn openai(url: &str, history: usize) -> PlatformConfig {
             api_base: format!("{url}/v1/"),
             api_key: Secret::new("sk-test-openai-key"),
             model: "gpt-test".to_owned(),
+            vision: false,
             system_prompt: Some("Be brief.".to_owned()),
             temperature: Some(0.5),
             max_tokens: Some(64),
@@ -1534,7 +1553,7 @@ async fn a_version_1_store_is_migrated_in_place() {
     // Back to what version 1 had, with a row that must survive.
     let conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch(
-        "DROP TABLE sender_conversations; PRAGMA user_version = 1; \
+        "DROP TABLE media; DROP TABLE sender_conversations; PRAGMA user_version = 1; \
          INSERT INTO conversations VALUES ('wx1', 'a', 'dify', 'conv-old', 0);",
     )
     .expect("downgrade");
@@ -1617,4 +1636,55 @@ async fn metric_families_are_preinitialised() {
     .await;
     assert_eq!(errors[0].1, ErrorKind::Connect);
     harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_media_message_keeps_its_file_path_and_download_outcome() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("media.db");
+    let platform = PlatformConfig {
+        id: "faq".to_owned(),
+        send_mode: SendMode::Normal,
+        timeout: Duration::from_secs(1),
+        kind: PlatformKind::Keyword(KeywordPlatform { keywords: vec![] }),
+    };
+    let routing = routing(&[rule("r", "faq")], &[platform]);
+    // `media_settings` turns downloads off: the outcome is `disabled`, the message delivered.
+    let harness = Harness::start_at(&path, &delivery_config(1, 3), routing).await;
+    let mut image = msg("a", "a", "m1", r"C:\wx\a.png");
+    image.mtype = Some("image".to_owned());
+    image.file_path = Some(r"D:\files\a.png".to_owned());
+    harness
+        .accept(vec![image, msg("a", "a", "m2", "text")])
+        .await;
+    harness.wait_state("m1", "delivered").await;
+    harness.wait_state("m2", "delivered").await;
+    let text = harness.metrics();
+    assert!(
+        text.contains("wxauto_media_downloads_total{instance_id=\"wx1\",outcome=\"disabled\"} 1"),
+        "{text}"
+    );
+    harness.stop().await;
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let rows: Vec<(String, String, Option<String>, String)> = conn
+        .prepare(
+            "SELECT m.message_id, d.file_path, d.outcome, d.name FROM media d \
+             JOIN messages m ON m.id = d.message_row",
+        )
+        .expect("prepare")
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(
+        rows,
+        [(
+            "m1".to_owned(),
+            r"D:\files\a.png".to_owned(),
+            Some("disabled".to_owned()),
+            "a.png".to_owned()
+        )]
+    );
 }
