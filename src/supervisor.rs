@@ -634,4 +634,34 @@ mod tests {
         }
         assert_eq!(send.await.unwrap(), Ok(()));
     }
+
+    #[tokio::test]
+    async fn downloads_go_to_the_instance_actor_like_replies() {
+        let router = ReplyRouter::default();
+        router.set_enabled(["wx-a".to_owned()]);
+        assert_eq!(
+            router.download_file("wx-a", r"C:\a.png", 10).await,
+            Err(DownloadError::InstanceDown("wx-a".to_owned()))
+        );
+        assert_eq!(
+            router.download_file("wx-gone", r"C:\a.png", 10).await,
+            Err(DownloadError::NoInstance("wx-gone".to_owned()))
+        );
+        let (sender, mut receiver) = mpsc::channel(1);
+        router.set("wx-a", Some(sender));
+        let download =
+            tokio::spawn(async move { router.download_file("wx-a", r"C:\a.png", 10).await });
+        match receiver.recv().await {
+            Some(InstanceCommand::Download {
+                file_path,
+                max_bytes,
+                respond,
+            }) => {
+                assert_eq!((file_path.as_str(), max_bytes), (r"C:\a.png", 10));
+                let _ = respond.send(Ok(Download::Bytes(b"x".to_vec())));
+            }
+            other => panic!("unexpected command: {other:?}"),
+        }
+        assert_eq!(download.await.unwrap(), Ok(Download::Bytes(b"x".to_vec())));
+    }
 }

@@ -28,12 +28,13 @@ const DIFY_KEY: &str = "dify-secret-key-4242";
 const OPENAI_KEY: &str = "sk-openai-secret-7373";
 
 /// What the fake platforms received.
-#[derive(Default)]
 struct Seen {
     webhook: Vec<Value>,
     uploads: Vec<Upload>,
     dify: Vec<Value>,
     openai: Vec<Value>,
+    /// A webhook message whose content is `hold` waits for a permit here.
+    hold: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +44,18 @@ struct Upload {
     filename: String,
     content_type: String,
     data: Vec<u8>,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Self {
+            webhook: Vec::new(),
+            uploads: Vec::new(),
+            dify: Vec::new(),
+            openai: Vec::new(),
+            hold: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -71,6 +84,10 @@ async fn start_platforms() -> (String, Shared, tokio_util::sync::DropGuard) {
 
 async fn webhook(State(seen): State<Shared>, body: Bytes) -> Response {
     let value: Value = serde_json::from_slice(&body).expect("the webhook body is JSON");
+    if value["content"] == "hold" {
+        let hold = Arc::clone(&seen.lock().unwrap().hold);
+        let _permit = hold.acquire().await.expect("semaphore open");
+    }
     seen.lock().unwrap().webhook.push(value);
     StatusCode::NO_CONTENT.into_response()
 }
@@ -585,4 +602,59 @@ async fn the_simulator_serves_known_files_and_refuses_others() {
         .unwrap();
     assert_eq!(control.status(), 200);
     assert_eq!(sim.sim.file(BIG_PATH).as_deref(), Some(&b"abc"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_waits_while_the_instance_is_down_and_completes_after_recovery() {
+    let sim = start_sim("media-e").await;
+    let (platforms, seen, _platforms) = start_platforms().await;
+    let sidecar = start(&sim, &platforms, 1024 * 1024).await;
+    let image = png(64);
+    sim.sim.add_file(IMAGE_PATH, image.clone());
+    // The image is queued behind a message the webhook holds, so the instance can go down
+    // between the poll that took the image and its download.
+    sim.sim.inject("alice", "alice", "hold");
+    sim.sim
+        .inject_media("alice", "alice", "image", Some(IMAGE_PATH), IMAGE_PATH);
+    let client_up = "wxauto_client_up{instance_id=\"wx\"}";
+    eventually(
+        "both messages stored and the instance up",
+        DEADLINE,
+        || async {
+            let metrics = sidecar.metrics().await;
+            (metric_value(&metrics, "wxauto_messages_pending") == Some(2.0)
+                && metric_value(&metrics, client_up) == Some(1.0))
+            .then_some(())
+        },
+    )
+    .await;
+    sim.sim.set_online(false);
+    eventually("the instance is seen down", DEADLINE, || async {
+        (metric_value(&sidecar.metrics().await, client_up) == Some(0.0)).then_some(())
+    })
+    .await;
+    seen.lock().unwrap().hold.add_permits(1);
+    webhook_bodies(&seen, 1).await;
+    // While the instance is down the image waits: nothing downloaded, nothing delivered.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let metrics = sidecar.metrics().await;
+    assert_eq!(series(&metrics, "success"), 0.0);
+    assert_eq!(series(&metrics, "unavailable"), 0.0);
+    assert_eq!(seen.lock().unwrap().webhook.len(), 1);
+
+    sim.sim.set_online(true);
+    let bodies = webhook_bodies(&seen, 2).await;
+    let attachment = &by_message(&bodies, IMAGE_PATH)["attachments"][0];
+    assert_eq!(attachment["sha256"], sha256_hex(&image));
+    let metrics = sidecar.metrics().await;
+    assert_eq!(series(&metrics, "success"), 1.0);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wxauto_deliveries_total{platform=\"hook\",outcome=\"retry\"}"
+        ),
+        Some(0.0),
+        "waiting is not a failed attempt"
+    );
+    sidecar.stop().await;
 }

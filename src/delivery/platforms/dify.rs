@@ -238,3 +238,29 @@ fn multipart(boundary: &str, user: &str, attachment: &Attachment, data: &[u8]) -
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     body
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attachment(kind: &'static str, name: &str) -> Attachment {
+        Attachment {
+            kind,
+            name: name.to_owned(),
+            content_type: media::content_type(name).to_owned(),
+            size: None,
+            sha256: None,
+            local_path: None,
+        }
+    }
+
+    #[test]
+    fn images_are_images_not_documents() {
+        assert_eq!(dify_type(&attachment("image", "a.png")), "image");
+        assert_eq!(dify_type(&attachment("image", "a.dat")), "image");
+        assert_eq!(dify_type(&attachment("file", "scan.jpg")), "image");
+        assert_eq!(dify_type(&attachment("voice", "v.amr")), "audio");
+        assert_eq!(dify_type(&attachment("video", "v.mp4")), "video");
+        assert_eq!(dify_type(&attachment("file", "r.pdf")), "document");
+    }
+}

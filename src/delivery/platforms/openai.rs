@@ -129,15 +129,20 @@ impl OpenAi {
 
     /// The user turn: the text, with each attachment as a placeholder naming it, or, for an
     /// image on a `vision` platform, as an `image_url` part carrying a data URI. Returns the
-    /// text too (what the history keeps).
+    /// text for the history, where every attachment is its placeholder (history is text).
     async fn user_content(
         &self,
         msg: &InboundMessage,
         attachments: &[Attachment],
     ) -> (String, Value) {
         let mut text = media::text_of(msg).trim().to_owned();
+        let mut history = text.clone();
         let mut images = Vec::new();
         for attachment in attachments {
+            if !history.is_empty() {
+                history.push('\n');
+            }
+            history.push_str(&attachment.placeholder());
             let inline = if self.vision && attachment.kind == "image" {
                 attachment.data().await
             } else {
@@ -161,13 +166,13 @@ impl OpenAi {
             }
         }
         if images.is_empty() {
-            return (text.clone(), json!(text));
+            return (history, json!(text));
         }
         let mut parts = Vec::with_capacity(images.len() + 1);
         if !text.is_empty() {
             parts.push(json!({"type": "text", "text": text}));
         }
         parts.extend(images);
-        (text, Value::Array(parts))
+        (history, Value::Array(parts))
     }
 }
