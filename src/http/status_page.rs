@@ -243,7 +243,7 @@ fn render_body(model: &Model, lang: Lang) -> String {
         "<div id=\"app\" data-lang=\"{lang}\" data-title=\"{title}\" data-failed=\"{failed}\">\
          <header><h1>{title} <small>{version}</small></h1>\
          <nav><a href=\"?lang={other_code}\" data-lang=\"{other_code}\" lang=\"{other_code}\">{other_name}</a> \
-         <a href=\"/links\">{endpoints}</a></nav>\
+         <a href=\"links\">{endpoints}</a></nav>\
          <p class=\"muted\">{updated} {time} · <span id=\"live\">{live}</span></p></header><main>",
         lang = lang.code(),
         title = esc(t.title),
