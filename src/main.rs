@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use wxauto_sidecar::app::{self, RunOptions};
 use wxauto_sidecar::config;
+use wxauto_sidecar::import_mgt::{self, ImportOptions};
 use wxauto_sidecar::logging;
 use wxauto_sidecar::simulator::{ApiGeneration, SimConfig, Simulator};
 
@@ -78,6 +79,21 @@ enum Command {
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         read_latency: std::time::Duration,
     },
+    /// Write a sidecar config (and optionally a secrets file) from a WXAUTO-MGT database.
+    ImportMgt {
+        /// The WXAUTO-MGT database.
+        #[arg(long, value_name = "FILE", default_value = "data/wxauto_mgt.db")]
+        db: PathBuf,
+        /// Write the config here instead of to stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Write the secrets as NAME=value lines here (mode 0600 on unix).
+        #[arg(long, value_name = "FILE")]
+        secrets_file: Option<PathBuf>,
+        /// Overwrite existing --out and --secrets-file files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `simulate --api-generation`.
@@ -144,6 +160,7 @@ fn main() -> ExitCode {
             api_key,
             flaky,
             chatter,
+<<<<<<< HEAD
             api_generation,
             no_history,
             read_latency,
@@ -161,7 +178,94 @@ fn main() -> ExitCode {
             };
             runtime.block_on(simulate(listen, config, chatter))
         }
+=======
+        }) => runtime.block_on(simulate(listen, api_key, flaky, chatter)),
+        Some(Command::ImportMgt {
+            db,
+            out,
+            secrets_file,
+            force,
+        }) => import(&ImportOptions {
+            db,
+            out,
+            secrets_file,
+            force,
+        }),
+>>>>>>> main
     }
+}
+
+/// `import-mgt`: the YAML goes to `--out` or stdout, the report to stderr (never a secret).
+fn import(options: &ImportOptions) -> ExitCode {
+    let summary = match import_mgt::run(options, &mut std::io::stdout().lock()) {
+        Ok(summary) => summary,
+        Err(error) => {
+            eprintln!("wxauto-sidecar import-mgt: {error}");
+            let code = if error.is_input() {
+                EXIT_CONFIG
+            } else {
+                EXIT_RUNTIME
+            };
+            return ExitCode::from(code);
+        }
+    };
+    let plural = |n: usize, what: &str| {
+        if n == 1 {
+            format!("{n} {what}")
+        } else {
+            format!("{n} {what}s")
+        }
+    };
+    let target = options
+        .out
+        .as_ref()
+        .map_or_else(|| "stdout".to_owned(), |path| path.display().to_string());
+    eprintln!(
+        "import-mgt: read {}; wrote {target}: {}, {}, {}, {}",
+        options.db.display(),
+        plural(summary.instances, "instance"),
+        plural(summary.platforms, "platform"),
+        plural(summary.rules, "rule"),
+        plural(summary.fixed_listeners, "fixed listener"),
+    );
+    let written = summary.variables.len() - summary.unset.len();
+    if let Some(path) = &options.secrets_file {
+        let mode = if cfg!(unix) { " (mode 0600)" } else { "" };
+        eprintln!(
+            "import-mgt: wrote {}: {}{mode}",
+            path.display(),
+            plural(written, "secret")
+        );
+    }
+    if !summary.notes.is_empty() {
+        eprintln!("import-mgt: not imported or changed:");
+        for note in &summary.notes {
+            eprintln!("  - {note}");
+        }
+    }
+    if !summary.variables.is_empty() {
+        let source = match &options.secrets_file {
+            Some(path) => format!(" (values in {})", path.display()),
+            None => " (values not written: pass --secrets-file FILE to get them)".to_owned(),
+        };
+        eprintln!(
+            "import-mgt: the config reads these environment variables{source}: {}",
+            summary.variables.join(", ")
+        );
+    }
+    if !summary.unset.is_empty() {
+        eprintln!(
+            "import-mgt: no usable value in the database, set them yourself: {}",
+            summary.unset.join(", ")
+        );
+    }
+    if let Some(path) = &options.out {
+        eprintln!(
+            "import-mgt: next: set the variables, then wxauto-sidecar check-config --config {}",
+            path.display()
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn check_config(path: &Path) -> ExitCode {
