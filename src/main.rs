@@ -11,7 +11,7 @@ use wxauto_sidecar::app::{self, RunOptions};
 use wxauto_sidecar::config;
 use wxauto_sidecar::import_mgt::{self, ImportOptions};
 use wxauto_sidecar::logging;
-use wxauto_sidecar::simulator::{SimConfig, Simulator};
+use wxauto_sidecar::simulator::{ApiGeneration, SimConfig, Simulator};
 
 /// Exit code for an invalid configuration (CONTRACT §2).
 const EXIT_CONFIG: u8 = 1;
@@ -68,6 +68,16 @@ enum Command {
         /// Inject a random message this often (0 = never), e.g. `2s`.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         chatter: std::time::Duration,
+        /// Which body key listen/add and listen/remove read: `who` (servers before mid-2025)
+        /// or `nickname` (current ones).
+        #[arg(long, value_enum, default_value = "nickname")]
+        api_generation: SimGeneration,
+        /// Do not serve `GET /api/chat/get-all-messages` (like some older servers).
+        #[arg(long)]
+        no_history: bool,
+        /// How long destructive reads take to answer after taking the messages, e.g. `300ms`.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        read_latency: std::time::Duration,
     },
     /// Write a sidecar config (and optionally a secrets file) from a WXAUTO-MGT database.
     ImportMgt {
@@ -84,6 +94,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `simulate --api-generation`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SimGeneration {
+    /// `{"who": ...}`.
+    Who,
+    /// `{"nickname": ...}`.
+    Nickname,
 }
 
 #[derive(Args, Debug, Default)]
@@ -141,6 +160,25 @@ fn main() -> ExitCode {
             api_key,
             flaky,
             chatter,
+<<<<<<< HEAD
+            api_generation,
+            no_history,
+            read_latency,
+        }) => {
+            let config = SimConfig {
+                api_key,
+                name: "sim".to_owned(),
+                flaky,
+                api_generation: match api_generation {
+                    SimGeneration::Who => ApiGeneration::Who,
+                    SimGeneration::Nickname => ApiGeneration::Nickname,
+                },
+                history: !no_history,
+                read_latency,
+            };
+            runtime.block_on(simulate(listen, config, chatter))
+        }
+=======
         }) => runtime.block_on(simulate(listen, api_key, flaky, chatter)),
         Some(Command::ImportMgt {
             db,
@@ -153,6 +191,7 @@ fn main() -> ExitCode {
             secrets_file,
             force,
         }),
+>>>>>>> main
     }
 }
 
@@ -351,18 +390,10 @@ async fn demo(listen: Option<SocketAddr>) -> ExitCode {
     code
 }
 
-async fn simulate(
-    listen: SocketAddr,
-    api_key: String,
-    flaky: bool,
-    chatter: std::time::Duration,
-) -> ExitCode {
+async fn simulate(listen: SocketAddr, config: SimConfig, chatter: std::time::Duration) -> ExitCode {
     let _guard = logging::init("info", None);
-    let simulator = Simulator::new(SimConfig {
-        api_key,
-        name: "sim".to_owned(),
-        flaky,
-    });
+    let generation = config.api_generation.key();
+    let simulator = Simulator::new(config);
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -374,7 +405,10 @@ async fn simulate(
     if !chatter.is_zero() {
         simulator.spawn_chatter(chatter, cancel.clone());
     }
-    eprintln!("wxauto simulator on http://{listen} (control surface under /_sim/)");
+    eprintln!(
+        "wxauto simulator on http://{listen} (listen/add reads {generation:?}; control surface \
+         under /_sim/)"
+    );
     let stop = cancel.clone();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
