@@ -182,7 +182,6 @@ fn main() -> ExitCode {
             api_key,
             flaky,
             chatter,
-<<<<<<< HEAD
             api_generation,
             no_history,
             read_latency,
@@ -200,8 +199,6 @@ fn main() -> ExitCode {
             };
             runtime.block_on(simulate(listen, config, chatter))
         }
-=======
-        }) => runtime.block_on(simulate(listen, api_key, flaky, chatter)),
         Some(Command::ImportMgt {
             db,
             out,
@@ -213,7 +210,6 @@ fn main() -> ExitCode {
             secrets_file,
             force,
         }),
->>>>>>> main
     }
 }
 
