@@ -14,6 +14,7 @@ mod api;
 mod dead;
 mod serve;
 mod status_page;
+pub mod web_config;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -204,6 +205,7 @@ pub async fn serve(
     shutdown: tokio_util::sync::CancellationToken,
     grace: Duration,
     limits: crate::config::HttpLimits,
+    web: Option<Arc<web_config::WebConfigHandle>>,
 ) -> std::io::Result<()> {
-    serve::serve(listener, router, shutdown, grace, limits).await
+    serve::serve(listener, router, shutdown, grace, limits, web).await
 }
