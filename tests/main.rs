@@ -9,6 +9,7 @@ mod import_mgt;
 mod listener;
 mod logging;
 mod media;
+mod recovery;
 mod reload;
 mod security;
 mod status_page;
