@@ -5,6 +5,8 @@
 //! - `POST /-/reload` (lifecycle-gated: 403 when off; 405 on GET; 500 with the errors on failure)
 //! - `GET /api/v1/{status,health,clients,listeners,statistics,errors?limit=N}` (JSON envelope)
 //! - `POST /api/v1/{restart,reload}` (lifecycle-gated)
+//! - `GET /api/v1/processes`; `POST /api/v1/processes/{name}/{start,stop,restart}`
+//!   (lifecycle-gated; 404 for an unknown name)
 
 mod api;
 
@@ -67,6 +69,8 @@ pub struct AppState {
     pub lifecycle_flag: bool,
     /// Per-chat message counts from the store, when delivery runs.
     pub message_counts: Option<MessageCounts>,
+    /// Supervised external processes.
+    pub processes: crate::process::Processes,
 }
 
 impl AppState {
@@ -136,6 +140,8 @@ async fn landing() -> Html<&'static str> {
         "<li><a href=\"/api/v1/statistics\">/api/v1/statistics</a> statistics</li>",
         "<li><a href=\"/api/v1/errors?limit=10\">/api/v1/errors</a> recent errors</li>",
         "<li>POST /api/v1/restart, POST /api/v1/reload (lifecycle)</li>",
+        "<li><a href=\"/api/v1/processes\">/api/v1/processes</a> supervised processes; ",
+        "POST /api/v1/processes/{name}/start|stop|restart (lifecycle)</li>",
         "</ul></body></html>"
     ))
 }
