@@ -6,5 +6,7 @@ mod binary;
 mod delivery;
 mod http;
 mod listener;
+#[cfg(target_os = "linux")]
+mod processes;
 mod reload;
 mod tidy;
