@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::Value;
+use wxauto_sidecar::config::{RestartPolicy, StopSignal};
 use wxauto_sidecar::simulator::Fault;
 
 use crate::util::*;
@@ -499,11 +500,7 @@ async fn sigterm_to_the_sidecar_leaves_no_process_of_any_group_alive() {
     }
     assert!(pids.iter().all(|pid| alive(*pid)));
     let started = Instant::now();
-    binary.signal("TERM");
-    eventually("the sidecar exited", DEADLINE, || async {
-        (!alive(u64::from(binary.pid()))).then_some(())
-    })
-    .await;
+    stop_gracefully(binary).await;
     for pid in &pids {
         assert!(!alive(*pid), "process {pid} outlived the sidecar");
     }
@@ -588,4 +585,39 @@ async fn reload_restarts_only_the_changed_process() {
     ))
     .unwrap();
     assert!(cmdline.contains("302"), "{cmdline:?}");
+    // A graceful stop, not the harness's kill: a SIGKILLed sidecar cannot stop its groups.
+    stop_gracefully(binary).await;
+}
+
+/// SIGTERM, then wait until the sidecar is gone (a zombie until the harness reaps it).
+async fn stop_gracefully(binary: &Binary) {
+    binary.signal("TERM");
+    eventually("the sidecar exited", DEADLINE, || async {
+        (!alive(u64::from(binary.pid()))).then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn the_commented_example_is_valid_once_uncommented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("examples/config.yaml")).unwrap();
+    let start = text
+        .find("# processes:")
+        .expect("the example has a processes block");
+    let block: String = text[start..]
+        .lines()
+        .take_while(|line| line.starts_with("# "))
+        .map(|line| format!("{}\n", &line[2..]))
+        .collect();
+    let env = |name: &str| Some(format!("{name}-example-value"));
+    let loaded = wxauto_sidecar::config::decode(&format!("{text}\n{block}"), None, &env)
+        .unwrap_or_else(|errors| panic!("{errors}"));
+    let process = &loaded.config.processes[0];
+    assert_eq!(process.name, "wxauto-api");
+    assert_eq!(process.args, ["run.py", "--port", "5000"]);
+    assert_eq!(process.restart, RestartPolicy::Always);
+    assert_eq!(process.stop_signal, StopSignal::Term);
+    assert_eq!(process.crash_loop.max_starts, 5);
+    assert_eq!(process.instance.as_deref(), Some("wx-main"));
 }

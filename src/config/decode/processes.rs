@@ -254,3 +254,111 @@ fn instance(
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::{RestartPolicy, StopSignal, decode};
+
+    const HEAD: &str =
+        "instances:\n  - {id: wx-a, base_url: http://a, api_key_env: K}\nprocesses:\n";
+
+    fn env(name: &str) -> Option<String> {
+        (name == "K").then(|| "key-0123456789".to_owned())
+    }
+
+    fn errors(processes: &str) -> Vec<String> {
+        match decode(&format!("{HEAD}{processes}"), None, &env) {
+            Ok(loaded) => panic!("accepted: {:?}", loaded.config.processes),
+            Err(errors) => errors.errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_and_every_key() {
+        let text = format!(
+            "{HEAD}  - {{name: a, command: sleep}}\n  - name: b_2-x\n    command: ./run.sh\n    \
+             args: [1, '--x']\n    cwd: /srv\n    env: {{A: '1', B: 2}}\n    restart: always\n    \
+             success_exit_codes: [0, -15]\n    backoff: {{initial: 10ms, max: 1s}}\n    \
+             crash_loop: {{max_starts: 2, window: 5s}}\n    stop_signal: SIGint\n    \
+             stop_timeout: 1s\n    instance: wx-a\n"
+        );
+        let loaded = decode(&text, None, &env).unwrap_or_else(|errors| panic!("{errors}"));
+        let [a, b] = loaded.config.processes.as_slice() else {
+            panic!("two processes expected");
+        };
+        assert_eq!(a.restart, RestartPolicy::OnFailure);
+        assert_eq!(a.success_exit_codes, [0]);
+        assert_eq!(a.backoff.initial, Duration::from_secs(1));
+        assert_eq!(a.crash_loop.max_starts, 5);
+        assert_eq!(a.crash_loop.window, Duration::from_secs(120));
+        assert_eq!(a.stop_signal, StopSignal::Term);
+        assert_eq!(a.stop_timeout, Duration::from_secs(10));
+        assert_eq!((a.cwd.as_ref(), a.instance.as_ref()), (None, None));
+        assert_eq!(b.args, ["1", "--x"]);
+        assert_eq!(
+            b.env,
+            [
+                ("A".to_owned(), "1".to_owned()),
+                ("B".to_owned(), "2".to_owned())
+            ]
+        );
+        assert_eq!(b.success_exit_codes, [0, -15]);
+        assert_eq!(b.stop_signal, StopSignal::Int);
+        assert_eq!(b.crash_loop.max_starts, 2);
+        assert_eq!(b.instance.as_deref(), Some("wx-a"));
+    }
+
+    #[test]
+    fn every_problem_is_located() {
+        let found = errors(
+            "  - {name: Bad Name, command: x}\n  - {name: a, command: ''}\n  - {name: a, command: x}\n  \
+             - {name: c, command: x, restart: sometimes, stop_signal: TERMINATE, instance: wx-z}\n  \
+             - {name: d, command: x, env: {A: null}, success_exit_codes: [x], crash_loop: {max_starts: 0}}\n  \
+             - {name: e, command: x, backoff: {initial: 2s, max: 1s}, bogus: 1}\n  - {command: x}\n",
+        );
+        let expected = [
+            "<builtin>:4:12: processes[0].name: invalid process name \"Bad Name\": use 1 to 64 characters from a-z 0-9 _ -",
+            "<builtin>:5:24: processes[1].command: must not be empty",
+            "<builtin>:6:12: processes[2].name: duplicate process name \"a\" (first defined at line 5)",
+            "<builtin>:7:36: processes[3].restart: invalid restart \"sometimes\": expected never, on-failure or always",
+            "<builtin>:7:60: processes[3].stop_signal: invalid stop_signal \"TERMINATE\": expected one of TERM, INT, HUP, QUIT, KILL, USR1, USR2",
+            "<builtin>:7:81: processes[3].instance: unknown instance id \"wx-z\"",
+        ];
+        for line in expected {
+            assert!(
+                found.iter().any(|error| error == line),
+                "missing {line}\nin {found:#?}"
+            );
+        }
+        for fragment in [
+            "processes[4].env.A: expected a string value, found null",
+            "processes[4].success_exit_codes[0]: expected an integer",
+            "processes[4].crash_loop.max_starts: must be between 1 and 10000, got 0",
+            "processes[5].backoff: initial (2s) must not exceed max (1s)",
+            "processes[5].bogus: unknown key \"bogus\"",
+            "processes[6].name: missing required key",
+        ] {
+            assert!(
+                found.iter().any(|error| error.contains(fragment)),
+                "missing {fragment}\nin {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_values_are_never_quoted_in_errors() {
+        let found = errors("  - {name: a, command: x, env: {TOKEN: [secret-value-Zq9]}}\n");
+        assert!(
+            found
+                .iter()
+                .all(|error| !error.contains("secret-value-Zq9"))
+        );
+        assert!(
+            found
+                .iter()
+                .any(|error| error.contains("processes[0].env.TOKEN"))
+        );
+    }
+}
