@@ -9,4 +9,5 @@ mod listener;
 #[cfg(target_os = "linux")]
 mod processes;
 mod reload;
+mod security;
 mod tidy;
