@@ -441,9 +441,10 @@ async fn a_linked_instance_down_while_its_process_restarts_records_no_outage() {
 
 /// The real binary with a config file in a temp dir.
 struct Bin {
-    dir: tempfile::TempDir,
-    config: std::path::PathBuf,
+    // Dropped first, so that a failing test still finds its stderr file in `dir`.
     binary: Binary,
+    config: std::path::PathBuf,
+    dir: tempfile::TempDir,
 }
 
 async fn start_binary(processes: &str) -> Bin {
@@ -542,7 +543,10 @@ async fn reload_restarts_only_the_changed_process() {
         &sleeper("same", "300"),
         &format!("{}    stop_timeout: 3s\n", sleeper("same", "300")),
     );
-    std::fs::write(&bin.config, next).unwrap();
+    // Atomically (write and rename), so the watcher never reads a half-written file.
+    let tmp = bin.config.with_extension("tmp");
+    std::fs::write(&tmp, next).unwrap();
+    std::fs::rename(&tmp, &bin.config).unwrap();
     // The watcher may see the write first; either way one reload applies it.
     let (status, body) = binary.request(Method::POST, "/-/reload").await;
     assert_eq!(status, 200, "{body}");

@@ -168,16 +168,16 @@ impl Actor {
             return;
         }
         self.tracker.record_start(now);
-        if self.started_once {
-            self.entry.lock().restarts += 1;
-        }
+        let restart = u64::from(self.started_once);
         self.started_once = true;
         match self.spawn() {
             Ok(running) => {
                 let pid = running.child.id();
                 self.entry.set_members(Some(running.group.members()));
                 {
+                    // One critical section per transition: readers never see a mix.
                     let mut status = self.entry.lock();
+                    status.restarts += restart;
                     status.state = ProcessState::Starting;
                     status.pid = pid;
                     status.start_time = Some(SystemTime::now());
@@ -201,10 +201,10 @@ impl Actor {
                 tracing::warn!(process = %self.config.name, "{message}");
                 {
                     let mut status = self.entry.lock();
+                    status.restarts += restart;
                     status.last_error = Some(message);
-                    status.pid = None;
                 }
-                self.after_exit(Duration::ZERO, None);
+                self.after_exit(Duration::ZERO, None, false);
             }
         }
     }
@@ -292,24 +292,31 @@ impl Actor {
         let status = self.terminate(&mut running, status).await;
         self.entry.set_members(None);
         let code = status.and_then(exit_code);
-        {
-            let mut entry = self.entry.lock();
-            entry.pid = None;
-            entry.last_exit_code = code;
-        }
         tracing::warn!(
             process = %self.config.name,
             exit_code = code.unwrap_or_default(),
             uptime = %humantime::format_duration(Duration::from_millis(uptime.as_millis() as u64)),
             "Process exited."
         );
-        self.after_exit(uptime, code);
+        self.after_exit(uptime, code, true);
     }
 
-    fn after_exit(&mut self, uptime: Duration, code: Option<i32>) {
-        match self.tracker.on_exit(&self.config, uptime, code) {
+    /// The policy's decision after a run ended (`ran`: with `code`; otherwise the spawn failed).
+    fn after_exit(&mut self, uptime: Duration, code: Option<i32>, ran: bool) {
+        let decision = self.tracker.on_exit(&self.config, uptime, code);
+        {
+            let mut status = self.entry.lock();
+            status.pid = None;
+            if ran {
+                status.last_exit_code = code;
+            }
+            status.state = match decision {
+                Decision::Restart(_) => ProcessState::Backoff,
+                Decision::Exited => ProcessState::Exited,
+            };
+        }
+        match decision {
             Decision::Restart(delay) => {
-                self.set_state(ProcessState::Backoff);
                 self.wake = Some(Instant::now() + delay);
                 if let Some(instance) = &self.config.instance {
                     self.table.expect_down(instance, None);
@@ -321,7 +328,6 @@ impl Actor {
                 );
             }
             Decision::Exited => {
-                self.set_state(ProcessState::Exited);
                 self.wake = None;
                 self.clear_expected();
             }
@@ -332,21 +338,30 @@ impl Actor {
 
     /// Stops the running group (if any); the state becomes `stopped`.
     async fn stop(&mut self) {
-        self.stop_running().await;
-        self.set_state(ProcessState::Stopped);
+        self.stop_running(ProcessState::Stopped).await;
         self.clear_expected();
     }
 
-    async fn stop_running(&mut self) {
+    /// Stops the running group (if any), then shows `next`: `stopped`, or `starting` when a
+    /// start follows at once.
+    async fn stop_running(&mut self, next: ProcessState) {
         self.wake = None;
-        if let Some(mut running) = self.running.take() {
-            tracing::info!(process = %self.config.name, signal = self.config.stop_signal.as_str(), "Stopping the process group.");
-            let status = self.terminate(&mut running, None).await;
-            let mut entry = self.entry.lock();
-            entry.pid = None;
-            entry.last_exit_code = status.and_then(exit_code);
-        }
+        let mut code = None;
+        let stopped = match self.running.take() {
+            Some(mut running) => {
+                tracing::info!(process = %self.config.name, signal = self.config.stop_signal.as_str(), "Stopping the process group.");
+                code = self.terminate(&mut running, None).await.and_then(exit_code);
+                true
+            }
+            None => false,
+        };
         self.entry.set_members(None);
+        let mut status = self.entry.lock();
+        status.pid = None;
+        if stopped {
+            status.last_exit_code = code;
+        }
+        status.state = next;
     }
 
     /// Ends the whole group: the stop signal to every member, up to `stop_timeout` for the
@@ -425,7 +440,7 @@ impl Actor {
         if let Some(instance) = &self.config.instance {
             self.table.expect_down(instance, None);
         }
-        self.stop_running().await;
+        self.stop_running(ProcessState::Starting).await;
         self.tracker.reset();
         self.start().await;
     }
