@@ -6,6 +6,7 @@ mod binary;
 mod delivery;
 mod http;
 mod listener;
+mod media;
 #[cfg(target_os = "linux")]
 mod processes;
 mod reload;
