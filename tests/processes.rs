@@ -625,3 +625,58 @@ fn the_commented_example_is_valid_once_uncommented() {
     assert_eq!(process.crash_loop.max_starts, 5);
     assert_eq!(process.instance.as_deref(), Some("wx-main"));
 }
+
+#[tokio::test]
+async fn process_metrics_pass_promtool_check() {
+    let Some(promtool) = crate::http::which("promtool") else {
+        assert!(
+            std::env::var_os("WXAUTO_REQUIRE_TOOLS").is_none(),
+            "promtool is required (scripts/install-tools.sh installs it)"
+        );
+        eprintln!("promtool not installed; skipped (scripts/test.sh installs it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        dir.path(),
+        "",
+        "  - name: once\n    command: sh\n    args: ['-c', 'echo hi; exit 1']\n    restart: never\n  \
+         - name: sleeper\n    command: sleep\n    args: ['300']\n",
+    );
+    let sidecar = start_sidecar(text, Vec::new()).await;
+    wait_state(&sidecar, "once", "exited").await;
+    wait_state(&sidecar, "sleeper", "running").await;
+    let body = sidecar.metrics().await;
+    for series in [
+        "wxauto_process_last_exit_code{process=\"once\"} 1",
+        "wxauto_process_state{process=\"once\",state=\"exited\"} 1",
+        "wxauto_process_up{process=\"sleeper\"} 1",
+    ] {
+        assert!(body.contains(series), "{series} missing");
+    }
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && findings.trim().is_empty(),
+        "promtool: {findings}"
+    );
+    sidecar.stop().await;
+}
