@@ -6,9 +6,11 @@ mod binary;
 mod delivery;
 mod http;
 mod listener;
+mod logging;
 mod media;
 #[cfg(target_os = "linux")]
 mod processes;
 mod reload;
 mod security;
+mod status_page;
 mod tidy;

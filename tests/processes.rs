@@ -225,6 +225,30 @@ async fn process_commands_are_gated_and_unknown_names_are_404() {
     sidecar.stop().await;
 
     let sidecar = start_sidecar_with(text, Vec::new(), true).await;
+    // The status page shows the process; the endpoint list names the API.
+    let page = sidecar
+        .http
+        .get(sidecar.url("/?view=status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("id=\"processes\"") && page.contains("<b>sleeper</b>"),
+        "{page}"
+    );
+    let links = sidecar
+        .http
+        .get(sidecar.url("/?view=links"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(links.contains("/api/v1/processes"), "{links}");
     let (code, body) = post(&sidecar, "/api/v1/processes/nope/restart").await;
     assert_eq!(code, 404, "{body}");
     assert_eq!(body["success"], false);
