@@ -3,8 +3,8 @@
 //! Code map (see ARCHITECTURE.md): `config` (YAML → validated `Config`, watcher), `wxauto`
 //! (the upstream client), `listener` (one actor per instance), `supervisor` (the control loop),
 //! `monitor` (errors, counters, health score, JSON documents), `metrics` (Prometheus registry),
-//! `http` (endpoints), `process` (supervised external programs), `simulator` (a fake wxauto
-//! server), `app` (wiring), `logging`, `shutdown`.
+//! `http` (endpoints), `import_mgt` (WXAUTO-MGT database → config), `process` (supervised
+//! external programs), `simulator` (a fake wxauto server), `app` (wiring), `logging`, `shutdown`.
 // No unsafe code, except the Win32 Job Object calls in `process/windows.rs` (the one module
 // that allows it, on Windows only).
 #![cfg_attr(not(windows), forbid(unsafe_code))]
@@ -16,6 +16,7 @@ pub mod backoff;
 pub mod config;
 pub mod delivery;
 pub mod http;
+pub mod import_mgt;
 pub mod listener;
 pub mod logging;
 pub mod message;

@@ -607,7 +607,7 @@ fn section_value_errors() {
     );
     check(
         &with_empty_instances("storage:\n  retention_days: 99999999999\n"),
-        &["3:19: storage.retention_days: must be at most 4294967295, got 99999999999"],
+        &["3:19: storage.retention_days: must be between 1 and 36500, got 99999999999"],
     );
 }
 
@@ -1296,4 +1296,18 @@ fn coze_platform_errors() {
             "7:30: platforms[0].continuous_conversation: expected true or false, found a string",
         ],
     );
+}
+
+#[test]
+fn coze_api_base_credentials_are_warned_about_not_kept() {
+    let loaded = valid(
+        "instances: []\nplatforms:\n  - id: c\n    type: coze\n    api_base: https://me:coze-pass-Xy12@api.coze.com\n    api_key_env: WX_KEY\n    bot_id: b\n",
+    );
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    assert!(
+        loaded.warnings[0].contains("platforms[0].api_base: the user:password@ part"),
+        "{:?}",
+        loaded.warnings
+    );
+    assert!(!loaded.warnings[0].contains("coze-pass-Xy12"));
 }
