@@ -317,6 +317,7 @@ pub async fn run(
             counts
         }),
         processes: processes.clone(),
+        delivery: delivery.clone(),
     };
     tracing::info!(%addr, "Serving metrics and the monitor API.");
     on_started(Started { addr });

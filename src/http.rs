@@ -9,8 +9,11 @@
 //! - `POST /api/v1/{restart,reload}` (lifecycle-gated)
 //! - `GET /api/v1/processes`; `POST /api/v1/processes/{name}/{start,stop,restart}`
 //!   (lifecycle-gated; 404 for an unknown name)
+//! - `GET /api/v1/messages/dead?limit=N`; `POST /api/v1/messages/dead/{retry,purge}`
+//!   (lifecycle-gated; body optional `{"ids": [...]}`)
 
 mod api;
+mod dead;
 mod serve;
 mod status_page;
 pub mod web_config;
@@ -81,6 +84,8 @@ pub struct AppState {
     pub delivery_counts: Option<DeliveryCounts>,
     /// Supervised external processes.
     pub processes: crate::process::Processes,
+    /// The delivery service, when it runs (dead letters).
+    pub delivery: Option<crate::delivery::Delivery>,
 }
 
 impl AppState {

@@ -3,8 +3,9 @@
 //! Code map (see ARCHITECTURE.md): `config` (YAML → validated `Config`, watcher), `wxauto`
 //! (the upstream client), `listener` (one actor per instance), `supervisor` (the control loop),
 //! `monitor` (errors, counters, health score, JSON documents), `metrics` (Prometheus registry),
-//! `http` (endpoints), `import_mgt` (WXAUTO-MGT database → config), `process` (supervised
-//! external programs), `simulator` (a fake wxauto server), `app` (wiring), `logging`, `shutdown`.
+//! `http` (endpoints), `dead_cli` (the `dead` command), `import_mgt` (WXAUTO-MGT database →
+//! config), `process` (supervised external programs), `simulator` (a fake wxauto server), `app`
+//! (wiring), `logging`, `shutdown`.
 // No unsafe code, except the Win32 Job Object calls in `process/windows.rs` (the one module
 // that allows it, on Windows only).
 #![cfg_attr(not(windows), forbid(unsafe_code))]
@@ -14,6 +15,7 @@
 pub mod app;
 pub mod backoff;
 pub mod config;
+pub mod dead_cli;
 pub mod delivery;
 pub mod http;
 pub mod import_mgt;
