@@ -120,6 +120,7 @@ pub async fn run(
     registry.register_collector(Box::new(StateCollector::new(Arc::clone(&monitor))));
 
     let addr = options.listen.unwrap_or(config.server.listen);
+    let http_limits = config.server.limits;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| RunError::Bind { addr, source })?;
@@ -270,6 +271,7 @@ pub async fn run(
         http::router(state),
         http_stop.clone(),
         options.grace,
+        http_limits,
     ));
 
     shutdown.cancelled().await;

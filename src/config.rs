@@ -69,6 +69,35 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// `server.enable_lifecycle`: allow the mutating endpoints.
     pub enable_lifecycle: bool,
+    /// `server.header_read_timeout`, `idle_timeout`, `max_connections`,
+    /// `max_request_body_bytes`: what a slow or hostile client can hold.
+    pub limits: HttpLimits,
+}
+
+/// The HTTP server's limits (read at start; a change needs a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A request head (line and headers) must arrive within this long of the server starting
+    /// to wait for it: on a new connection, and between requests on a kept-alive one.
+    pub header_read_timeout: Duration,
+    /// A connection that moves no byte in either direction for this long is closed (a
+    /// stalled request body, a client that stops reading its answer).
+    pub idle_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed at once.
+    pub max_connections: usize,
+    /// Larger request bodies are answered 413.
+    pub max_request_body_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
+            max_request_body_bytes: 64 * 1024,
+        }
+    }
 }
 
 /// `listener:` section: how every instance actor polls.

@@ -71,6 +71,23 @@ impl ConfigDiff {
         let mut needs_restart = Vec::new();
         let restart_keys = [
             ("server.listen", old.server.listen != new.server.listen),
+            (
+                "server.header_read_timeout",
+                old.server.limits.header_read_timeout != new.server.limits.header_read_timeout,
+            ),
+            (
+                "server.idle_timeout",
+                old.server.limits.idle_timeout != new.server.limits.idle_timeout,
+            ),
+            (
+                "server.max_connections",
+                old.server.limits.max_connections != new.server.limits.max_connections,
+            ),
+            (
+                "server.max_request_body_bytes",
+                old.server.limits.max_request_body_bytes
+                    != new.server.limits.max_request_body_bytes,
+            ),
             ("storage.path", old.storage.path != new.storage.path),
             ("logging.dir", old.logging.dir != new.logging.dir),
             (

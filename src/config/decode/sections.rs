@@ -12,8 +12,8 @@ use super::reader::{Ctx, Fields, IntRange, index};
 use super::routing;
 use crate::config::{
     BackoffConfig, Config, ConfigSource, DEFAULT_LISTEN, DeliveryConfig, FixedListener,
-    HealthConfig, InstanceConfig, InstanceSelector, ListenerConfig, LoggingConfig, MediaConfig,
-    ServerConfig, StorageConfig,
+    HealthConfig, HttpLimits, InstanceConfig, InstanceSelector, ListenerConfig, LoggingConfig,
+    MediaConfig, ServerConfig, StorageConfig,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -29,7 +29,14 @@ const ROOT_KEYS: &[&str] = &[
     "storage",
     "media",
 ];
-const SERVER_KEYS: &[&str] = &["listen", "enable_lifecycle"];
+const SERVER_KEYS: &[&str] = &[
+    "listen",
+    "enable_lifecycle",
+    "header_read_timeout",
+    "idle_timeout",
+    "max_connections",
+    "max_request_body_bytes",
+];
 const LISTENER_KEYS: &[&str] = &[
     "poll_interval",
     "health_check_interval",
@@ -125,15 +132,39 @@ fn server(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ServerConfig {
         return ServerConfig {
             listen: default_listen,
             enable_lifecycle: false,
+            limits: HttpLimits::default(),
         };
     };
     let listen = match fields.get("listen") {
         Some(node) => socket_addr(ctx, node, &fields.path_of("listen")).unwrap_or(default_listen),
         None => default_listen,
     };
+    let defaults = HttpLimits::default();
+    let limits = HttpLimits {
+        header_read_timeout: fields.duration_or(
+            ctx,
+            "header_read_timeout",
+            defaults.header_read_timeout,
+        ),
+        idle_timeout: fields.duration_or(ctx, "idle_timeout", defaults.idle_timeout),
+        // The upper bounds keep the server inside what one process can hold open.
+        max_connections: to_usize(fields.int_or(
+            ctx,
+            "max_connections",
+            IntRange::between(1, 1_000_000),
+            512,
+        )),
+        max_request_body_bytes: to_usize(fields.int_or(
+            ctx,
+            "max_request_body_bytes",
+            IntRange::between(1024, 1024 * 1024 * 1024),
+            64 * 1024,
+        )),
+    };
     ServerConfig {
         listen,
         enable_lifecycle: fields.bool_or(ctx, "enable_lifecycle", false),
+        limits,
     }
 }
 

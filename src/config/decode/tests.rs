@@ -1136,6 +1136,39 @@ fn hash_changes_with_the_key_file() {
 }
 
 #[test]
+fn server_limits_have_defaults_and_ranges() {
+    let loaded = valid(&with_empty_instances(""));
+    assert_eq!(
+        loaded.config.server.limits,
+        crate::config::HttpLimits::default()
+    );
+    let loaded = valid(&with_empty_instances(
+        "server:\n  header_read_timeout: 2s\n  idle_timeout: 30s\n  max_connections: 64\n  max_request_body_bytes: 4096\n",
+    ));
+    let limits = loaded.config.server.limits;
+    assert_eq!(limits.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(limits.idle_timeout, Duration::from_secs(30));
+    assert_eq!(limits.max_connections, 64);
+    assert_eq!(limits.max_request_body_bytes, 4096);
+    let errors = errors_of(&with_empty_instances(
+        "server:\n  max_connections: 0\n  max_request_body_bytes: 10\n  header_read_timeout: 0s\n",
+    ));
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors[0].starts_with("3:20: server.max_connections:"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("server.max_request_body_bytes"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].contains("server.header_read_timeout"),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn media_section_defaults_values_and_errors() {
     let defaults = valid("instances: []\n").config.media;
     assert_eq!(defaults, crate::config::MediaConfig::default());
