@@ -24,8 +24,13 @@ fn main() {
         .or_else(|| git(&["rev-parse", "--short", "HEAD"]))
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=WXAUTO_REVISION={revision}");
-    // Re-run when HEAD moves: HEAD itself, the branch it points at, and packed refs.
-    let mut watched = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    // Re-run when HEAD moves: HEAD itself, its reflog (appended by every commit, checkout and
+    // merge, even when the branch ref is packed), the branch it points at, and packed refs.
+    let mut watched = vec![
+        "HEAD".to_owned(),
+        "logs/HEAD".to_owned(),
+        "packed-refs".to_owned(),
+    ];
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
         watched.push(branch);
     }

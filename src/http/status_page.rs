@@ -44,6 +44,7 @@ const LINKS: &str = concat!(
     "<li><a href=\"/api/v1/listeners\">/api/v1/listeners</a> listened chats</li>",
     "<li><a href=\"/api/v1/statistics\">/api/v1/statistics</a> statistics</li>",
     "<li><a href=\"/api/v1/errors?limit=10\">/api/v1/errors</a> recent errors</li>",
+    "<li><a href=\"/api/v1/processes\">/api/v1/processes</a> supervised processes (when the build has them)</li>",
     "<li>POST /api/v1/restart, POST /api/v1/reload (lifecycle)</li>",
     "</ul></body></html>"
 );
@@ -69,7 +70,8 @@ pub(super) async fn index(
         _ => query.fragment.is_some() || prefers_html(header(header::ACCEPT)),
     };
     if !wants_page {
-        return links().await.into_response();
+        // The same URL answers differently by `Accept`: tell caches.
+        return ([(header::VARY, "Accept")], links().await).into_response();
     }
     let lang = Lang::negotiate(query.lang.as_deref(), header(header::ACCEPT_LANGUAGE));
     let model = Model::gather(&state).await;
@@ -241,7 +243,7 @@ fn render_body(model: &Model, lang: Lang) -> String {
         "<div id=\"app\" data-lang=\"{lang}\" data-title=\"{title}\" data-failed=\"{failed}\">\
          <header><h1>{title} <small>{version}</small></h1>\
          <nav><a href=\"?lang={other_code}\" data-lang=\"{other_code}\" lang=\"{other_code}\">{other_name}</a> \
-         <a href=\"/links\">{endpoints}</a></nav>\
+         <a href=\"links\">{endpoints}</a></nav>\
          <p class=\"muted\">{updated} {time} · <span id=\"live\">{live}</span></p></header><main>",
         lang = lang.code(),
         title = esc(t.title),
@@ -490,8 +492,9 @@ fn render_processes(out: &mut String, processes: &Value, t: &Text) {
     let _ = write!(
         out,
         "<section class=\"card\" id=\"processes\"><h2>{}</h2>\
-         <div class=\"scroll\"><table><thead><tr><th>{}</th><th>{}</th><th>PID</th><th>{}</th><th>{}</th></tr></thead><tbody>",
-        t.processes, t.process, t.state, t.restarts, t.exit_code
+         <div class=\"scroll\"><table><thead><tr><th>{}</th><th>{}</th><th>PID</th><th>{}</th>\
+         <th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+        t.processes, t.process, t.state, t.uptime, t.restarts, t.exit_code, t.memory, t.last_error
     );
     for row in rows {
         let state = str_of(row, "state");
@@ -500,16 +503,32 @@ fn render_processes(out: &mut String, processes: &Value, t: &Text) {
             Value::String(text) => esc(text),
             other => esc(&other.to_string()),
         };
+        let class = match state {
+            "running" => "up",
+            "starting" | "backoff" => "recovering",
+            "exited" | "fatal" => "down",
+            _ => "unknown",
+        };
         let _ = write!(
             out,
-            "<tr><td><b>{name}</b></td><td><span class=\"badge {class}\">{state}</span></td>\
-             <td class=\"num\">{pid}</td><td class=\"num\">{restarts}</td><td class=\"num\">{exit}</td></tr>",
+            "<tr data-process=\"{name}\"><td><b>{name}</b></td>\
+             <td><span class=\"badge {class}\" data-state=\"{state}\">{state}</span></td>\
+             <td class=\"num\">{pid}</td><td class=\"num\">{uptime}</td><td class=\"num\">{restarts}</td>\
+             <td class=\"num\">{exit}</td><td class=\"num\">{memory}</td><td class=\"text\">{error}</td></tr>",
             name = cell("name"),
-            class = if state == "running" { "up" } else { "unknown" },
             state = esc(state),
             pid = cell("pid"),
+            uptime = cell("uptime_formatted"),
             restarts = cell("restarts"),
             exit = cell("last_exit_code"),
+            memory = match row["memory_usage_mb"].as_f64() {
+                Some(mb) => format!("{mb:.1} MB"),
+                None => "–".to_owned(),
+            },
+            error = match &row["last_error"] {
+                Value::String(text) => esc(text),
+                _ => String::new(),
+            },
         );
     }
     out.push_str("</tbody></table></div></section>");
@@ -641,7 +660,11 @@ mod tests {
                 delivered: 9,
                 dead: 4,
             }),
-            processes: Some(serde_json::json!([{"name": "wxauto", "state": "running", "pid": 42}])),
+            processes: Some(serde_json::json!([
+                {"name": "wxauto", "state": "running", "pid": 42, "restarts": 1,
+                 "uptime_formatted": "0:05:00", "memory_usage_mb": 12.345, "last_error": null},
+                {"name": "bot<1>", "state": "fatal", "pid": null, "last_error": "exit <3>"},
+            ])),
             lifecycle: false,
         };
         let body = render_body(&model, Lang::Zh);
@@ -658,7 +681,12 @@ mod tests {
             "&lt;img src=x&gt;",
             "<dd id=\"delivery-pending\">3</dd>",
             "<dd id=\"delivery-dead\">4</dd>",
-            "<td><b>wxauto</b></td>",
+            "<tr data-process=\"wxauto\"><td><b>wxauto</b></td>",
+            "data-state=\"running\">running</span>",
+            "<td class=\"num\">12.3 MB</td>",
+            "<tr data-process=\"bot&lt;1&gt;\">",
+            "<span class=\"badge down\" data-state=\"fatal\">",
+            "exit &lt;3&gt;",
             "href=\"?lang=en\"",
             "未启用",
         ] {

@@ -52,7 +52,8 @@
   function refresh() {
     if (busy) { return; }
     busy = true;
-    var url = "/?fragment=1&lang=" + encodeURIComponent(lang);
+    // Relative, so the page also works behind a reverse proxy under a path prefix.
+    var url = "?fragment=1&lang=" + encodeURIComponent(lang);
     fetch(url, { headers: { Accept: "text/html" }, cache: "no-store" })
       .then(function (response) {
         if (!response.ok) { throw new Error("HTTP " + response.status); }

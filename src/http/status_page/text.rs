@@ -131,6 +131,7 @@ pub struct Text {
     pub process: &'static str,
     pub restarts: &'static str,
     pub exit_code: &'static str,
+    pub memory: &'static str,
     pub endpoints: &'static str,
     pub never: &'static str,
 }
@@ -204,6 +205,7 @@ pub static EN: Text = Text {
     process: "Process",
     restarts: "Restarts",
     exit_code: "Last exit code",
+    memory: "Memory",
     endpoints: "Endpoints",
     never: "never",
 };
@@ -277,6 +279,7 @@ pub static ZH: Text = Text {
     process: "进程",
     restarts: "重启次数",
     exit_code: "上次退出码",
+    memory: "内存",
     endpoints: "接口",
     never: "从未",
 };
