@@ -5,6 +5,7 @@ mod util;
 mod binary;
 mod delivery;
 mod http;
+mod import_mgt;
 mod listener;
 mod logging;
 mod media;
