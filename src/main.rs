@@ -160,7 +160,6 @@ fn main() -> ExitCode {
             api_key,
             flaky,
             chatter,
-<<<<<<< HEAD
             api_generation,
             no_history,
             read_latency,
@@ -178,8 +177,6 @@ fn main() -> ExitCode {
             };
             runtime.block_on(simulate(listen, config, chatter))
         }
-=======
-        }) => runtime.block_on(simulate(listen, api_key, flaky, chatter)),
         Some(Command::ImportMgt {
             db,
             out,
@@ -191,7 +188,6 @@ fn main() -> ExitCode {
             secrets_file,
             force,
         }),
->>>>>>> main
     }
 }
 
