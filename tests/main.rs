@@ -3,13 +3,16 @@
 mod util;
 
 mod binary;
+mod config_notifier_integration;
 mod delivery;
 mod http;
 mod import_mgt;
 mod listener;
 mod logging;
 mod media;
+mod message_listener_health;
 mod reload;
 mod security;
+mod service_monitor;
 mod status_page;
 mod tidy;
