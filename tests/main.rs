@@ -11,6 +11,9 @@ mod listener;
 mod logging;
 mod media;
 mod message_listener_health;
+#[cfg(target_os = "linux")]
+mod processes;
+mod recovery;
 mod reload;
 mod security;
 mod service_monitor;
