@@ -7,6 +7,7 @@
 mod edge_tests;
 mod keys;
 mod node;
+mod processes;
 mod reader;
 mod routing;
 mod sections;
