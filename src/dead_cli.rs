@@ -1,9 +1,9 @@
 //! `wxauto-sidecar dead list|retry|purge`: the dead-letter tools, talking to a running
 //! sidecar's `/api/v1/messages/dead` endpoints (retry and purge need lifecycle enabled).
 
-use std::time::Duration;
-
 use serde_json::{Value, json};
+
+use crate::app::HttpAccess;
 
 /// What to do with the dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,19 +16,21 @@ pub enum DeadAction {
     Purge,
 }
 
-/// Runs one action against the sidecar at `url`; `ids` selects rows (empty: all). Returns the
-/// exit code: 0 done, 2 the sidecar is unreachable or refused.
-pub async fn run(url: &str, action: DeadAction, ids: &[i64], limit: usize) -> i32 {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+/// Runs one action against the sidecar at `url` (through its web config, if any, with
+/// `access`); `ids` selects rows (empty: all). Returns the exit code: 0 done, 2 the sidecar is
+/// unreachable or refused.
+pub async fn run(
+    url: &str,
+    access: &HttpAccess,
+    action: DeadAction,
+    ids: &[i64],
+    limit: usize,
+) -> i32 {
     let base = format!("{}/api/v1/messages/dead", url.trim_end_matches('/'));
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .no_proxy()
-        .build()
-    {
+    let (client, password) = match access.client() {
         Ok(client) => client,
         Err(error) => {
-            eprintln!("wxauto-sidecar: cannot build an HTTP client: {error}");
+            eprintln!("wxauto-sidecar: {error}");
             return 2;
         }
     };
@@ -52,6 +54,7 @@ pub async fn run(url: &str, action: DeadAction, ids: &[i64], limit: usize) -> i3
                 .body(body)
         }
     };
+    let request = access.authorize(request, password.as_ref());
     let (status, body) = match request.send().await {
         Ok(response) => {
             let status = response.status();

@@ -79,6 +79,15 @@ enum Command {
         /// At most this many in a list (1 to 1000).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
         limit: u16,
+        /// PEM file of the CA that signed the sidecar's certificate (for an https URL).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Basic-auth user.
+        #[arg(long, requires = "password_file")]
+        user: Option<String>,
+        /// File holding the basic-auth password (one line).
+        #[arg(long, value_name = "FILE", requires = "user")]
+        password_file: Option<PathBuf>,
     },
     /// A standalone wxauto HTTP API simulator.
     Simulate {
@@ -210,13 +219,27 @@ fn main() -> ExitCode {
             url,
             ids,
             limit,
+            ca_file,
+            user,
+            password_file,
         }) => {
+            let access = app::HttpAccess {
+                ca_file,
+                user,
+                password_file,
+            };
             let action = match action {
                 DeadCommand::List => DeadAction::List,
                 DeadCommand::Retry => DeadAction::Retry,
                 DeadCommand::Purge => DeadAction::Purge,
             };
-            let code = runtime.block_on(dead_cli::run(&url, action, &ids, usize::from(limit)));
+            let code = runtime.block_on(dead_cli::run(
+                &url,
+                &access,
+                action,
+                &ids,
+                usize::from(limit),
+            ));
             ExitCode::from(u8::try_from(code).unwrap_or(EXIT_RUNTIME))
         }
         Some(Command::Simulate {
