@@ -15,7 +15,9 @@ use regex::Regex;
 
 use crate::secret::Secret;
 
-pub use decode::{ConfigError, ConfigErrors, Loaded, decode, load_file};
+pub use decode::{
+    ConfigError, ConfigErrors, Loaded, check_file_without_secrets, decode, load_file,
+};
 pub use diff::{ConfigDiff, InstanceChange};
 
 /// The default `server.listen` address (CONTRACT §1).

@@ -4,7 +4,9 @@
 //! (the upstream client), `listener` (one actor per instance), `supervisor` (the control loop),
 //! `monitor` (errors, counters, health score, JSON documents), `metrics` (Prometheus registry),
 //! `http` (endpoints), `simulator` (a fake wxauto server), `app` (wiring), `logging`, `shutdown`.
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: the Windows service entry point (`service::scm`) allows the one unsafe
+// block that windows-service's `define_windows_service!` expands to.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod app;
@@ -18,6 +20,7 @@ pub mod message;
 pub mod metrics;
 pub mod monitor;
 pub mod secret;
+pub mod service;
 pub mod shutdown;
 pub mod simulator;
 pub mod supervisor;

@@ -36,6 +36,7 @@ pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
                         std::process::exit(ABORT_EXIT_CODE);
                     }
                 }
+                #[cfg(unix)]
                 Signal::Hangup => {
                     tracing::info!("SIGHUP received; reloading the configuration.");
                     let _ = control
@@ -52,6 +53,8 @@ pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
 
 enum Signal {
     Terminate,
+    /// SIGHUP; Windows has no such signal (reload there via the watcher or the lifecycle API).
+    #[cfg(unix)]
     Hangup,
 }
 

@@ -3,6 +3,7 @@
 mod util;
 
 mod binary;
+mod cli;
 mod delivery;
 mod http;
 mod listener;

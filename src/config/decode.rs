@@ -84,6 +84,24 @@ pub fn decode(
     path: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, ConfigErrors> {
+    decode_with(text, path, env, true)
+}
+
+/// Checks a config file without resolving its secrets (`check-config --no-secrets`, for CI):
+/// syntax, types, ranges and references are checked as for a run, but no environment variable
+/// named by `api_key_env`/`headers_from_env` and no `api_key_file` is read. Returns the
+/// warnings; the config itself is withheld because placeholders stand in for its keys.
+pub fn check_file_without_secrets(path: &Path) -> Result<Vec<String>, ConfigErrors> {
+    let text = read_file(path)?;
+    decode_with(&text, Some(path), &|_| None, false).map(|loaded| loaded.warnings)
+}
+
+fn decode_with(
+    text: &str,
+    path: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    resolve_secrets: bool,
+) -> Result<Loaded, ConfigErrors> {
     let file = path.map_or_else(|| BUILTIN.to_owned(), |path| path.display().to_string());
     let root = parse(text).map_err(|err| ConfigErrors {
         errors: vec![syntax_error(&file, &err)],
@@ -93,6 +111,7 @@ pub fn decode(
     // the working directory; a bare file name has an empty parent, i.e. the working directory.
     let base_dir = path.and_then(Path::parent).map(Path::to_path_buf);
     let mut ctx = Ctx::new(file, text, base_dir, env);
+    ctx.resolve_secrets = resolve_secrets;
     let config = sections::config(&mut ctx, &root);
 
     if !ctx.errors.is_empty() {
@@ -129,7 +148,12 @@ pub fn decode(
 
 /// Reads and decodes a config file using the process environment.
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|err| ConfigErrors {
+    let text = read_file(path)?;
+    decode(&text, Some(path), &|name| std::env::var(name).ok())
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|err| ConfigErrors {
         errors: vec![ConfigError {
             file: path.display().to_string(),
             line: 0,
@@ -137,8 +161,7 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
             key_path: String::new(),
             message: format!("cannot read config file: {err}"),
         }],
-    })?;
-    decode(&text, Some(path), &|name| std::env::var(name).ok())
+    })
 }
 
 /// Parses YAML into the located tree.

@@ -137,7 +137,7 @@ fn bare_file_names_watch_the_working_directory() {
     let cwd = std::env::current_dir()
         .and_then(std::fs::canonicalize)
         .expect("cwd");
-    assert_eq!(targets.dirs(), [cwd.clone()]);
+    assert_eq!(targets.dirs(), std::slice::from_ref(&cwd));
     // Events carry the absolute path notify derived from the watched one.
     let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
     let absolute = cwd.join("config.yaml");
@@ -152,7 +152,7 @@ fn relative_and_dotted_paths_compare_canonically() {
     // `dir/sub/../config.yaml` names the same directory as `dir`.
     let dotted = canonical.join("sub").join("..").join("config.yaml");
     let targets = Targets::new(&[dotted]);
-    assert_eq!(targets.dirs(), [canonical.clone()]);
+    assert_eq!(targets.dirs(), std::slice::from_ref(&canonical));
     let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
     let path = canonical.join("config.yaml");
     assert!(targets.relevant(&event(write, &[path.to_str().expect("utf-8")])));
@@ -368,7 +368,10 @@ async fn a_relative_config_path_is_watched_by_events() {
     let tmp = fixture.dir.path().join(".config.yaml.tmp");
     std::fs::write(&tmp, fixture.next_content()).expect("write tmp");
     std::fs::rename(&tmp, &fixture.file).expect("rename");
-    assert!(fixture.signalled_after(baseline).await, "rename over missed");
+    assert!(
+        fixture.signalled_after(baseline).await,
+        "rename over missed"
+    );
     fixture.assert_still_watching().await;
 }
 
