@@ -4,6 +4,7 @@ mod util;
 
 mod binary;
 mod cli;
+mod consistency;
 mod delivery;
 mod http;
 mod listener;

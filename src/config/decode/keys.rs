@@ -144,8 +144,12 @@ fn read_key_file(ctx: &mut Ctx<'_>, node: &Node, path: &str, file: &Path) -> Opt
         ctx.error(node, path, message);
         return None;
     };
-    // `echo key > file` and editors add a final newline; CRLF comes from Windows editors.
-    let value = text.trim_end_matches(['\n', '\r']);
+    // `echo key > file` and editors add a final newline; CRLF comes from Windows editors, and
+    // so does a leading byte order mark (Notepad's "UTF-8 with BOM").
+    let value = text
+        .strip_prefix('\u{feff}')
+        .unwrap_or(&text)
+        .trim_end_matches(['\n', '\r']);
     if value.is_empty() {
         ctx.error(
             node,
