@@ -161,7 +161,7 @@ wine_check_config() {
   # Without any key (what CI has), then with the keys set through the environment.
   wine_exe check-config --no-secrets --config "$example" &&
     WXAUTO_API_KEY=example-wxauto-key OPENAI_API_KEY=example-openai-key \
-      DIFY_API_KEY=example-dify-key wine_exe check-config --config "$example" &&
+      DIFY_API_KEY=example-dify-key COZE_API_KEY=example-coze-key wine_exe check-config --config "$example" &&
     {
       # An invalid file must exit 1 under Windows too.
       printf 'listener:\n  poll_interval: fast\ninstances: []\n' >"$RUN_DIR/bad.yaml"

@@ -203,6 +203,8 @@ pub enum PlatformKind {
     OpenAi(OpenAiPlatform),
     /// Dify `/chat-messages` in blocking mode.
     Dify(DifyPlatform),
+    /// Coze `/v3/chat`, polled until the chat completes.
+    Coze(CozePlatform),
 }
 
 impl PlatformKind {
@@ -213,6 +215,7 @@ impl PlatformKind {
             Self::Webhook(_) => "webhook",
             Self::OpenAi(_) => "openai",
             Self::Dify(_) => "dify",
+            Self::Coze(_) => "coze",
         }
     }
 }
@@ -287,6 +290,21 @@ pub struct DifyPlatform {
     pub api_key: Secret,
     /// Fallback user id when the sender is unknown.
     pub user_id: String,
+}
+
+/// `type: coze`.
+#[derive(Debug, Clone)]
+pub struct CozePlatform {
+    /// `https://api.coze.cn` (default) or `https://api.coze.com` (no trailing slash).
+    pub api_base: String,
+    /// Bearer token (a personal access token).
+    pub api_key: Secret,
+    /// The bot, published to the API channel.
+    pub bot_id: String,
+    /// The workspace (space) of the bot; informational, not sent with chats.
+    pub workspace_id: Option<String>,
+    /// Keep one Coze conversation per (instance, chat, sender) in the store.
+    pub continuous_conversation: bool,
 }
 
 /// A routing rule.

@@ -112,7 +112,7 @@ pub fn init(level: &str, file: Option<&LoggingConfig>) -> io::Result<LogGuard> {
     let (filter, handle) = reload::Layer::new(filter);
     // Colours only for a terminal: redirected stderr (systemd, files, CI) stays plain text.
     let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(io::stderr)
+        .with_writer(|| crate::secret::RedactingWriter(io::stderr()))
         .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .with_target(false);
     let (file_layer, guard) = match file {
@@ -122,7 +122,7 @@ pub fn init(level: &str, file: Option<&LoggingConfig>) -> io::Result<LogGuard> {
                 .lossy(false)
                 .finish(daily);
             let layer = tracing_subscriber::fmt::layer()
-                .with_writer(writer)
+                .with_writer(move || crate::secret::RedactingWriter(writer.clone()))
                 .with_ansi(false)
                 .with_target(false);
             (Some(layer), Some(guard))

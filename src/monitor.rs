@@ -365,7 +365,8 @@ impl Monitor {
         instance_id: Option<&str>,
         message: &str,
     ) {
-        let message: String = message.chars().take(500).collect();
+        // A last pass through the redactor: no registered secret form is logged or kept.
+        let message: String = crate::secret::redact(message).chars().take(500).collect();
         match component {
             Component::Config => {
                 tracing::error!(

@@ -217,7 +217,19 @@ impl Client {
         request_timeout: Duration,
         metrics: Metrics,
     ) -> Result<Self, reqwest::Error> {
+        // `user:password@` in the URL becomes one `Authorization: Basic` header (the key goes
+        // as `X-API-Key`), and the URL requests are sent to has no credentials left in it.
+        let (base_url, credentials) = crate::secret::split_url_credentials(base_url);
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(credentials) = credentials
+            && let Ok(mut value) =
+                reqwest::header::HeaderValue::from_str(credentials.header_value().expose())
+        {
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .timeout(request_timeout)
             .connect_timeout(request_timeout.min(Duration::from_secs(5)))
             .no_proxy()

@@ -171,6 +171,7 @@ fn the_shipped_example_configs_are_valid() {
         .env("WXAUTO_API_KEY", "example-key-123")
         .env("OPENAI_API_KEY", "example-openai-key")
         .env("DIFY_API_KEY", "example-dify-key")
+        .env("COZE_API_KEY", "example-coze-key")
         .output()
         .unwrap();
     assert_eq!(
@@ -186,6 +187,7 @@ fn the_shipped_example_configs_are_valid() {
         .env_remove("WXAUTO_API_KEY")
         .env("OPENAI_API_KEY", "example-openai-key")
         .env("DIFY_API_KEY", "example-dify-key")
+        .env("COZE_API_KEY", "example-coze-key")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));

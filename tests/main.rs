@@ -9,4 +9,5 @@ mod delivery;
 mod http;
 mod listener;
 mod reload;
+mod security;
 mod tidy;

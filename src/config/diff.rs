@@ -209,6 +209,13 @@ fn same_kind(a: &PlatformKind, b: &PlatformKind) -> bool {
         (PlatformKind::Dify(x), PlatformKind::Dify(y)) => {
             x.api_base == y.api_base && x.api_key == y.api_key && x.user_id == y.user_id
         }
+        (PlatformKind::Coze(x), PlatformKind::Coze(y)) => {
+            x.api_base == y.api_base
+                && x.api_key == y.api_key
+                && x.bot_id == y.bot_id
+                && x.workspace_id == y.workspace_id
+                && x.continuous_conversation == y.continuous_conversation
+        }
         _ => false,
     }
 }
@@ -425,5 +432,33 @@ platforms:
         ] {
             assert!(!summary.contains(secret));
         }
+    }
+
+    #[test]
+    fn every_coze_setting_is_a_platform_change() {
+        let coze = |extra: &str| {
+            config(&format!(
+                "instances: []\nplatforms:\n  - {{id: c, type: coze, api_key_env: KEY, bot_id: b{extra}}}\n"
+            ))
+        };
+        let base = coze("");
+        assert!(ConfigDiff::between(&base, &coze("")).is_empty());
+        for extra in [
+            ", api_base: 'https://api.coze.com'",
+            ", workspace_id: w",
+            ", continuous_conversation: true",
+            ", timeout: 3s",
+        ] {
+            let diff = ConfigDiff::between(&base, &coze(extra));
+            assert!(diff.platforms_changed, "{extra}");
+        }
+        let other_bot = config(
+            "instances: []\nplatforms:\n  - {id: c, type: coze, api_key_env: KEY, bot_id: b2}\n",
+        );
+        assert!(ConfigDiff::between(&base, &other_bot).platforms_changed);
+        let other_key = config(
+            "instances: []\nplatforms:\n  - {id: c, type: coze, api_key_env: OTHER_KEY, bot_id: b}\n",
+        );
+        assert!(ConfigDiff::between(&base, &other_key).platforms_changed);
     }
 }

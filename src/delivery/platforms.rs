@@ -2,6 +2,7 @@
 //! under `platforms/`; this file holds the shared error type and the HTTP classification
 //! (2xx ok; 408, 429, 5xx and transport failures retried; any other 4xx permanent).
 
+mod coze;
 mod dify;
 mod keyword;
 mod openai;
@@ -35,6 +36,7 @@ enum Kind {
     Webhook(webhook::Webhook),
     OpenAi(openai::OpenAi),
     Dify(dify::Dify),
+    Coze(coze::Coze),
 }
 
 /// What a delivery attempt needs besides the message.
@@ -70,6 +72,7 @@ impl Platform {
                 Kind::OpenAi(openai::OpenAi::new(openai, http.clone(), timeout))
             }
             PlatformKind::Dify(dify) => Kind::Dify(dify::Dify::new(dify, http.clone(), timeout)),
+            PlatformKind::Coze(coze) => Kind::Coze(coze::Coze::new(coze, http.clone(), timeout)),
         };
         Self {
             id: config.id.clone(),
@@ -89,6 +92,7 @@ impl Platform {
             Kind::Webhook(webhook) => webhook.deliver(msg, attempt).await?,
             Kind::OpenAi(openai) => openai.deliver(msg, attempt).await?,
             Kind::Dify(dify) => dify.deliver(msg, attempt).await?,
+            Kind::Coze(coze) => coze.deliver(msg, attempt).await?,
         };
         Ok(reply.filter(|text| !text.trim().is_empty()))
     }
@@ -173,6 +177,8 @@ fn quote(body: &[u8], secrets: &[&Secret]) -> String {
     let mut text = secrets
         .iter()
         .fold(text.into_owned(), |text, secret| secret.redact_in(&text));
+    // Every other registered secret form too (URL credentials, encodings).
+    text = crate::secret::redact(&text);
     text = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if text.chars().count() > BODY_QUOTE_CHARS {
         let cut: String = text.chars().take(BODY_QUOTE_CHARS).collect();

@@ -82,12 +82,33 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX history_by_chat ON history (instance_id, chat, platform_id, id);
     ",
+    // Version 2: conversations kept per sender (Coze continuous conversation).
+    r"
+    CREATE TABLE sender_conversations (
+        instance_id     TEXT    NOT NULL,
+        chat            TEXT    NOT NULL,
+        sender          TEXT    NOT NULL,
+        platform_id     TEXT    NOT NULL,
+        conversation_id TEXT    NOT NULL,
+        updated_ms      INTEGER NOT NULL,
+        PRIMARY KEY (instance_id, chat, sender, platform_id)
+    );
+    ",
 ];
 
 /// The columns a claim returns, in `Job::from_row` order.
 const JOB_COLUMNS: &str = "id, instance_id, message_id, synthetic_id, chat, sender, sender_remark, \
      msg_type, mtype, content, received_ms, rule_id, platform_id, reply_at_sender, state, \
      attempts, reply_attempts, reply_text, reply_mode";
+
+/// Whose conversation: one sender in one chat of one instance, on one platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SenderKey {
+    pub instance_id: String,
+    pub chat: String,
+    pub sender: String,
+    pub platform_id: String,
+}
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -598,6 +619,58 @@ impl Store {
         .await
     }
 
+    /// The conversation of one sender in a chat on a platform, if any.
+    pub(crate) async fn sender_conversation(
+        &self,
+        key: SenderKey,
+    ) -> Result<Option<String>, StoreError> {
+        self.call(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT conversation_id FROM sender_conversations \
+                     WHERE instance_id = ?1 AND chat = ?2 AND sender = ?3 AND platform_id = ?4",
+                    params![key.instance_id, key.chat, key.sender, key.platform_id],
+                    |row| row.get(0),
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Sets (or, with `None`, forgets) the conversation of one sender in a chat on a platform.
+    pub(crate) async fn set_sender_conversation(
+        &self,
+        key: SenderKey,
+        conversation_id: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            match conversation_id {
+                Some(conversation_id) => conn.execute(
+                    "INSERT INTO sender_conversations \
+                     (instance_id, chat, sender, platform_id, conversation_id, updated_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (instance_id, chat, sender, platform_id) DO UPDATE SET \
+                     conversation_id = excluded.conversation_id, updated_ms = excluded.updated_ms",
+                    params![
+                        key.instance_id,
+                        key.chat,
+                        key.sender,
+                        key.platform_id,
+                        conversation_id,
+                        now_ms()
+                    ],
+                )?,
+                None => conn.execute(
+                    "DELETE FROM sender_conversations \
+                     WHERE instance_id = ?1 AND chat = ?2 AND sender = ?3 AND platform_id = ?4",
+                    params![key.instance_id, key.chat, key.sender, key.platform_id],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
     /// The last `limit` exchanges (user text, assistant text) of a chat, oldest first.
     pub(crate) async fn history(
         &self,
@@ -701,6 +774,12 @@ impl Store {
             .await
             .expect("test SQL runs");
     }
+}
+
+/// Test helper: the schema version a fully migrated file has.
+#[cfg(test)]
+pub(crate) fn schema_version() -> i64 {
+    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
 }
 
 // === impl Job ===

@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::config::{
-    BackoffConfig, ChatPattern, DifyPlatform, InstanceSelector, KeywordEntry, KeywordMatch,
-    KeywordPlatform, OpenAiPlatform, PlatformConfig, PlatformKind, RuleConfig, SendMode,
-    WebhookPlatform,
+    BackoffConfig, ChatPattern, CozePlatform, DifyPlatform, InstanceSelector, KeywordEntry,
+    KeywordMatch, KeywordPlatform, OpenAiPlatform, PlatformConfig, PlatformKind, RuleConfig,
+    SendMode, WebhookPlatform,
 };
 use crate::message::{Reply, ReplyError};
 use crate::secret::Secret;
@@ -1085,7 +1085,7 @@ async fn schema_is_versioned_and_a_newer_file_is_refused() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .expect("version");
-    assert_eq!(version, 1);
+    assert_eq!(version, store::schema_version());
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |row| row.get(0))
         .expect("mode");
@@ -1109,8 +1109,8 @@ async fn schema_is_versioned_and_a_newer_file_is_refused() {
             err,
             StoreError::TooNew {
                 found: 99,
-                supported: 1
-            }
+                supported,
+            } if supported == store::schema_version()
         ),
         "{err}"
     );
@@ -1449,6 +1449,127 @@ async fn dify_keeps_the_conversation_per_chat_and_drops_a_stale_one() {
     let texts: Vec<String> = harness.replies.sent().into_iter().map(|r| r.text).collect();
     assert_eq!(texts, ["a1", "a2", "a3"]);
     harness.stop().await;
+}
+
+fn coze(url: &str) -> PlatformConfig {
+    PlatformConfig {
+        id: "coze".to_owned(),
+        send_mode: SendMode::Typing,
+        timeout: Duration::from_secs(3),
+        kind: PlatformKind::Coze(CozePlatform {
+            api_base: url.to_owned(),
+            api_key: Secret::new("pat-coze-e2e-secret"),
+            bot_id: "7350".to_owned(),
+            workspace_id: None,
+            continuous_conversation: true,
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coze_answer_goes_back_through_the_worker() {
+    // A chat that is already complete when created needs no poll (and no poll delay).
+    let server = Server::start(vec![
+        Step::Json(
+            200,
+            json!({"code": 0, "data": {"id": "chat-1", "conversation_id": "conv-1", "status": "completed"}}),
+        ),
+        Step::Json(
+            200,
+            json!({"code": 0, "data": [
+                {"role": "assistant", "type": "function_call", "content": "{}"},
+                {"role": "assistant", "type": "answer", "content": "coze says hi"}
+            ]}),
+        ),
+    ])
+    .await;
+    let harness = Harness::start(
+        &delivery_config(1, 3),
+        routing(&[rule("r", "coze")], &[coze(&server.url)]),
+    )
+    .await;
+    harness.accept(vec![msg("a", "a", "m1", "hello")]).await;
+    harness.wait_state("m1", "delivered").await;
+    let sent = harness.replies.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].text, "coze says hi");
+    let paths: Vec<String> = server.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/v3/chat", "/v3/chat/message/list"]);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coze_auth_failure_is_dead_at_once_and_redacted() {
+    let server = Server::start(vec![Step::Json(
+        401,
+        json!({"code": 4100, "msg": "invalid token pat-coze-e2e-secret"}),
+    )])
+    .await;
+    let harness = Harness::start(
+        &delivery_config(1, 3),
+        routing(&[rule("r", "coze")], &[coze(&server.url)]),
+    )
+    .await;
+    harness.accept(vec![msg("a", "a", "m1", "x")]).await;
+    let (_, attempts, _) = harness.wait_state("m1", "dead").await;
+    assert_eq!(attempts, 1, "not retried");
+    assert_eq!(server.count(), 1);
+    let errors = harness.errors.all();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].1, ErrorKind::Auth);
+    assert!(
+        !errors[0].3.contains("pat-coze-e2e-secret"),
+        "{}",
+        errors[0].3
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_store_is_migrated_in_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v1.db");
+    let harness = Harness::start_at(&path, &delivery_config(1, 3), routing(&[], &[])).await;
+    harness.stop().await;
+    // Back to what version 1 had, with a row that must survive.
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    conn.execute_batch(
+        "DROP TABLE sender_conversations; PRAGMA user_version = 1; \
+         INSERT INTO conversations VALUES ('wx1', 'a', 'dify', 'conv-old', 0);",
+    )
+    .expect("downgrade");
+    drop(conn);
+    let harness = Harness::start_at(&path, &delivery_config(1, 3), routing(&[], &[])).await;
+    let store = harness.delivery.store();
+    let key = store::SenderKey {
+        instance_id: "wx1".to_owned(),
+        chat: "a".to_owned(),
+        sender: "bob".to_owned(),
+        platform_id: "coze".to_owned(),
+    };
+    store
+        .set_sender_conversation(key.clone(), Some("conv-new".to_owned()))
+        .await
+        .expect("the new table exists");
+    assert_eq!(
+        store
+            .sender_conversation(key)
+            .await
+            .expect("read")
+            .as_deref(),
+        Some("conv-new")
+    );
+    let old = store
+        .conversation("wx1".to_owned(), "a".to_owned(), "dify".to_owned())
+        .await
+        .expect("read");
+    assert_eq!(old.as_deref(), Some("conv-old"));
+    harness.stop().await;
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .expect("version");
+    assert_eq!(version, store::schema_version());
 }
 
 // === metrics ===

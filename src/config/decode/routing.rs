@@ -1,4 +1,4 @@
-//! `platforms:` (keyword, webhook, openai, dify) and `rules:`, including the rule ordering.
+//! `platforms:` (keyword, webhook, openai, dify, coze) and `rules:`, including the rule ordering.
 
 use std::cmp::Reverse;
 use std::time::Duration;
@@ -11,9 +11,9 @@ use super::node::{Node, NodeKind};
 use super::reader::{Ctx, Fields, IntRange, index};
 use super::sections::{KnownIds, http_url, to_u32, to_usize};
 use crate::config::{
-    ChatPattern, DeliveryConfig, DifyPlatform, InstanceSelector, KeywordEntry, KeywordMatch,
-    KeywordPlatform, OpenAiPlatform, PlatformConfig, PlatformKind, RuleConfig, SendMode,
-    WebhookPlatform,
+    ChatPattern, CozePlatform, DeliveryConfig, DifyPlatform, InstanceSelector, KeywordEntry,
+    KeywordMatch, KeywordPlatform, OpenAiPlatform, PlatformConfig, PlatformKind, RuleConfig,
+    SendMode, WebhookPlatform,
 };
 use crate::secret::Secret;
 
@@ -29,6 +29,12 @@ const OPENAI_KEYS: &[&str] = &[
     "history",
 ];
 const DIFY_KEYS: &[&str] = &["api_base", "user_id"];
+const COZE_KEYS: &[&str] = &[
+    "api_base",
+    "bot_id",
+    "workspace_id",
+    "continuous_conversation",
+];
 const KEYWORD_ENTRY_KEYS: &[&str] = &["keywords", "match_type", "replies", "random"];
 const RULE_KEYS: &[&str] = &[
     "id",
@@ -40,10 +46,11 @@ const RULE_KEYS: &[&str] = &[
     "at_names",
     "reply_at_sender",
 ];
-const TYPES: &str = "keyword, webhook, openai or dify";
+const TYPES: &str = "keyword, webhook, openai, dify or coze";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const OPENAI_API_BASE: &str = "https://api.openai.com/v1";
 const DIFY_USER_ID: &str = "wxauto-sidecar";
+const COZE_API_BASE: &str = "https://api.coze.cn";
 
 #[derive(Clone, Copy)]
 enum Type {
@@ -51,6 +58,7 @@ enum Type {
     Webhook,
     OpenAi,
     Dify,
+    Coze,
 }
 
 impl Type {
@@ -60,6 +68,7 @@ impl Type {
             "webhook" => Some(Self::Webhook),
             "openai" => Some(Self::OpenAi),
             "dify" => Some(Self::Dify),
+            "coze" => Some(Self::Coze),
             _ => None,
         }
     }
@@ -71,10 +80,11 @@ impl Type {
             Self::Webhook => WEBHOOK_KEYS,
             Self::OpenAi => OPENAI_KEYS,
             Self::Dify => DIFY_KEYS,
+            Self::Coze => COZE_KEYS,
         };
         let mut allowed = COMMON_KEYS.to_vec();
         allowed.extend_from_slice(specific);
-        if matches!(self, Self::OpenAi | Self::Dify) {
+        if matches!(self, Self::OpenAi | Self::Dify | Self::Coze) {
             allowed.extend_from_slice(&KEY_SOURCES);
         }
         allowed
@@ -86,6 +96,7 @@ impl Type {
             Self::Webhook => "webhook",
             Self::OpenAi => "openai",
             Self::Dify => "dify",
+            Self::Coze => "coze",
         }
     }
 }
@@ -151,6 +162,7 @@ fn platform(
         Type::Webhook => webhook(ctx, &fields).map(PlatformKind::Webhook),
         Type::OpenAi => openai(ctx, &fields).map(PlatformKind::OpenAi),
         Type::Dify => dify(ctx, &fields).map(PlatformKind::Dify),
+        Type::Coze => coze(ctx, &fields).map(PlatformKind::Coze),
     };
     Some(PlatformConfig {
         id: id?,
@@ -337,6 +349,17 @@ fn webhook(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<WebhookPlatform> {
         }
     }
     let url = url?;
+    let has_auth = headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("authorization"));
+    if has_auth
+        && has_credentials(&url)
+        && let Some(node) = fields.get("url")
+    {
+        let message =
+            "the user:password@ part of the URL is not sent: an Authorization header is configured";
+        ctx.warn(node, &fields.path_of("url"), message);
+    }
     ok.then_some(WebhookPlatform { url, headers })
 }
 
@@ -415,6 +438,7 @@ fn openai(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<OpenAiPlatform> {
     });
     let history = to_usize(fields.int_or(ctx, "history", IntRange::at_least(0), 0));
     let (api_key, _) = key?;
+    warn_unsent_credentials(ctx, fields, api_base.as_deref());
     Some(OpenAiPlatform {
         api_base: api_base?,
         api_key,
@@ -440,11 +464,46 @@ fn dify(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<DifyPlatform> {
     let key = keys::api_key(ctx, fields);
     let user_id = fields.string_or(ctx, "user_id", DIFY_USER_ID);
     let (api_key, _) = key?;
+    warn_unsent_credentials(ctx, fields, api_base.as_deref());
     Some(DifyPlatform {
         api_base: api_base?,
         api_key,
         user_id,
     })
+}
+
+fn coze(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<CozePlatform> {
+    let api_base = api_base(ctx, fields, Some(COZE_API_BASE));
+    let key = keys::api_key(ctx, fields);
+    let bot_id = fields
+        .required(ctx, "bot_id")
+        .and_then(|node| ctx.non_empty_string(node, &fields.path_of("bot_id")));
+    let workspace_id = fields
+        .get("workspace_id")
+        .map(|node| ctx.non_empty_string(node, &fields.path_of("workspace_id")));
+    let continuous_conversation = fields.bool_or(ctx, "continuous_conversation", false);
+    let (api_key, _) = key?;
+    warn_unsent_credentials(ctx, fields, api_base.as_deref());
+    Some(CozePlatform {
+        api_base: api_base?,
+        api_key,
+        bot_id: bot_id?,
+        workspace_id: optional(workspace_id)?,
+        continuous_conversation,
+    })
+}
+
+/// Whether a URL carries `user:password@`.
+fn has_credentials(url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|url| !url.username().is_empty() || url.password().is_some())
+}
+
+/// `api_base` credentials are never sent next to the API key's `Authorization: Bearer`.
+fn warn_unsent_credentials(ctx: &mut Ctx<'_>, fields: &Fields<'_>, api_base: Option<&str>) {
+    if let (Some(node), Some(true)) = (fields.get("api_base"), api_base.map(has_credentials)) {
+        let message = "the user:password@ part of api_base is not sent: the API key is sent as Authorization: Bearer";
+        ctx.warn(node, &fields.path_of("api_base"), message);
+    }
 }
 
 /// `api_base`, required when there is no default.

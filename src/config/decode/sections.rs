@@ -369,7 +369,14 @@ pub(super) fn http_url(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<Str
             "the scheme must be http or https".to_owned()
         }
         Ok(url) if url.host_str().is_none_or(str::is_empty) => "missing host".to_owned(),
-        Ok(url) => return Some(url.as_str().trim_end_matches('/').to_owned()),
+        Ok(url) => {
+            if !url.username().is_empty() || url.password().is_some() {
+                // Registers the credentials (and their encodings) with the redactor now, so
+                // that no later text can show them, whether or not they are sent.
+                let _ = crate::secret::split_url_credentials(url.as_str());
+            }
+            return Some(url.as_str().trim_end_matches('/').to_owned());
+        }
     };
     ctx.error(node, path, format!("invalid URL {shown:?}: {problem}"));
     None

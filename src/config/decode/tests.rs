@@ -765,7 +765,7 @@ fn platform_errors() {
         &[
             "3:5: platforms[0].id: missing required key",
             "5:5: platforms[1].type: missing required key",
-            "7:11: platforms[2].type: unknown platform type \"mail\"; expected keyword, webhook, openai or dify",
+            "7:11: platforms[2].type: unknown platform type \"mail\"; expected keyword, webhook, openai, dify or coze",
         ],
     );
     check(
@@ -1136,6 +1136,72 @@ fn hash_changes_with_the_key_file() {
 }
 
 #[test]
+fn coze_platform_defaults_and_options() {
+    let config = valid(concat!(
+        "instances: []\n",
+        "platforms:\n",
+        "  - id: c1\n",
+        "    type: coze\n",
+        "    api_key_env: WX_KEY\n",
+        "    bot_id: 7350123456789012345\n",
+        "  - id: c2\n",
+        "    type: coze\n",
+        "    api_base: https://api.coze.com/\n",
+        "    api_key_env: OPENAI_KEY\n",
+        "    bot_id: \"bot-2\"\n",
+        "    workspace_id: 7349\n",
+        "    continuous_conversation: true\n",
+        "    timeout: 15s\n",
+    ))
+    .config;
+    let [c1, c2] = config.platforms.as_slice() else {
+        panic!("two platforms");
+    };
+    assert_eq!(c1.kind.type_name(), "coze");
+    assert_eq!(c1.timeout, Duration::from_secs(10));
+    let PlatformKind::Coze(c1) = &c1.kind else {
+        panic!("coze");
+    };
+    assert_eq!(c1.api_base, "https://api.coze.cn");
+    assert_eq!(c1.api_key.expose(), "env-secret-Kq81");
+    assert_eq!(
+        c1.bot_id, "7350123456789012345",
+        "a numeric id keeps its digits"
+    );
+    assert_eq!(c1.workspace_id, None);
+    assert!(!c1.continuous_conversation);
+    assert_eq!(c2.timeout, Duration::from_secs(15));
+    let PlatformKind::Coze(c2) = &c2.kind else {
+        panic!("coze");
+    };
+    assert_eq!(c2.api_base, "https://api.coze.com");
+    assert_eq!(c2.bot_id, "bot-2");
+    assert_eq!(c2.workspace_id.as_deref(), Some("7349"));
+    assert!(c2.continuous_conversation);
+}
+
+#[test]
+fn coze_platform_errors() {
+    check(
+        "instances: []\nplatforms:\n  - id: c\n    type: coze\n    api_key_env: WX_KEY\n",
+        &["3:5: platforms[0].bot_id: missing required key"],
+    );
+    check(
+        "instances: []\nplatforms:\n  - id: c\n    type: coze\n    bot_id: b\n    api_key_env: WX_KEY\n    api_key: inline-coze-key\n    model: m\n",
+        &[
+            "7:14: platforms[0].api_key: conflicts with api_key_env: set exactly one of api_key_env, api_key_file or api_key",
+            "8:5: platforms[0].model: unknown key \"model\" for a coze platform; allowed keys: id, type, message_send_mode, timeout, api_base, bot_id, workspace_id, continuous_conversation, api_key_env, api_key_file, api_key",
+        ],
+    );
+    check(
+        "instances: []\nplatforms:\n  - id: c\n    type: coze\n    bot_id: b\n    api_key_env: NOPE\n    continuous_conversation: maybe\n",
+        &[
+            "6:18: platforms[0].api_key_env: environment variable \"NOPE\" is not set",
+            "7:30: platforms[0].continuous_conversation: expected true or false, found a string",
+        ],
+    );
+}
+
 fn a_key_file_saved_by_a_windows_editor_loses_its_bom_and_crlf() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config_path = dir.path().join("config.yaml");

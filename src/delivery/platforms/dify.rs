@@ -28,7 +28,11 @@ pub(super) struct Dify {
 impl Dify {
     pub(super) fn new(config: &DifyPlatform, http: reqwest::Client, timeout: Duration) -> Self {
         Self {
-            url: join(&config.api_base, "chat-messages"),
+            // URL credentials are never sent: the key goes as `Authorization: Bearer`.
+            url: join(
+                &crate::secret::split_url_credentials(&config.api_base).0,
+                "chat-messages",
+            ),
             api_key: config.api_key.clone(),
             user_id: config.user_id.clone(),
             http,

@@ -30,7 +30,11 @@ pub(super) struct OpenAi {
 impl OpenAi {
     pub(super) fn new(config: &OpenAiPlatform, http: reqwest::Client, timeout: Duration) -> Self {
         Self {
-            url: join(&config.api_base, "chat/completions"),
+            // URL credentials are never sent: the key goes as `Authorization: Bearer`.
+            url: join(
+                &crate::secret::split_url_credentials(&config.api_base).0,
+                "chat/completions",
+            ),
             api_key: config.api_key.clone(),
             model: config.model.clone(),
             system_prompt: config.system_prompt.clone(),

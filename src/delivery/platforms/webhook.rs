@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::SecondsFormat;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::WebhookPlatform;
 use crate::message::InboundMessage;
@@ -31,14 +31,33 @@ pub(super) struct Webhook {
 
 impl Webhook {
     pub(super) fn new(config: &WebhookPlatform, http: reqwest::Client, timeout: Duration) -> Self {
+        let mut secrets: Vec<Secret> = config
+            .headers
+            .iter()
+            .map(|(_, value)| value.clone())
+            .collect();
+        // `user:password@` in the URL becomes basic auth, unless an Authorization header is
+        // configured (then it is dropped): exactly one Authorization header is ever sent.
+        let (url, credentials) = crate::secret::split_url_credentials(&config.url);
+        let mut headers = header_map(&config.headers);
+        if let (Ok(map), Some(credentials)) = (&mut headers, credentials)
+            && !map.contains_key(AUTHORIZATION)
+        {
+            match HeaderValue::from_str(credentials.header_value().expose()) {
+                Ok(mut value) => {
+                    value.set_sensitive(true);
+                    map.insert(AUTHORIZATION, value);
+                    secrets.push(credentials.header_value().clone());
+                }
+                Err(_) => {
+                    headers = Err("the URL credentials are not a valid header value".to_owned());
+                }
+            }
+        }
         Self {
-            url: config.url.clone(),
-            headers: header_map(&config.headers),
-            secrets: config
-                .headers
-                .iter()
-                .map(|(_, value)| value.clone())
-                .collect(),
+            url,
+            headers,
+            secrets,
             http,
             timeout,
         }

@@ -1,0 +1,300 @@
+//! Security: the secret audit (every configured secret, in every encoding, absent from every
+//! output), URL credentials sent as exactly one `Authorization` header.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+
+use crate::util::{BIN, DEADLINE, eventually, free_port, http_client, start_sim};
+
+/// What the echo server saw: path → the `Authorization` values of each request.
+type Seen = Arc<Mutex<BTreeMap<String, Vec<Vec<String>>>>>;
+
+/// A hostile upstream: answers 500 and echoes every request header, raw on most paths and
+/// base64-encoded on paths ending in `-b64`, in a wxauto-style envelope.
+async fn start_echo() -> (std::net::SocketAddr, Seen) {
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    let app = Router::new().fallback(move |uri: Uri, headers: HeaderMap, _body: Bytes| {
+        let record = record.clone();
+        async move {
+            let auth: Vec<String> = headers
+                .get_all("authorization")
+                .iter()
+                .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+                .collect();
+            let first = uri.path().split('/').nth(1).unwrap_or("").to_owned();
+            record
+                .lock()
+                .unwrap()
+                .entry(first.clone())
+                .or_default()
+                .push(auth.clone());
+            // Credentials first, so the quoted (truncated) part of an error holds them.
+            let mut text = String::new();
+            for name in ["authorization", "x-api-key", "x-token"] {
+                for value in headers.get_all(name) {
+                    text.push_str(&format!(
+                        "{name}={} ",
+                        String::from_utf8_lossy(value.as_bytes())
+                    ));
+                }
+            }
+            if first.ends_with("-b64") {
+                text = format!("b64:{}", STANDARD.encode(&text));
+            }
+            let body = serde_json::json!({"code": 500, "message": text, "data": null});
+            (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+/// Every encoding of a secret an output might carry.
+fn encodings(secret: &str) -> Vec<String> {
+    let mut forms = vec![secret.to_owned()];
+    for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+        forms.push(engine.encode(secret));
+    }
+    forms.push(
+        percent_encoding::utf8_percent_encode(secret, percent_encoding::NON_ALPHANUMERIC)
+            .to_string(),
+    );
+    forms.push(secret.bytes().map(|b| format!("{b:02x}")).collect());
+    // Inside a longer base64 text (the hostile echo encodes whole header lists): the
+    // characters only the secret determines, at each of the three byte alignments.
+    for offset in 0..3usize {
+        let mut bytes = vec![b'x'; offset];
+        bytes.extend_from_slice(secret.as_bytes());
+        for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+            let encoded = engine.encode(&bytes);
+            let start = (offset * 8).div_ceil(6);
+            let end = bytes.len() * 8 / 6;
+            forms.push(encoded[start..end].to_owned());
+        }
+    }
+    forms
+}
+
+fn read_all_files(dir: &Path, skip: &[&Path], out: &mut Vec<(String, Vec<u8>)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if skip.iter().any(|skipped| *skipped == path) {
+            continue;
+        }
+        if path.is_dir() {
+            read_all_files(&path, skip, out);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path.display().to_string(), bytes));
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn secret_audit_no_form_of_any_secret_reaches_any_output() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sim = runtime.block_on(start_sim("audit"));
+    let (echo, seen) = runtime.block_on(start_echo());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    let key_file = dir.path().join("echo.key");
+    let secrets = [
+        ("sim-user", "sim-url-pass-Hg67"),
+        ("inst-user", "inst-url-pass-Kj45"),
+        ("hook-user", "hook-url-pass-Wq31"),
+        ("ign-user", "ignored-url-pass-Rt56"),
+        ("oa-user", "oa-url-pass-Lm23"),
+    ];
+    std::fs::write(&key_file, "echo-file-key-Np09\n").unwrap();
+    let text = format!(
+        "listener:\n  poll_interval: 100ms\n  health_check_interval: 200ms\n  request_timeout: 1s\n  backoff: {{ initial: 100ms, max: 200ms }}\n\
+instances:\n  - id: wx-sim\n    base_url: http://sim-user:sim-url-pass-Hg67@{sim}\n    api_key_env: AUDIT_SIM_KEY\n  \
+- id: wx-echo\n    base_url: http://inst-user:inst-url-pass-Kj45@{echo}/inst\n    api_key_file: echo.key\n\
+platforms:\n  - id: hook1\n    type: webhook\n    url: http://hook-user:hook-url-pass-Wq31@{echo}/hook1\n    headers: {{ X-Token: hook1-header-token-Vb52 }}\n  \
+- id: hook2\n    type: webhook\n    url: http://ign-user:ignored-url-pass-Rt56@{echo}/hook2-b64\n    headers_from_env: {{ Authorization: AUDIT_HOOK2_AUTH }}\n  \
+- id: oa\n    type: openai\n    api_base: http://oa-user:oa-url-pass-Lm23@{echo}/oa\n    api_key_env: AUDIT_OA_KEY\n    model: m\n  \
+- id: dy\n    type: dify\n    api_base: http://{echo}/dy-b64\n    api_key_env: AUDIT_DY_KEY\n\
+rules:\n  - {{ id: r1, chat: c1, platform: hook1 }}\n  - {{ id: r2, chat: c2, platform: hook2 }}\n  - {{ id: r3, chat: c3, platform: oa }}\n  - {{ id: r4, chat: c4, platform: dy }}\n\
+delivery:\n  max_attempts: 3\n  backoff: {{ initial: 100ms, max: 200ms }}\n\
+health:\n  report_interval: 200ms\n  report_file: data/report.json\n",
+        sim = sim.addr,
+    );
+    std::fs::write(&config, text).unwrap();
+    let env = [
+        ("AUDIT_SIM_KEY", sim.key.clone()),
+        (
+            "AUDIT_HOOK2_AUTH",
+            "Bearer hook2-bearer-token-Zx90".to_owned(),
+        ),
+        ("AUDIT_OA_KEY", "sk-openai-audit-key-Tt11".to_owned()),
+        ("AUDIT_DY_KEY", "app-dify-audit-key-Uu22".to_owned()),
+    ];
+    for chat in ["c1", "c2", "c3", "c4"] {
+        sim.sim.inject(chat, "bob", "hello");
+    }
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let check = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            "trace",
+        ])
+        .env_remove("WXAUTO_SIDECAR_CONFIG")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain stderr on a thread: trace logging fills a pipe quickly.
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stderr_pipe.read_to_end(&mut text);
+        text
+    });
+
+    let mut outputs: Vec<(String, Vec<u8>)> = vec![
+        ("check-config stdout".into(), check.stdout),
+        ("check-config stderr".into(), check.stderr),
+    ];
+    let http = http_client();
+    runtime.block_on(async {
+        // Every platform and the echo instance failed at least twice (so errors were stored,
+        // logged and recorded before the retry).
+        eventually("every echo path hit twice", DEADLINE * 2, || {
+            let seen = seen.clone();
+            async move {
+                let seen = seen.lock().unwrap();
+                ["inst", "hook1", "hook2-b64", "oa", "dy-b64"]
+                    .iter()
+                    .all(|path| seen.get(*path).is_some_and(|hits| hits.len() >= 2))
+                    .then_some(())
+            }
+        })
+        .await;
+        for path in [
+            "/metrics",
+            "/",
+            "/api/v1/status",
+            "/api/v1/health",
+            "/api/v1/clients",
+            "/api/v1/listeners",
+            "/api/v1/statistics",
+            "/api/v1/errors?limit=100",
+        ] {
+            let response = http.get(format!("{url}{path}")).send().await.unwrap();
+            outputs.push((path.to_owned(), response.bytes().await.unwrap().to_vec()));
+        }
+    });
+    let errors = String::from_utf8_lossy(&outputs.last().unwrap().1).into_owned();
+    assert!(
+        errors.contains(wxauto_sidecar::secret::REDACTED),
+        "{errors}"
+    );
+    let health = Command::new(BIN)
+        .args(["health", "--url", &url])
+        .output()
+        .unwrap();
+    outputs.push(("health stdout".into(), health.stdout));
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut stdout = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    outputs.push(("stdout".into(), stdout));
+    let stderr = stderr_reader.join().unwrap();
+    assert!(
+        String::from_utf8_lossy(&stderr).contains("TRACE"),
+        "trace logging was on"
+    );
+    outputs.push(("stderr".into(), stderr));
+    read_all_files(dir.path(), &[&config, &key_file], &mut outputs);
+    assert!(
+        outputs.iter().any(|(name, _)| name.ends_with(".db")),
+        "the store was written: {:?}",
+        outputs.iter().map(|(name, _)| name).collect::<Vec<_>>()
+    );
+
+    // Exactly one Authorization header on every request, of the configured kind.
+    let seen = seen.lock().unwrap();
+    let basic =
+        |user: &str, pass: &str| format!("Basic {}", STANDARD.encode(format!("{user}:{pass}")));
+    let expected = [
+        ("inst", basic("inst-user", "inst-url-pass-Kj45")),
+        ("hook1", basic("hook-user", "hook-url-pass-Wq31")),
+        ("hook2-b64", "Bearer hook2-bearer-token-Zx90".to_owned()),
+        ("oa", "Bearer sk-openai-audit-key-Tt11".to_owned()),
+        ("dy-b64", "Bearer app-dify-audit-key-Uu22".to_owned()),
+    ];
+    for (path, value) in &expected {
+        for auth in &seen[*path] {
+            assert_eq!(auth, &vec![value.clone()], "{path}");
+        }
+    }
+    drop(seen);
+    assert!(
+        sim.sim.snapshot().listened.contains(&"c1".to_owned()),
+        "the simulator accepted the sidecar with basic auth from its URL"
+    );
+
+    let mut plain: Vec<String> = secrets
+        .iter()
+        .flat_map(|(user, pass)| [pass.to_string(), format!("{user}:{pass}")])
+        .collect();
+    plain.extend(
+        [
+            sim.key.as_str(),
+            "echo-file-key-Np09",
+            "hook1-header-token-Vb52",
+            "hook2-bearer-token-Zx90",
+            "sk-openai-audit-key-Tt11",
+            "app-dify-audit-key-Uu22",
+        ]
+        .map(str::to_owned),
+    );
+    for secret in &plain {
+        for form in encodings(secret) {
+            for (name, bytes) in &outputs {
+                let found = bytes
+                    .windows(form.len())
+                    .any(|window| window == form.as_bytes());
+                assert!(!found, "{form:?} (a form of {secret:?}) found in {name}");
+            }
+        }
+    }
+}
