@@ -1202,6 +1202,7 @@ fn coze_platform_errors() {
     );
 }
 
+#[test]
 fn a_key_file_saved_by_a_windows_editor_loses_its_bom_and_crlf() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config_path = dir.path().join("config.yaml");
