@@ -12,9 +12,9 @@ use wxauto_sidecar::config;
 use wxauto_sidecar::logging;
 use wxauto_sidecar::simulator::{SimConfig, Simulator};
 
-/// Exit code for an invalid configuration (CONTRACT §2).
+/// Exit code for an invalid configuration (docs/reference.md, "Exit codes").
 const EXIT_CONFIG: u8 = 1;
-/// Exit code for a runtime failure (CONTRACT §2).
+/// Exit code for a runtime failure (docs/reference.md, "Exit codes").
 const EXIT_RUNTIME: u8 = 2;
 /// Exit code for a command-line usage error (sysexits' `EX_USAGE`): a typo in a unit file is
 /// not fixed by restarting, so the shipped systemd unit lists it in `RestartPreventExitStatus=`.
