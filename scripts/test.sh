@@ -12,6 +12,3 @@ cargo clippy --all-targets -- -D warnings
 # WXAUTO_REQUIRE_TOOLS makes tests that need promtool fail instead of skipping.
 WXAUTO_REQUIRE_TOOLS=1 cargo test --all-targets
 bash scripts/check-monitoring.sh target/debug/wxauto-sidecar
-# The Windows build: cross-check, build the .exe and run it under Wine (installs Debian's Rust,
-# mingw-w64 and wine64 when missing; its own target dir, target/windows).
-bash scripts/check-windows.sh
