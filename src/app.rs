@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigDiff, Loaded};
-use crate::delivery::{Delivery, Routing};
+use crate::delivery::{Delivery, MediaSettings, Routing};
 use crate::http::{self, AppState};
 use crate::message::{LogSink, MessageSink};
 use crate::metrics::Metrics;
@@ -120,6 +120,7 @@ pub async fn run(
     registry.register_collector(Box::new(StateCollector::new(Arc::clone(&monitor))));
 
     let addr = options.listen.unwrap_or(config.server.listen);
+    let http_limits = config.server.limits;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| RunError::Bind { addr, source })?;
@@ -174,6 +175,8 @@ pub async fn run(
             if diff.delivery_changed {
                 delivery.set_config(&config.delivery);
             }
+            // Read live, like the retention days: the diff does not track it.
+            delivery.set_media(MediaSettings::from_config(config));
             for (id, change) in &diff.instances {
                 if *change == config::InstanceChange::Removed {
                     delivery.remove_instance(id);
@@ -268,6 +271,7 @@ pub async fn run(
         http::router(state),
         http_stop.clone(),
         options.grace,
+        http_limits,
     ));
 
     shutdown.cancelled().await;
@@ -329,6 +333,7 @@ async fn start_delivery(
     let delivery = Delivery::start(
         &config.storage,
         &config.delivery,
+        MediaSettings::from_config(config),
         routing,
         replies,
         monitor,

@@ -46,6 +46,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// `storage:` section.
     pub storage: StorageConfig,
+    /// `media:` section.
+    pub media: MediaConfig,
     /// Where the config came from and its content hash.
     pub source: ConfigSource,
 }
@@ -69,6 +71,35 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// `server.enable_lifecycle`: allow the mutating endpoints.
     pub enable_lifecycle: bool,
+    /// `server.header_read_timeout`, `idle_timeout`, `max_connections`,
+    /// `max_request_body_bytes`: what a slow or hostile client can hold.
+    pub limits: HttpLimits,
+}
+
+/// The HTTP server's limits (read at start; a change needs a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A request head (line and headers) must arrive within this long of the server starting
+    /// to wait for it: on a new connection, and between requests on a kept-alive one.
+    pub header_read_timeout: Duration,
+    /// A connection that moves no byte in either direction for this long is closed (a
+    /// stalled request body, a client that stops reading its answer).
+    pub idle_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed at once.
+    pub max_connections: usize,
+    /// Larger request bodies are answered 413.
+    pub max_request_body_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
+            max_request_body_bytes: 64 * 1024,
+        }
+    }
 }
 
 /// `listener:` section: how every instance actor polls.
@@ -279,6 +310,8 @@ pub struct OpenAiPlatform {
     pub max_tokens: Option<u32>,
     /// How many previous exchanges of the same chat to send (0 = none).
     pub history: usize,
+    /// Send images as `image_url` content parts (a vision model); otherwise a placeholder.
+    pub vision: bool,
 }
 
 /// `type: dify`.
@@ -407,6 +440,30 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// Delivered rows older than this are pruned.
     pub retention_days: u32,
+}
+
+/// `media:` section: downloads of image, file, video and voice messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaConfig {
+    /// Fetch the files at all; `false` forwards metadata only.
+    pub download: bool,
+    /// Where downloaded files are kept.
+    pub dir: PathBuf,
+    /// Larger files are not downloaded (the message is still delivered).
+    pub max_bytes: u64,
+    /// Downloaded files older than this many days are deleted.
+    pub retention_days: u32,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            download: true,
+            dir: PathBuf::from("data/downloads"),
+            max_bytes: 20 * 1024 * 1024,
+            retention_days: 7,
+        }
+    }
 }
 
 // === impl Config ===

@@ -5,6 +5,7 @@
 //! exponential backoff, and sends replies back through the `ReplySender`. See
 //! the README's "Delivery" section for the guarantees.
 
+mod media;
 mod metrics;
 mod platforms;
 mod rules;
@@ -27,6 +28,7 @@ use crate::monitor::{Component, ErrorKind};
 use self::metrics::DeliveryMetrics;
 use self::store::{NewMessage, Store};
 
+pub use self::media::MediaSettings;
 pub use self::rules::{DropReason, RouteDecision, Routing};
 pub use self::store::{StoreCounts, StoreError};
 
@@ -71,6 +73,10 @@ struct Inner {
     /// Wakes idle workers: new rows, or a finished row that unblocks its chat.
     notify: Notify,
     echo: Mutex<EchoGuard>,
+    /// `media:` and the download log's place; swapped on reload.
+    media: RwLock<MediaSettings>,
+    /// `file_processing.log` (its directory is fixed at start, like the main log's).
+    file_log: media::FileLog,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -99,9 +105,11 @@ struct SentReply {
 impl Delivery {
     /// Opens/migrates the store, resets rows left `delivering` by a crash to pending,
     /// registers metrics, spawns `workers` tasks and the pruner.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         storage: &StorageConfig,
         delivery: &DeliveryConfig,
+        media: MediaSettings,
         routing: Routing,
         replies: Arc<dyn ReplySender>,
         errors: Arc<dyn ErrorSink>,
@@ -128,6 +136,8 @@ impl Delivery {
             errors,
             notify: Notify::new(),
             echo: Mutex::new(EchoGuard::default()),
+            file_log: media::FileLog::new(&media.log_dir, media.log_retention_days),
+            media: RwLock::new(media),
             tracker: TaskTracker::new(),
             cancel: cancel.child_token(),
         });
@@ -168,6 +178,14 @@ impl Delivery {
         match self.inner.config.write() {
             Ok(mut current) => *current = delivery.clone(),
             Err(poisoned) => *poisoned.into_inner() = delivery.clone(),
+        }
+    }
+
+    /// Hot reload of `media:`, used from the next download on.
+    pub fn set_media(&self, media: MediaSettings) {
+        match self.inner.media.write() {
+            Ok(mut current) => *current = media,
+            Err(poisoned) => *poisoned.into_inner() = media,
         }
     }
 
@@ -250,6 +268,13 @@ impl Inner {
     fn config(&self) -> DeliveryConfig {
         match self.config.read() {
             Ok(config) => config.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn media(&self) -> MediaSettings {
+        match self.media.read() {
+            Ok(media) => media.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
@@ -414,6 +439,18 @@ async fn prune_loop(inner: Arc<Inner>) {
         }
         if let Err(err) = inner.prune().await {
             inner.storage_error(&err);
+        }
+        let media = inner.media().config;
+        let dir = media.dir.clone();
+        let pruned = tokio::task::spawn_blocking(move || {
+            media::prune_dir(&dir, media.retention_days, std::time::SystemTime::now())
+        })
+        .await;
+        match pruned {
+            Ok(Ok(0)) => {}
+            Ok(Ok(pruned)) => tracing::info!(pruned, "Pruned downloaded files past retention."),
+            Ok(Err(err)) => tracing::warn!(error = %err, "Could not prune downloaded files."),
+            Err(err) => tracing::warn!(error = %err, "Could not prune downloaded files."),
         }
     }
 }

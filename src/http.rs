@@ -7,8 +7,8 @@
 //! - `POST /api/v1/{restart,reload}` (lifecycle-gated)
 
 mod api;
+mod serve;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -203,25 +203,13 @@ async fn reload(State(state): State<AppState>) -> Response {
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then drains for at most `grace`.
+/// `limits` bound what one client can hold (see `serve.rs`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: tokio_util::sync::CancellationToken,
     grace: Duration,
+    limits: crate::config::HttpLimits,
 ) -> std::io::Result<()> {
-    let signal = shutdown.clone();
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { signal.cancelled().await })
-        .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result,
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!("HTTP connections did not close within the grace period.");
-            Ok(())
-        }
-    }
+    serve::serve(listener, router, shutdown, grace, limits).await
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{InstanceConfig, ListenerConfig, SendMode};
-use crate::message::{InboundMessage, MessageSink, Reply, ReplyError};
+use crate::message::{Download, DownloadError, InboundMessage, MessageSink, Reply, ReplyError};
 use crate::metrics::Metrics;
 use crate::monitor::{
     ChatState, Component, Connectivity, ErrorKind, InstanceState, Monitor, unix_seconds,
@@ -51,6 +51,15 @@ pub enum InstanceCommand {
     },
     /// New listener settings or fixed chats after a reload.
     Settings(ActorSettings),
+    /// Fetch a media file (`POST /api/file/download`), keeping at most `max_bytes`.
+    Download {
+        /// The path on the instance's machine.
+        file_path: String,
+        /// The size cap (`media.max_bytes`).
+        max_bytes: u64,
+        /// Where the outcome goes.
+        respond: oneshot::Sender<Result<Download, DownloadError>>,
+    },
 }
 
 /// Why a probe failed.
@@ -264,6 +273,26 @@ impl InstanceActor {
                 let _ = respond.send(result);
             }
             InstanceCommand::Settings(settings) => self.apply_settings(settings).await,
+            InstanceCommand::Download {
+                file_path,
+                max_bytes,
+                respond,
+            } => {
+                if self.connectivity != Connectivity::Up {
+                    let _ =
+                        respond.send(Err(DownloadError::InstanceDown(self.instance.id.clone())));
+                    return;
+                }
+                // On its own task: a large file must not hold up the destructive reads.
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let result = client
+                        .download_file(&file_path, max_bytes)
+                        .await
+                        .map_err(|error| DownloadError::Upstream(error.to_string()));
+                    let _ = respond.send(result);
+                });
+            }
         }
     }
 

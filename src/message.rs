@@ -34,6 +34,8 @@ pub struct InboundMessage {
     pub content: String,
     /// The upstream `mtype` (null for plain text; `image`, `file`, ...).
     pub mtype: Option<String>,
+    /// The upstream `file_path` of a media message (a path on the instance's machine).
+    pub file_path: Option<String>,
     /// When the sidecar took the message from the instance.
     pub received_at: DateTime<Utc>,
 }
@@ -109,10 +111,51 @@ pub enum ReplyError {
     Upstream(String),
 }
 
+/// A file fetched from an instance (`POST /api/file/download`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Download {
+    /// The whole file.
+    Bytes(Vec<u8>),
+    /// The file is larger than the cap; nothing was kept. `size` when upstream announced it.
+    TooLarge {
+        /// The announced size, if any.
+        size: Option<u64>,
+    },
+}
+
+/// Why a file could not be fetched.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DownloadError {
+    /// The instance is not configured, disabled, or its actor is not running.
+    #[error("instance {0} is not running")]
+    NoInstance(String),
+    /// The instance is known to be down; try later.
+    #[error("instance {0} is down")]
+    InstanceDown(String),
+    /// Upstream refused or failed (already redacted text), e.g. code 3003.
+    #[error("download failed: {0}")]
+    Upstream(String),
+    /// This sender cannot download files.
+    #[error("downloads are not supported here")]
+    Unsupported,
+}
+
 /// Sends replies back through the owning instance actor.
 pub trait ReplySender: Send + Sync + 'static {
     /// Sends one reply; resolves once upstream answered.
     fn send_reply(&self, reply: Reply) -> BoxFuture<'_, Result<(), ReplyError>>;
+
+    /// Fetches a file (a path on the instance's machine) through the owning instance actor,
+    /// keeping at most `max_bytes`.
+    fn download_file(
+        &self,
+        instance_id: &str,
+        file_path: &str,
+        max_bytes: u64,
+    ) -> BoxFuture<'_, Result<Download, DownloadError>> {
+        let _ = (instance_id, file_path, max_bytes);
+        Box::pin(async { Err(DownloadError::Unsupported) })
+    }
 }
 
 /// A sink that only logs what it is handed (used when no store is configured, and in tests).

@@ -6,9 +6,11 @@
 //! - `GET  /api/message/get-next-new`
 //! - `POST /api/message/listen/add`, `POST /api/message/listen/remove`, `GET /api/message/listen/get`
 //! - `POST /api/chat-window/message/send`, `POST /api/chat-window/message/send-typing`
+//! - `POST /api/file/download` (the bytes of a file added with `add_file`, else code 3003)
 //!
 //! Control surface (no auth, never faulted; see `control`):
 //! - `POST /_sim/inject`, `POST /_sim/wechat`, `POST /_sim/fault`, `POST /_sim/reset`, `GET /_sim/state`
+//! - `POST /_sim/media` (a media message, optionally with its file's bytes)
 
 mod api;
 mod control;
@@ -16,7 +18,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -160,6 +162,9 @@ struct Inner {
     /// Wakes requests stuck in `Fault::Hang` (or `Slow`) when a server shuts down, so the
     /// graceful drain does not wait for them.
     release: Notify,
+    /// Files `POST /api/file/download` serves, by path; they survive `reset`, as files on
+    /// disk survive a server restart.
+    files: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 // === impl SimConfig ===
@@ -214,6 +219,7 @@ impl Simulator {
                 config,
                 state: Mutex::new(state),
                 release: Notify::new(),
+                files: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -294,6 +300,46 @@ impl Simulator {
     /// Queues a raw message object as is; only a missing `id` is filled in.
     pub fn inject_message(&self, chat: &str, message: serde_json::Value) {
         self.lock().inject_raw(chat, message);
+    }
+
+    /// Makes `POST /api/file/download` serve `bytes` for `file_path`.
+    pub fn add_file(&self, file_path: &str, bytes: Vec<u8>) {
+        self.files().insert(file_path.to_owned(), bytes);
+    }
+
+    /// The bytes served for `file_path`, if any.
+    pub fn file(&self, file_path: &str) -> Option<Vec<u8>> {
+        self.files().get(file_path).cloned()
+    }
+
+    /// Queues a media message as wxauto sends it: `mtype` (`image`, `file`, `video`, `voice`,
+    /// `card`, ...), `file_path` when it has a file, and `content` (for files wxauto puts the
+    /// path there; for voice and cards its parser prefix and the text).
+    pub fn inject_media(
+        &self,
+        chat: &str,
+        sender: &str,
+        mtype: &str,
+        file_path: Option<&str>,
+        content: &str,
+    ) {
+        let mut message = serde_json::json!({
+            "type": "friend",
+            "sender": sender,
+            "content": content,
+            "mtype": mtype,
+        });
+        if let Some(file_path) = file_path {
+            message["file_path"] = serde_json::json!(file_path);
+        }
+        self.inject_message(chat, message);
+    }
+
+    fn files(&self) -> MutexGuard<'_, HashMap<String, Vec<u8>>> {
+        self.inner
+            .files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Takes WeChat offline or brings it back. Going offline drops the initialisation, the

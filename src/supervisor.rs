@@ -17,7 +17,9 @@ use crate::config::{
     BackoffConfig, Config, ConfigDiff, ConfigErrors, InstanceChange, InstanceConfig, Loaded,
 };
 use crate::listener::{ActorSettings, InstanceActor, InstanceCommand};
-use crate::message::{BoxFuture, MessageSink, Reply, ReplyError, ReplySender};
+use crate::message::{
+    BoxFuture, Download, DownloadError, MessageSink, Reply, ReplyError, ReplySender,
+};
 use crate::monitor::{Component, ErrorKind, Monitor};
 
 /// What asked for a reload.
@@ -156,6 +158,34 @@ impl ReplySender for ReplyRouter {
                 .await
                 .map_err(|_| ReplyError::NoInstance(id.clone()))?;
             answer.await.map_err(|_| ReplyError::NoInstance(id))?
+        })
+    }
+
+    fn download_file(
+        &self,
+        instance_id: &str,
+        file_path: &str,
+        max_bytes: u64,
+    ) -> BoxFuture<'_, Result<Download, DownloadError>> {
+        let (id, file_path) = (instance_id.to_owned(), file_path.to_owned());
+        Box::pin(async move {
+            let sender = self.get(&id).ok_or_else(|| {
+                if self.is_enabled(&id) {
+                    DownloadError::InstanceDown(id.clone())
+                } else {
+                    DownloadError::NoInstance(id.clone())
+                }
+            })?;
+            let (respond, answer) = oneshot::channel();
+            sender
+                .send(InstanceCommand::Download {
+                    file_path,
+                    max_bytes,
+                    respond,
+                })
+                .await
+                .map_err(|_| DownloadError::NoInstance(id.clone()))?;
+            answer.await.map_err(|_| DownloadError::NoInstance(id))?
         })
     }
 }
@@ -603,5 +633,35 @@ mod tests {
             other => panic!("unexpected command: {other:?}"),
         }
         assert_eq!(send.await.unwrap(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn downloads_go_to_the_instance_actor_like_replies() {
+        let router = ReplyRouter::default();
+        router.set_enabled(["wx-a".to_owned()]);
+        assert_eq!(
+            router.download_file("wx-a", r"C:\a.png", 10).await,
+            Err(DownloadError::InstanceDown("wx-a".to_owned()))
+        );
+        assert_eq!(
+            router.download_file("wx-gone", r"C:\a.png", 10).await,
+            Err(DownloadError::NoInstance("wx-gone".to_owned()))
+        );
+        let (sender, mut receiver) = mpsc::channel(1);
+        router.set("wx-a", Some(sender));
+        let download =
+            tokio::spawn(async move { router.download_file("wx-a", r"C:\a.png", 10).await });
+        match receiver.recv().await {
+            Some(InstanceCommand::Download {
+                file_path,
+                max_bytes,
+                respond,
+            }) => {
+                assert_eq!((file_path.as_str(), max_bytes), (r"C:\a.png", 10));
+                let _ = respond.send(Ok(Download::Bytes(b"x".to_vec())));
+            }
+            other => panic!("unexpected command: {other:?}"),
+        }
+        assert_eq!(download.await.unwrap(), Ok(Download::Bytes(b"x".to_vec())));
     }
 }

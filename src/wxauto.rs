@@ -11,6 +11,7 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::message::Download;
 use crate::metrics::Metrics;
 use crate::monitor::ErrorKind;
 use crate::secret::Secret;
@@ -19,6 +20,10 @@ pub use types::{ChatBatch, HealthInfo, RawMessage};
 
 /// Answers larger than this are refused as `Decode` errors instead of being buffered.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The budget of one file download (the old client's 60 s per try), instead of
+/// `listener.request_timeout`: a large file over a slow link takes longer than a poll.
+pub const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The upstream endpoints the sidecar calls (the `endpoint` metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,11 +44,13 @@ pub enum Endpoint {
     Send,
     /// `POST /api/chat-window/message/send-typing`.
     SendTyping,
+    /// `POST /api/file/download` (raw bytes).
+    FileDownload,
 }
 
 impl Endpoint {
     /// Every endpoint, for pre-initialising label sets.
-    pub const ALL: [Endpoint; 8] = [
+    pub const ALL: [Endpoint; 9] = [
         Self::Health,
         Self::Initialize,
         Self::GetNextNew,
@@ -52,6 +59,7 @@ impl Endpoint {
         Self::ListenRemove,
         Self::Send,
         Self::SendTyping,
+        Self::FileDownload,
     ];
 
     /// The metric label.
@@ -65,6 +73,7 @@ impl Endpoint {
             Self::ListenRemove => "listen_remove",
             Self::Send => "send",
             Self::SendTyping => "send_typing",
+            Self::FileDownload => "file_download",
         }
     }
 
@@ -80,6 +89,7 @@ impl Endpoint {
             Self::ListenRemove => "/api/message/listen/remove",
             Self::Send => "/api/chat-window/message/send",
             Self::SendTyping => "/api/chat-window/message/send-typing",
+            Self::FileDownload => "/api/file/download",
         }
     }
 }
@@ -319,6 +329,120 @@ impl Client {
         self.call::<Value>(endpoint, Some(body)).await.map(drop)
     }
 
+    /// `POST /api/file/download`: the raw bytes of a file on the instance's machine, or
+    /// `TooLarge` once the answer passes `max_bytes` (announced or read). A JSON error
+    /// envelope (code 3003 or 1002) is an error like any other call's.
+    pub async fn download_file(
+        &self,
+        file_path: &str,
+        max_bytes: u64,
+    ) -> Result<Download, WxautoError> {
+        let started = Instant::now();
+        let result = self.download_inner(file_path, max_bytes).await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(WxautoError::Timeout { .. }) => "timeout",
+            Err(_) => "error",
+        };
+        self.metrics.observe_api_call(
+            &self.instance_id,
+            Endpoint::FileDownload.label(),
+            outcome,
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn download_inner(
+        &self,
+        file_path: &str,
+        max_bytes: u64,
+    ) -> Result<Download, WxautoError> {
+        let endpoint = Endpoint::FileDownload;
+        let label = endpoint.label();
+        let url = format!("{}{}", self.base_url, endpoint.path());
+        let mut response = self
+            .http
+            .post(url)
+            .timeout(DOWNLOAD_TIMEOUT)
+            .json(&serde_json::json!({ "file_path": file_path }))
+            .header("X-API-Key", self.api_key.expose())
+            .send()
+            .await
+            .map_err(|error| self.transport_error(label, &error))?;
+        let status = response.status();
+        let is_json = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.starts_with("application/json"));
+        if status.is_success()
+            && let Some(size) = response.content_length()
+            && size > max_bytes
+        {
+            return Ok(Download::TooLarge { size: Some(size) });
+        }
+        // An error envelope is small; a file is capped at `max_bytes`.
+        let cap = if status.is_success() {
+            usize::try_from(max_bytes).unwrap_or(usize::MAX)
+        } else {
+            MAX_BODY_BYTES
+        };
+        let mut bytes = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len() + chunk.len() > cap {
+                        if status.is_success() {
+                            return Ok(Download::TooLarge { size: None });
+                        }
+                        return Err(WxautoError::Decode {
+                            endpoint: label,
+                            reason: format!("answer larger than {cap} bytes"),
+                        });
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(error) => return Err(self.transport_error(label, &error)),
+            }
+        }
+        if status.is_success() && !is_json {
+            return Ok(Download::Bytes(bytes));
+        }
+        let envelope = types::parse_envelope(&bytes);
+        if status == StatusCode::UNAUTHORIZED {
+            let message = envelope
+                .map(|envelope| envelope.message)
+                .unwrap_or_default();
+            return Err(WxautoError::Auth {
+                endpoint: label,
+                message: self.clean(&message),
+            });
+        }
+        match envelope {
+            Ok(envelope) if !status.is_success() => Err(WxautoError::HttpStatus {
+                endpoint: label,
+                status: status.as_u16(),
+                code: Some(envelope.code),
+                message: self.clean(&envelope.message),
+            }),
+            Ok(envelope) if envelope.code != 0 => Err(WxautoError::ApiCode {
+                endpoint: label,
+                code: envelope.code,
+                message: self.clean(&envelope.message),
+            }),
+            // A JSON file that is not an error envelope is a file like any other.
+            _ if status.is_success() => Ok(Download::Bytes(bytes)),
+            _ => Err(WxautoError::HttpStatus {
+                endpoint: label,
+                status: status.as_u16(),
+                code: None,
+                message: String::new(),
+            }),
+        }
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         endpoint: Endpoint,
@@ -473,5 +597,159 @@ mod tests {
         assert!(!cleaned.contains(&key[..5]), "{cleaned}");
         assert!(cleaned.contains(crate::secret::REDACTED));
         assert!(cleaned.chars().count() <= 200);
+    }
+
+    /// A loopback server answering `/api/file/download` by the requested path.
+    async fn file_server() -> String {
+        use axum::body::Body;
+        use axum::response::IntoResponse;
+        async fn download(axum::Json(body): axum::Json<Value>) -> axum::response::Response {
+            let ok = |content_type: &'static str, body: Body| {
+                (
+                    StatusCode::OK,
+                    [(axum::http::header::CONTENT_TYPE, content_type)],
+                    body,
+                )
+                    .into_response()
+            };
+            match body["file_path"].as_str().unwrap_or_default() {
+                "raw" => ok("image/png", Body::from(vec![1u8; 100])),
+                "json-file" => ok("application/json", Body::from(r#"{"a": 1}"#)),
+                "refused" => ok(
+                    "application/json",
+                    Body::from(r#"{"code": 3003, "message": "bad k3y-secret-0001", "data": null}"#),
+                ),
+                _ => (
+                    StatusCode::NOT_FOUND,
+                    axum::Json(
+                        serde_json::json!({"code": 3003, "message": "文件不存在", "data": null}),
+                    ),
+                )
+                    .into_response(),
+            }
+        }
+        let app = axum::Router::new().route("/api/file/download", axum::routing::post(download));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}")
+    }
+
+    /// A raw HTTP/1.1 server that answers every request with a chunked body of `chunks` × 64
+    /// bytes (no `Content-Length`), so only the running count can stop the read.
+    async fn chunked_server(chunks: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    // Headers, then the small JSON body (its length is in the headers).
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&request);
+                        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                            let length = head
+                                .lines()
+                                .find_map(|line| {
+                                    let (name, value) = line.split_once(':')?;
+                                    name.eq_ignore_ascii_case("content-length")
+                                        .then(|| value.trim().parse::<usize>().ok())?
+                                })
+                                .unwrap_or(0);
+                            if body.len() >= length {
+                                break;
+                            }
+                        }
+                    }
+                    let mut answer =
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                        Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                            .to_vec();
+                    for _ in 0..chunks {
+                        answer.extend_from_slice(b"40\r\n");
+                        answer.extend_from_slice(&[2u8; 64]);
+                        answer.extend_from_slice(b"\r\n");
+                    }
+                    answer.extend_from_slice(b"0\r\n\r\n");
+                    let _ = socket.write_all(&answer).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn downloads_are_bytes_capped_or_classified_errors() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let key = "k3y-secret-0001";
+        let client = |base: &str| {
+            Client::new(
+                "wx",
+                base,
+                Secret::new(key),
+                Duration::from_secs(5),
+                metrics.clone(),
+            )
+            .unwrap()
+        };
+        let streaming = client(&chunked_server(10).await);
+        let client = client(&file_server().await);
+        assert_eq!(
+            client.download_file("raw", 1000).await,
+            Ok(Download::Bytes(vec![1u8; 100]))
+        );
+        assert_eq!(
+            client.download_file("raw", 99).await,
+            Ok(Download::TooLarge { size: Some(100) })
+        );
+        assert_eq!(
+            streaming.download_file("any", 300).await,
+            Ok(Download::TooLarge { size: None })
+        );
+        assert_eq!(
+            streaming.download_file("any", 640).await,
+            Ok(Download::Bytes(vec![2u8; 640]))
+        );
+        assert_eq!(
+            client.download_file("json-file", 1000).await,
+            Ok(Download::Bytes(br#"{"a": 1}"#.to_vec()))
+        );
+        let refused = client.download_file("refused", 1000).await.unwrap_err();
+        assert!(
+            matches!(refused, WxautoError::ApiCode { code: 3003, .. }),
+            "{refused:?}"
+        );
+        assert!(!refused.to_string().contains(key), "{refused}");
+        let missing = client.download_file("gone", 1000).await.unwrap_err();
+        assert!(
+            matches!(
+                missing,
+                WxautoError::HttpStatus {
+                    status: 404,
+                    code: Some(3003),
+                    ..
+                }
+            ),
+            "{missing:?}"
+        );
+        let text = {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            text
+        };
+        assert!(
+            text.contains(r#"endpoint="file_download",outcome="error""#),
+            "counted under its own endpoint label"
+        );
     }
 }

@@ -192,3 +192,45 @@ fn the_memory_alert_fires_below_the_shipped_memory_limit() {
         "WxautoHighMemory at {threshold_mib} MiB should sit at 60-99% of the {limit} MiB limit"
     );
 }
+
+/// The string literals of every `const *_KEYS: &[&str] = &[...]` list in the config decoder.
+fn decoder_keys() -> Vec<String> {
+    let mut keys = Vec::new();
+    for entry in std::fs::read_dir(root().join("src/config/decode")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|ext| ext != "rs") || path.ends_with("tests.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (at, _) in text.match_indices("_KEYS: &[&str] = &[") {
+            let list = &text[at..];
+            let list = &list[..list.find("];").unwrap()];
+            for literal in list.split('"').skip(1).step_by(2) {
+                keys.push(literal.to_owned());
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+#[test]
+fn every_config_key_is_in_the_configuration_reference() {
+    let keys = decoder_keys();
+    assert!(keys.len() > 40, "found only {keys:?}: parser broken?");
+    let doc = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|key| {
+            // `key`, `section.key` or `list[].key`, or `key.sub` for a section key.
+            ![format!("`{key}`"), format!(".{key}`"), format!("`{key}.")]
+                .iter()
+                .any(|form| doc.contains(form.as_str()))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys the decoder accepts but docs/configuration.md does not describe: {missing:?}"
+    );
+}

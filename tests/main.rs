@@ -8,6 +8,7 @@ mod consistency;
 mod delivery;
 mod http;
 mod listener;
+mod media;
 mod reload;
 mod security;
 mod tidy;

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -297,4 +298,133 @@ health:\n  report_interval: 200ms\n  report_file: data/report.json\n",
             }
         }
     }
+}
+
+// === HTTP limits ===
+
+/// Reads until the peer closes (EOF or reset) and returns what was read and when it closed.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> (Vec<u8>, Instant) {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return (bytes, Instant::now()),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn limits_config(server: &str) -> (String, Vec<(String, String)>) {
+    let (text, env) = crate::util::config_for(&[], "");
+    let text = text.replace("instances:\n", "instances: []\n");
+    (format!("server:\n{server}{text}"), env)
+}
+
+#[tokio::test]
+async fn idle_connections_and_a_slowloris_cannot_starve_a_scrape() {
+    use tokio::io::AsyncWriteExt;
+    let (text, env) =
+        limits_config("  header_read_timeout: 600ms\n  idle_timeout: 5s\n  max_connections: 200\n");
+    let sidecar = crate::util::start_sidecar(text, env).await;
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(sidecar.addr).await.unwrap());
+    }
+    let opened = Instant::now();
+    let mut slow = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    let dripping = tokio::spawn(async move {
+        // One header byte every 50 ms: the head never completes within the timeout.
+        for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if slow.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (_, closed) = read_until_closed(&mut slow).await;
+        closed
+    });
+    // A scrape answers at once while all of them are held.
+    let started = Instant::now();
+    let response = sidecar
+        .http
+        .get(sidecar.url("/metrics"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.unwrap().contains("wxauto_up"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The slowloris client is cut off after the header timeout, long before it finishes.
+    let closed = tokio::time::timeout(Duration::from_secs(5), dripping)
+        .await
+        .expect("the slowloris connection was never closed")
+        .unwrap();
+    let held = closed - opened;
+    assert!(
+        held >= Duration::from_millis(500) && held < Duration::from_secs(3),
+        "held {held:?}"
+    );
+    // So are the idle ones.
+    for stream in &mut idle[..5] {
+        let (bytes, _) = tokio::time::timeout(Duration::from_secs(3), read_until_closed(stream))
+            .await
+            .expect("an idle connection was kept");
+        assert!(!bytes.starts_with(b"HTTP/1.1 2"), "{bytes:?}");
+    }
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_refused_at_once_and_bodies_are_capped() {
+    let (text, env) = limits_config(
+        "  header_read_timeout: 5s\n  max_connections: 4\n  max_request_body_bytes: 2048\n",
+    );
+    let sidecar = crate::util::start_sidecar(text, env).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(sidecar.addr).await.unwrap());
+    }
+    // Let the accept loop take all four before the fifth arrives.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut extra = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    let started = Instant::now();
+    let (bytes, _) = tokio::time::timeout(Duration::from_secs(2), read_until_closed(&mut extra))
+        .await
+        .expect("the connection over the cap was not answered");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    drop(held);
+    // Slots free again once the held connections are gone.
+    let status = crate::util::eventually("a slot is free", DEADLINE, || async {
+        let response = sidecar
+            .http
+            .get(sidecar.url("/-/healthy"))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(response.status())
+    })
+    .await;
+    assert_eq!(status, 200);
+    // A body over max_request_body_bytes is 413; one under it is handled.
+    let big = sidecar
+        .http
+        .post(sidecar.url("/-/reload"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+    let small = sidecar
+        .http
+        .post(sidecar.url("/-/reload"))
+        .body(vec![b'x'; 100])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 200);
+    sidecar.stop().await;
 }

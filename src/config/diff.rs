@@ -71,6 +71,23 @@ impl ConfigDiff {
         let mut needs_restart = Vec::new();
         let restart_keys = [
             ("server.listen", old.server.listen != new.server.listen),
+            (
+                "server.header_read_timeout",
+                old.server.limits.header_read_timeout != new.server.limits.header_read_timeout,
+            ),
+            (
+                "server.idle_timeout",
+                old.server.limits.idle_timeout != new.server.limits.idle_timeout,
+            ),
+            (
+                "server.max_connections",
+                old.server.limits.max_connections != new.server.limits.max_connections,
+            ),
+            (
+                "server.max_request_body_bytes",
+                old.server.limits.max_request_body_bytes
+                    != new.server.limits.max_request_body_bytes,
+            ),
             ("storage.path", old.storage.path != new.storage.path),
             ("logging.dir", old.logging.dir != new.logging.dir),
             (
@@ -205,6 +222,7 @@ fn same_kind(a: &PlatformKind, b: &PlatformKind) -> bool {
                 && x.temperature == y.temperature
                 && x.max_tokens == y.max_tokens
                 && x.history == y.history
+                && x.vision == y.vision
         }
         (PlatformKind::Dify(x), PlatformKind::Dify(y)) => {
             x.api_base == y.api_base && x.api_key == y.api_key && x.user_id == y.user_id

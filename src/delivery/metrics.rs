@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::media::OUTCOMES as MEDIA_OUTCOMES;
 use super::store::StoreGauges;
 
 /// Counters are registered without `_total`: the encoder appends it.
@@ -20,6 +21,7 @@ const DELIVERIES: &str = "wxauto_deliveries";
 /// Registered with `Unit::Seconds`, which appends `_seconds`.
 const DELIVERY_DURATION: &str = "wxauto_delivery_duration";
 const REPLIES: &str = "wxauto_replies";
+const MEDIA_DOWNLOADS: &str = "wxauto_media_downloads";
 
 /// Delivery duration buckets, 10 ms to 60 s.
 const DURATION_BUCKETS: [f64; 12] = [
@@ -56,6 +58,9 @@ pub(crate) struct ReplyLabels {
     pub outcome: &'static str,
 }
 
+/// The label set of `wxauto_media_downloads_total` (same shape as the replies').
+type MediaLabels = ReplyLabels;
+
 type HistogramFamily = Family<PlatformLabels, Histogram, fn() -> Histogram>;
 
 /// The delivery metric group.
@@ -66,6 +71,7 @@ pub(crate) struct DeliveryMetrics {
     deliveries: Family<DeliveryLabels, Counter>,
     duration: HistogramFamily,
     replies: Family<ReplyLabels, Counter>,
+    media: Family<MediaLabels, Counter>,
     /// Instances whose reply series are initialised.
     instances: Mutex<HashSet<String>>,
     /// Platforms whose series are initialised.
@@ -86,6 +92,7 @@ impl DeliveryMetrics {
             deliveries: Family::default(),
             duration: Family::new_with_constructor(new_histogram as fn() -> Histogram),
             replies: Family::default(),
+            media: Family::default(),
             instances: Mutex::new(HashSet::new()),
             platforms: Mutex::new(HashSet::new()),
         };
@@ -119,6 +126,12 @@ impl DeliveryMetrics {
             REPLIES,
             "Replies sent back to chats, by instance and outcome (success, error)",
             metrics.replies.clone(),
+        );
+        registry.register(
+            MEDIA_DOWNLOADS,
+            "Media file downloads, by instance and outcome (success, error, too_large, \
+             disabled, unavailable)",
+            metrics.media.clone(),
         );
         metrics
     }
@@ -172,6 +185,12 @@ impl DeliveryMetrics {
                     reason,
                 });
             }
+            for outcome in MEDIA_OUTCOMES {
+                self.media.get_or_create_owned(&MediaLabels {
+                    instance_id: instance_id.to_owned(),
+                    outcome,
+                });
+            }
         }
     }
 
@@ -192,6 +211,23 @@ impl DeliveryMetrics {
                 reason,
             });
         }
+        for outcome in MEDIA_OUTCOMES {
+            self.media.remove(&MediaLabels {
+                instance_id: instance_id.to_owned(),
+                outcome,
+            });
+        }
+    }
+
+    /// Counts one media download by outcome.
+    pub(crate) fn media_download(&self, instance_id: &str, outcome: &'static str) {
+        self.learn_instance(instance_id);
+        self.media
+            .get_or_create_owned(&MediaLabels {
+                instance_id: instance_id.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     pub(crate) fn dropped(&self, instance_id: &str, reason: &'static str, n: u64) {

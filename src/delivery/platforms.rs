@@ -17,6 +17,7 @@ use crate::message::InboundMessage;
 use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
+use super::media::Attachment;
 use super::store::Store;
 
 /// How much of an upstream body an error text may quote.
@@ -47,6 +48,8 @@ pub(crate) struct Attempt<'a> {
     pub store: &'a Store,
     /// The platform id (the key of per-chat state).
     pub platform_id: &'a str,
+    /// The message's media file, downloaded or not (empty for a text message).
+    pub attachments: &'a [Attachment],
 }
 
 /// A failed delivery attempt. `message` never contains a secret.

@@ -234,6 +234,7 @@ mod tests {
             sender_remark: None,
             content: content.to_owned(),
             mtype: None,
+            file_path: None,
             received_at: Utc::now(),
         }
     }

@@ -16,6 +16,10 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use crate::config::SendMode;
 use crate::message::InboundMessage;
 
+mod media;
+
+pub(crate) use self::media::MediaRow;
+
 /// How long a writer waits for the database lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
@@ -92,6 +96,22 @@ const MIGRATIONS: &[&str] = &[
         conversation_id TEXT    NOT NULL,
         updated_ms      INTEGER NOT NULL,
         PRIMARY KEY (instance_id, chat, sender, platform_id)
+    );
+    ",
+    // Version 3: media messages. One row per message with a file; `outcome` is NULL until
+    // the download was tried, so a retry of the platform call never downloads again.
+    r"
+    CREATE TABLE media (
+        message_row   INTEGER PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+        file_path     TEXT    NOT NULL,
+        outcome       TEXT,
+        local_path    TEXT,
+        name          TEXT    NOT NULL DEFAULT '',
+        content_type  TEXT    NOT NULL DEFAULT 'application/octet-stream',
+        size          INTEGER,
+        sha256        TEXT,
+        waits         INTEGER NOT NULL DEFAULT 0,
+        updated_ms    INTEGER NOT NULL
     );
     ",
 ];
@@ -331,6 +351,15 @@ impl Store {
                         row.reply_at_sender,
                         now,
                     ])?;
+                    if n == 1
+                        && let Some(file_path) = &msg.file_path
+                    {
+                        tx.execute(
+                            "INSERT INTO media (message_row, file_path, updated_ms) \
+                             VALUES (?1, ?2, ?3)",
+                            params![tx.last_insert_rowid(), file_path, now],
+                        )?;
+                    }
                     inserted.push(n == 1);
                 }
             }
@@ -801,6 +830,8 @@ impl Job {
                 msg_type: row.get(7)?,
                 mtype: row.get(8)?,
                 content: row.get(9)?,
+                // Kept in the `media` table; the worker loads it with the download's result.
+                file_path: None,
                 received_at: from_ms(received_ms),
             },
             rule_id: row.get(11)?,

@@ -21,7 +21,7 @@ use crate::config::{
     KeywordMatch, KeywordPlatform, OpenAiPlatform, PlatformConfig, PlatformKind, RuleConfig,
     SendMode, WebhookPlatform,
 };
-use crate::message::{Reply, ReplyError};
+use crate::message::{Download, DownloadError, Reply, ReplyError};
 use crate::secret::Secret;
 
 // === test doubles: HTTP server ===
@@ -153,9 +153,28 @@ struct Replies {
     sent: Mutex<Vec<Reply>>,
     failures: Mutex<VecDeque<ReplyError>>,
     calls: AtomicUsize,
+    /// Scripted download answers, in order; `Unsupported` once they run out.
+    downloads: Mutex<VecDeque<Result<Download, DownloadError>>>,
+    download_calls: AtomicUsize,
 }
 
 impl ReplySender for Replies {
+    fn download_file(
+        &self,
+        _: &str,
+        _: &str,
+        _: u64,
+    ) -> BoxFuture<'_, Result<Download, DownloadError>> {
+        Box::pin(async move {
+            self.download_calls.fetch_add(1, Ordering::SeqCst);
+            self.downloads
+                .lock()
+                .expect("lock")
+                .pop_front()
+                .unwrap_or(Err(DownloadError::Unsupported))
+        })
+    }
+
     fn send_reply(&self, reply: Reply) -> BoxFuture<'_, Result<(), ReplyError>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
@@ -263,6 +282,20 @@ fn routing(rules: &[RuleConfig], platforms: &[PlatformConfig]) -> Routing {
     Routing::new(rules, platforms, http())
 }
 
+/// Media beside the database, downloads off (these tests send text).
+fn media_settings(db: &Path) -> MediaSettings {
+    let dir = db.parent().unwrap_or(Path::new("."));
+    MediaSettings {
+        config: crate::config::MediaConfig {
+            download: false,
+            dir: dir.join("downloads"),
+            ..crate::config::MediaConfig::default()
+        },
+        log_dir: dir.join("logs"),
+        log_retention_days: 7,
+    }
+}
+
 fn msg(chat: &str, sender: &str, id: &str, content: &str) -> InboundMessage {
     InboundMessage {
         instance_id: "wx1".to_owned(),
@@ -274,6 +307,7 @@ fn msg(chat: &str, sender: &str, id: &str, content: &str) -> InboundMessage {
         sender_remark: None,
         content: content.to_owned(),
         mtype: None,
+        file_path: None,
         received_at: Utc
             .with_ymd_and_hms(2026, 11, 29, 14, 0, 0)
             .single()
@@ -301,6 +335,15 @@ impl Harness {
     }
 
     async fn start_at(path: &Path, config: &DeliveryConfig, routing: Routing) -> Self {
+        Self::start_media(path, config, routing, media_settings(path)).await
+    }
+
+    async fn start_media(
+        path: &Path,
+        config: &DeliveryConfig,
+        routing: Routing,
+        media: MediaSettings,
+    ) -> Self {
         let replies = Arc::new(Replies::default());
         let errors = Arc::new(Errors::default());
         let mut registry = Registry::default();
@@ -308,6 +351,7 @@ impl Harness {
         let delivery = Delivery::start(
             &storage(path),
             config,
+            media,
             routing,
             Arc::clone(&replies) as Arc<dyn ReplySender>,
             Arc::clone(&errors) as Arc<dyn ErrorSink>,
@@ -758,6 +802,7 @@ fn reply_survives_a_crash_without_a_second_platform_call() {
         let delivery = Delivery::start(
             &storage(&path),
             &delivery_config(1, 5),
+            media_settings(&path),
             routing(&rules, &platforms),
             Arc::new(Stuck),
             Arc::new(Errors::default()),
@@ -1095,6 +1140,7 @@ async fn schema_is_versioned_and_a_newer_file_is_refused() {
     let err = Delivery::start(
         &storage(&path),
         &delivery_config(1, 3),
+        media_settings(&path),
         routing(&[], &[]),
         Arc::new(Replies::default()),
         Arc::new(Errors::default()),
@@ -1281,6 +1327,7 @@ fn openai(url: &str, history: usize) -> PlatformConfig {
             api_base: format!("{url}/v1/"),
             api_key: Secret::new("sk-test-openai-key"),
             model: "gpt-test".to_owned(),
+            vision: false,
             system_prompt: Some("Be brief.".to_owned()),
             temperature: Some(0.5),
             max_tokens: Some(64),
@@ -1534,7 +1581,7 @@ async fn a_version_1_store_is_migrated_in_place() {
     // Back to what version 1 had, with a row that must survive.
     let conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch(
-        "DROP TABLE sender_conversations; PRAGMA user_version = 1; \
+        "DROP TABLE media; DROP TABLE sender_conversations; PRAGMA user_version = 1; \
          INSERT INTO conversations VALUES ('wx1', 'a', 'dify', 'conv-old', 0);",
     )
     .expect("downgrade");
@@ -1616,5 +1663,240 @@ async fn metric_families_are_preinitialised() {
     })
     .await;
     assert_eq!(errors[0].1, ErrorKind::Connect);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_media_message_keeps_its_file_path_and_download_outcome() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("media.db");
+    let platform = PlatformConfig {
+        id: "faq".to_owned(),
+        send_mode: SendMode::Normal,
+        timeout: Duration::from_secs(1),
+        kind: PlatformKind::Keyword(KeywordPlatform { keywords: vec![] }),
+    };
+    let routing = routing(&[rule("r", "faq")], &[platform]);
+    // `media_settings` turns downloads off: the outcome is `disabled`, the message delivered.
+    let harness = Harness::start_at(&path, &delivery_config(1, 3), routing).await;
+    let mut image = msg("a", "a", "m1", r"C:\wx\a.png");
+    image.mtype = Some("image".to_owned());
+    image.file_path = Some(r"D:\files\a.png".to_owned());
+    harness
+        .accept(vec![image, msg("a", "a", "m2", "text")])
+        .await;
+    harness.wait_state("m1", "delivered").await;
+    harness.wait_state("m2", "delivered").await;
+    let text = harness.metrics();
+    assert!(
+        text.contains("wxauto_media_downloads_total{instance_id=\"wx1\",outcome=\"disabled\"} 1"),
+        "{text}"
+    );
+    harness.stop().await;
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let rows: Vec<(String, String, Option<String>, String)> = conn
+        .prepare(
+            "SELECT m.message_id, d.file_path, d.outcome, d.name FROM media d \
+             JOIN messages m ON m.id = d.message_row",
+        )
+        .expect("prepare")
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(
+        rows,
+        [(
+            "m1".to_owned(),
+            r"D:\files\a.png".to_owned(),
+            Some("disabled".to_owned()),
+            "a.png".to_owned()
+        )]
+    );
+}
+
+fn image_msg(id: &str) -> InboundMessage {
+    let mut image = msg("a", "a", id, r"C:\wx\photo.png");
+    image.mtype = Some("image".to_owned());
+    image.file_path = Some(r"C:\wx\photo.png".to_owned());
+    image
+}
+
+/// Downloads on, under the test's directory.
+fn media_on(db: &Path) -> MediaSettings {
+    let mut media = media_settings(db);
+    media.config.download = true;
+    media
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_waits_for_a_down_instance_without_spending_attempts() {
+    let server = Server::start(vec![]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.db");
+    let routing = routing(&[rule("r", "hook")], &[webhook("hook", &server.url)]);
+    let harness =
+        Harness::start_media(&path, &delivery_config(1, 2), routing, media_on(&path)).await;
+    {
+        let mut downloads = harness.replies.downloads.lock().expect("lock");
+        for _ in 0..3 {
+            downloads.push_back(Err(DownloadError::InstanceDown("wx1".to_owned())));
+        }
+        downloads.push_back(Ok(Download::Bytes(b"png bytes".to_vec())));
+    }
+    harness.accept(vec![image_msg("m1")]).await;
+    let (_, attempts, _) = harness.wait_state("m1", "delivered").await;
+    // Three waits, then one platform attempt (max_attempts is 2: waits did not count).
+    assert_eq!(attempts, 1);
+    assert_eq!(harness.replies.download_calls.load(Ordering::SeqCst), 4);
+    let requests = server.requests();
+    assert_eq!(
+        requests.len(),
+        1,
+        "the platform is called once, after the download"
+    );
+    let attachment = &requests[0].body["attachments"][0];
+    assert_eq!(attachment["data_base64"], media::base64(b"png bytes"));
+    assert_eq!(attachment["sha256"], media::sha256_hex(b"png bytes"));
+    let metrics = harness.metrics();
+    assert!(
+        metrics.contains("wxauto_media_downloads_total{instance_id=\"wx1\",outcome=\"success\"} 1"),
+        "{metrics}"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_stays_down_sends_the_message_without_its_file() {
+    let server = Server::start(vec![]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.db");
+    let routing = routing(&[rule("r", "hook")], &[webhook("hook", &server.url)]);
+    let harness =
+        Harness::start_media(&path, &delivery_config(1, 2), routing, media_on(&path)).await;
+    {
+        let mut downloads = harness.replies.downloads.lock().expect("lock");
+        for _ in 0..20 {
+            downloads.push_back(Err(DownloadError::InstanceDown("wx1".to_owned())));
+        }
+    }
+    harness.accept(vec![image_msg("m1")]).await;
+    let (_, attempts, _) = harness.wait_state("m1", "delivered").await;
+    assert_eq!(attempts, 1);
+    // MAX_WAITS waits, then the last answer gives up on the file.
+    assert_eq!(harness.replies.download_calls.load(Ordering::SeqCst), 11);
+    let attachment = &server.requests()[0].body["attachments"][0];
+    assert!(attachment["data_base64"].is_null(), "{attachment}");
+    assert_eq!(attachment["name"], "photo.png");
+    let metrics = harness.metrics();
+    assert!(
+        metrics.contains(
+            "wxauto_media_downloads_total{instance_id=\"wx1\",outcome=\"unavailable\"} 1"
+        ),
+        "{metrics}"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_retry_reuses_the_stored_download() {
+    let server = Server::start(vec![Step::Empty(503)]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.db");
+    let routing = routing(&[rule("r", "hook")], &[webhook("hook", &server.url)]);
+    let harness =
+        Harness::start_media(&path, &delivery_config(1, 3), routing, media_on(&path)).await;
+    harness
+        .replies
+        .downloads
+        .lock()
+        .expect("lock")
+        .push_back(Ok(Download::Bytes(b"once".to_vec())));
+    harness.accept(vec![image_msg("m1")]).await;
+    let (_, attempts, _) = harness.wait_state("m1", "delivered").await;
+    assert_eq!(attempts, 2);
+    assert_eq!(harness.replies.download_calls.load(Ordering::SeqCst), 1);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    for request in &requests {
+        assert_eq!(
+            request.body["attachments"][0]["data_base64"],
+            media::base64(b"once")
+        );
+    }
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_without_vision_names_the_attachment_and_dify_goes_on_without_a_refused_file() {
+    let server = Server::start(vec![]).await;
+    server.respond_with(|request: &Recorded| match request.path.as_str() {
+        "/v1/files/upload" => Step::Json(415, json!({"code": "unsupported_file_type"})),
+        "/v1/chat-messages" => Step::Json(200, json!({"answer": "", "conversation_id": "c"})),
+        _ => Step::Json(200, json!({"choices": [{"message": {"content": ""}}]})),
+    });
+    let dify = PlatformConfig {
+        id: "dify".to_owned(),
+        send_mode: SendMode::Normal,
+        timeout: Duration::from_secs(3),
+        kind: PlatformKind::Dify(DifyPlatform {
+            api_base: format!("{}/v1", server.url),
+            api_key: Secret::new("app-dify-secret"),
+            user_id: "default_user".to_owned(),
+        }),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.db");
+    let mut to_dify = rule("d", "dify");
+    to_dify.chat = ChatPattern::List(vec!["docs".to_owned()]);
+    to_dify.priority = 10;
+    let routing = routing(
+        &[to_dify, rule("o", "gpt")],
+        &[openai(&server.url, 0), dify],
+    );
+    let harness =
+        Harness::start_media(&path, &delivery_config(1, 3), routing, media_on(&path)).await;
+    {
+        let mut downloads = harness.replies.downloads.lock().expect("lock");
+        downloads.push_back(Ok(Download::Bytes(b"img".to_vec())));
+        downloads.push_back(Ok(Download::Bytes(b"%PDF".to_vec())));
+    }
+    let mut image = image_msg("m1");
+    image.content = "look at this".to_owned();
+    harness.accept(vec![image]).await;
+    harness.wait_state("m1", "delivered").await;
+    let mut pdf = msg("docs", "docs", "m2", r"C:\wx\report.pdf");
+    pdf.mtype = Some("file".to_owned());
+    harness.accept(vec![pdf]).await;
+    harness.wait_state("m2", "delivered").await;
+
+    let requests = server.requests();
+    let completion = requests
+        .iter()
+        .find(|r| r.path == "/v1/chat/completions")
+        .expect("completion");
+    let user = completion.body["messages"]
+        .as_array()
+        .expect("messages")
+        .last()
+        .expect("user turn");
+    assert_eq!(user["content"], "look at this\n[image: photo.png]");
+    let paths: Vec<&str> = requests.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/chat/completions",
+            "/v1/files/upload",
+            "/v1/chat-messages"
+        ]
+    );
+    let chat = &requests[2].body;
+    assert_eq!(chat["query"], " ", "a file message has no text");
+    assert!(
+        chat.get("files").is_none(),
+        "the refused file is left out: {chat}"
+    );
     harness.stop().await;
 }

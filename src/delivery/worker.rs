@@ -10,6 +10,7 @@ use crate::message::{Reply, ReplyError};
 use crate::monitor::ErrorKind;
 
 use super::Inner;
+use super::media::{self, Prepared};
 use super::platforms::{Attempt, PlatformError};
 use super::store::{Job, Stage, StoreError, now_ms};
 
@@ -104,11 +105,44 @@ async fn deliver(inner: &Inner, mut job: Job) {
         },
     };
 
+    let attachments = match media::prepare(inner, &mut job, &config).await {
+        Prepared::Ready(attachments) => attachments,
+        Prepared::Wait {
+            file_path,
+            next_attempt_ms,
+            note,
+        } => {
+            persist(inner, || {
+                inner.store.mark_waiting_for_media(
+                    job.id,
+                    file_path.clone(),
+                    next_attempt_ms,
+                    note.clone(),
+                )
+            })
+            .await;
+            return;
+        }
+        Prepared::Store(err) => {
+            inner.storage_error(&err);
+            let next = now_ms() + i64::try_from(STORE_RETRY.as_millis()).unwrap_or(1000);
+            let text = format!("media: {err}");
+            persist(inner, || {
+                inner
+                    .store
+                    .mark_retry(job.id, Stage::Platform, next, text.clone())
+            })
+            .await;
+            return;
+        }
+    };
+
     let started = Instant::now();
     let attempt = Attempt {
         number: job.attempts,
         store: &inner.store,
         platform_id: &platform.id,
+        attachments: &attachments,
     };
     let result = tokio::time::timeout(
         config.attempt_timeout,

@@ -57,10 +57,27 @@ pub fn accept(
             raw.sender.clone()
         },
         sender_remark: raw.sender_remark.clone(),
-        content: raw.content.clone(),
+        content: strip_parser_prefix(raw.mtype.as_deref(), &raw.content).to_owned(),
         mtype: raw.mtype.clone(),
+        file_path: raw.file_path.clone(),
         received_at: Utc::now(),
     })
+}
+
+/// wxauto's parser prefixes, by `mtype`: removed so platforms and rules see the text itself.
+const PARSER_PREFIXES: [(&str, &str); 2] = [
+    ("voice", "[wxauto语音解析]"),
+    ("card", "[wxauto卡片链接解析]"),
+];
+
+/// The content without wxauto's `[wxauto语音解析]` (voice) or `[wxauto卡片链接解析]` (card)
+/// prefix.
+pub fn strip_parser_prefix<'a>(mtype: Option<&str>, content: &'a str) -> &'a str {
+    PARSER_PREFIXES
+        .iter()
+        .find(|(kind, _)| mtype == Some(*kind))
+        .and_then(|(_, prefix)| content.strip_prefix(prefix))
+        .map_or(content, str::trim_start)
 }
 
 /// A stable id for a message upstream sent without one.
@@ -94,6 +111,7 @@ mod tests {
             sender_remark: None,
             mtype: None,
             time: Some("2026-11-29 10:00:00".to_owned()),
+            file_path: None,
         }
     }
 
@@ -131,5 +149,27 @@ mod tests {
         assert!(a.message_id.starts_with("syn-"));
         let other_instance = accept("wx2", "alice", &message, 0).unwrap();
         assert_ne!(a.message_id, other_instance.message_id);
+    }
+
+    #[test]
+    fn parser_prefixes_are_stripped_for_their_type_only() {
+        assert_eq!(
+            strip_parser_prefix(Some("voice"), "[wxauto语音解析]今天开会"),
+            "今天开会"
+        );
+        assert_eq!(
+            strip_parser_prefix(Some("card"), "[wxauto卡片链接解析] 标题 https://x"),
+            "标题 https://x"
+        );
+        // Another type keeps its text, prefix-looking or not.
+        assert_eq!(
+            strip_parser_prefix(Some("image"), "[wxauto语音解析]x"),
+            "[wxauto语音解析]x"
+        );
+        assert_eq!(
+            strip_parser_prefix(None, "[wxauto卡片链接解析]x"),
+            "[wxauto卡片链接解析]x"
+        );
+        assert_eq!(strip_parser_prefix(Some("voice"), "no prefix"), "no prefix");
     }
 }

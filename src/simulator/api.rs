@@ -35,6 +35,7 @@ pub(super) fn routes(sim: &Simulator) -> Router<Simulator> {
         .route("/api/message/listen/get", get(listen_get))
         .route("/api/chat-window/message/send", post(send))
         .route("/api/chat-window/message/send-typing", post(send_typing))
+        .route("/api/file/download", post(file_download))
         .route_layer(middleware::from_fn_with_state(sim.clone(), require_api_key));
     Router::new()
         .route("/api/health", get(health))
@@ -139,6 +140,26 @@ async fn send_typing(State(sim): State<Simulator>, body: Bytes) -> Response {
     let request = send_request(&parse_body(&body), true);
     let result = sim.lock().send(request);
     envelope(result)
+}
+
+/// Raw bytes for a known file; a missing `file_path` is code 1002 and an unknown one 3003,
+/// as enveloped errors.
+async fn file_download(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let Some(file_path) = string_field(&parse_body(&body), "file_path") else {
+        return envelope_error(StatusCode::BAD_REQUEST, 1002, "缺少必要参数");
+    };
+    match sim.file(&file_path) {
+        Some(bytes) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            )],
+            bytes,
+        )
+            .into_response(),
+        None => envelope_error(StatusCode::NOT_FOUND, 3003, "文件不存在"),
+    }
 }
 
 async fn not_found() -> Response {

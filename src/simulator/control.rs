@@ -4,6 +4,8 @@
 //! - `POST /_sim/inject` `{chat, sender?, content, count?}` or `{chat, message: {...}, count?}`
 //! - `POST /_sim/wechat` `{online}`
 //! - `POST /_sim/fault` `{mode: none|http500|garbage|wrong_types|slow|hang, delay_ms?}`
+//! - `POST /_sim/media` `{chat, sender?, mtype, file_path?, content?, data_base64?}`: a media
+//!   message; `data_base64` makes `/api/file/download` serve those bytes for `file_path`
 //! - `POST /_sim/reset` (answers the fresh state)
 //! - `GET  /_sim/state`
 
@@ -41,6 +43,18 @@ struct InjectRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct MediaRequest {
+    chat: String,
+    sender: Option<String>,
+    mtype: String,
+    file_path: Option<String>,
+    /// Defaults to the file path, which is what wxauto puts in a file message's content.
+    content: Option<String>,
+    data_base64: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WechatRequest {
     online: bool,
 }
@@ -56,6 +70,7 @@ struct FaultRequest {
 pub(super) fn routes() -> Router<Simulator> {
     Router::new()
         .route("/inject", post(inject))
+        .route("/media", post(media))
         .route("/wechat", post(wechat))
         .route("/fault", post(fault))
         .route("/reset", post(reset))
@@ -94,6 +109,39 @@ async fn inject(State(sim): State<Simulator>, body: Bytes) -> Response {
         _ => return bad_request("give exactly one of content and message"),
     }
     Json(json!({ "injected": count })).into_response()
+}
+
+async fn media(State(sim): State<Simulator>, body: Bytes) -> Response {
+    use base64::Engine as _;
+    let request: MediaRequest = match parse(&body) {
+        Ok(request) => request,
+        Err(message) => return bad_request(&message),
+    };
+    if request.chat.is_empty() || request.mtype.is_empty() {
+        return bad_request("chat and mtype must not be empty");
+    }
+    if let Some(data) = &request.data_base64 {
+        let Some(file_path) = &request.file_path else {
+            return bad_request("data_base64 needs a file_path");
+        };
+        match base64::engine::general_purpose::STANDARD.decode(data) {
+            Ok(bytes) => sim.add_file(file_path, bytes),
+            Err(err) => return bad_request(&format!("data_base64 is not base64: {err}")),
+        }
+    }
+    let content = request
+        .content
+        .or_else(|| request.file_path.clone())
+        .unwrap_or_default();
+    let sender = request.sender.as_deref().unwrap_or(&request.chat);
+    sim.inject_media(
+        &request.chat,
+        sender,
+        &request.mtype,
+        request.file_path.as_deref(),
+        &content,
+    );
+    Json(json!({ "injected": 1 })).into_response()
 }
 
 async fn wechat(State(sim): State<Simulator>, body: Bytes) -> Response {

@@ -96,6 +96,8 @@ pub struct RawMessage {
     pub mtype: Option<String>,
     /// Upstream time string (wxauto only).
     pub time: Option<String>,
+    /// The file of a media message, a path on the instance's machine.
+    pub file_path: Option<String>,
 }
 
 /// Parses `{messages: {<chat>: [msg, ...]}}`. An empty map means "nothing new".
@@ -153,6 +155,7 @@ fn parse_message(value: &Value) -> Result<RawMessage, String> {
         sender_remark: text("sender_remark").filter(|remark| !remark.is_empty()),
         mtype: text("mtype"),
         time: text("time"),
+        file_path: text("file_path").filter(|path| !path.is_empty()),
     })
 }
 

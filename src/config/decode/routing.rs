@@ -27,6 +27,7 @@ const OPENAI_KEYS: &[&str] = &[
     "temperature",
     "max_tokens",
     "history",
+    "vision",
 ];
 const DIFY_KEYS: &[&str] = &["api_base", "user_id"];
 const COZE_KEYS: &[&str] = &[
@@ -437,6 +438,7 @@ fn openai(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<OpenAiPlatform> {
             .map(to_u32)
     });
     let history = to_usize(fields.int_or(ctx, "history", IntRange::at_least(0), 0));
+    let vision = fields.bool_or(ctx, "vision", false);
     let (api_key, _) = key?;
     warn_unsent_credentials(ctx, fields, api_base.as_deref());
     Some(OpenAiPlatform {
@@ -447,6 +449,7 @@ fn openai(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<OpenAiPlatform> {
         temperature: optional(temperature)?,
         max_tokens: optional(max_tokens)?,
         history,
+        vision,
     })
 }
 

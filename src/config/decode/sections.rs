@@ -12,8 +12,8 @@ use super::reader::{Ctx, Fields, IntRange, index};
 use super::routing;
 use crate::config::{
     BackoffConfig, Config, ConfigSource, DEFAULT_LISTEN, DeliveryConfig, FixedListener,
-    HealthConfig, InstanceConfig, InstanceSelector, ListenerConfig, LoggingConfig, ServerConfig,
-    StorageConfig,
+    HealthConfig, HttpLimits, InstanceConfig, InstanceSelector, ListenerConfig, LoggingConfig,
+    MediaConfig, ServerConfig, StorageConfig,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -27,8 +27,16 @@ const ROOT_KEYS: &[&str] = &[
     "health",
     "logging",
     "storage",
+    "media",
 ];
-const SERVER_KEYS: &[&str] = &["listen", "enable_lifecycle"];
+const SERVER_KEYS: &[&str] = &[
+    "listen",
+    "enable_lifecycle",
+    "header_read_timeout",
+    "idle_timeout",
+    "max_connections",
+    "max_request_body_bytes",
+];
 const LISTENER_KEYS: &[&str] = &[
     "poll_interval",
     "health_check_interval",
@@ -51,6 +59,7 @@ const DELIVERY_KEYS: &[&str] = &["workers", "max_attempts", "backoff", "attempt_
 const HEALTH_KEYS: &[&str] = &["window", "report_interval", "report_file"];
 const LOGGING_KEYS: &[&str] = &["level", "dir", "file_prefix", "retention_days"];
 const STORAGE_KEYS: &[&str] = &["path", "retention_days"];
+const MEDIA_KEYS: &[&str] = &["download", "dir", "max_bytes", "retention_days"];
 
 const fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
@@ -77,6 +86,7 @@ pub(super) fn config(ctx: &mut Ctx<'_>, root: &Node) -> Option<Config> {
     let health = health(ctx, fields.get_raw("health"));
     let logging = logging(ctx, fields.get_raw("logging"));
     let storage = storage(ctx, fields.get_raw("storage"));
+    let media = media(ctx, fields.get_raw("media"));
 
     let (instances, known_ids) = match fields.get_raw("instances") {
         // `instances: []` is valid (nothing to poll yet); a bare `instances:` is not a list.
@@ -101,6 +111,7 @@ pub(super) fn config(ctx: &mut Ctx<'_>, root: &Node) -> Option<Config> {
         health,
         logging,
         storage,
+        media,
         // Filled in by `decode` once the key files are known.
         source: ConfigSource {
             path: None,
@@ -121,15 +132,39 @@ fn server(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ServerConfig {
         return ServerConfig {
             listen: default_listen,
             enable_lifecycle: false,
+            limits: HttpLimits::default(),
         };
     };
     let listen = match fields.get("listen") {
         Some(node) => socket_addr(ctx, node, &fields.path_of("listen")).unwrap_or(default_listen),
         None => default_listen,
     };
+    let defaults = HttpLimits::default();
+    let limits = HttpLimits {
+        header_read_timeout: fields.duration_or(
+            ctx,
+            "header_read_timeout",
+            defaults.header_read_timeout,
+        ),
+        idle_timeout: fields.duration_or(ctx, "idle_timeout", defaults.idle_timeout),
+        // The upper bounds keep the server inside what one process can hold open.
+        max_connections: to_usize(fields.int_or(
+            ctx,
+            "max_connections",
+            IntRange::between(1, 1_000_000),
+            512,
+        )),
+        max_request_body_bytes: to_usize(fields.int_or(
+            ctx,
+            "max_request_body_bytes",
+            IntRange::between(1024, 1024 * 1024 * 1024),
+            64 * 1024,
+        )),
+    };
     ServerConfig {
         listen,
         enable_lifecycle: fields.bool_or(ctx, "enable_lifecycle", false),
+        limits,
     }
 }
 
@@ -290,6 +325,25 @@ fn storage(ctx: &mut Ctx<'_>, node: Option<&Node>) -> StorageConfig {
     };
     StorageConfig {
         path: PathBuf::from(fields.string_or(ctx, "path", PATH)),
+        retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
+    }
+}
+
+fn media(ctx: &mut Ctx<'_>, node: Option<&Node>) -> MediaConfig {
+    let default = MediaConfig::default();
+    let Some(fields) = ctx.section(node, "media", MEDIA_KEYS) else {
+        return default;
+    };
+    let max_bytes = fields.int_or(
+        ctx,
+        "max_bytes",
+        IntRange::at_least(1),
+        i128::from(default.max_bytes),
+    );
+    MediaConfig {
+        download: fields.bool_or(ctx, "download", default.download),
+        dir: PathBuf::from(fields.string_or(ctx, "dir", "data/downloads")),
+        max_bytes: u64::try_from(max_bytes).unwrap_or(u64::MAX),
         retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
     }
 }

@@ -455,7 +455,7 @@ fn structure_errors() {
     check(
         "instances: []\nbogus: 1\n",
         &[
-            "2:1: bogus: unknown key \"bogus\"; allowed keys: server, listener, instances, fixed_listeners, platforms, rules, delivery, health, logging, storage",
+            "2:1: bogus: unknown key \"bogus\"; allowed keys: server, listener, instances, fixed_listeners, platforms, rules, delivery, health, logging, storage, media",
         ],
     );
     check(
@@ -876,7 +876,7 @@ fn openai_and_dify_errors() {
             "6:18: platforms[0].temperature: must be between 0 and 2, got 2.5",
             "7:17: platforms[0].max_tokens: must be at least 1, got 0",
             "8:14: platforms[0].history: must be at least 0, got -1",
-            "9:5: platforms[0].user_id: unknown key \"user_id\" for a openai platform; allowed keys: id, type, message_send_mode, timeout, api_base, model, system_prompt, temperature, max_tokens, history, api_key_env, api_key_file, api_key",
+            "9:5: platforms[0].user_id: unknown key \"user_id\" for a openai platform; allowed keys: id, type, message_send_mode, timeout, api_base, model, system_prompt, temperature, max_tokens, history, vision, api_key_env, api_key_file, api_key",
         ],
     );
     check(
@@ -1133,6 +1133,89 @@ fn hash_changes_with_the_key_file() {
         .source
         .hash;
     assert_ne!(first, second);
+}
+
+#[test]
+fn server_limits_have_defaults_and_ranges() {
+    let loaded = valid(&with_empty_instances(""));
+    assert_eq!(
+        loaded.config.server.limits,
+        crate::config::HttpLimits::default()
+    );
+    let loaded = valid(&with_empty_instances(
+        "server:\n  header_read_timeout: 2s\n  idle_timeout: 30s\n  max_connections: 64\n  max_request_body_bytes: 4096\n",
+    ));
+    let limits = loaded.config.server.limits;
+    assert_eq!(limits.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(limits.idle_timeout, Duration::from_secs(30));
+    assert_eq!(limits.max_connections, 64);
+    assert_eq!(limits.max_request_body_bytes, 4096);
+    let errors = errors_of(&with_empty_instances(
+        "server:\n  max_connections: 0\n  max_request_body_bytes: 10\n  header_read_timeout: 0s\n",
+    ));
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors[0].starts_with("3:20: server.max_connections:"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("server.max_request_body_bytes"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].contains("server.header_read_timeout"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn media_section_defaults_values_and_errors() {
+    let defaults = valid("instances: []\n").config.media;
+    assert_eq!(defaults, crate::config::MediaConfig::default());
+    assert!(defaults.download);
+    assert_eq!(defaults.dir, PathBuf::from("data/downloads"));
+    assert_eq!(
+        (defaults.max_bytes, defaults.retention_days),
+        (20_971_520, 7)
+    );
+
+    let media = valid(&with_empty_instances(
+        "media:\n  download: false\n  dir: /var/lib/wx/files\n  max_bytes: 1024\n  retention_days: 3\n",
+    ))
+    .config
+    .media;
+    assert!(!media.download);
+    assert_eq!(media.dir, PathBuf::from("/var/lib/wx/files"));
+    assert_eq!((media.max_bytes, media.retention_days), (1024, 3));
+
+    check(
+        &with_empty_instances(
+            "media:\n  download: maybe\n  max_bytes: 0\n  retention_days: 0\n  size: 1\n",
+        ),
+        &[
+            "3:13: media.download: expected true or false, found a string",
+            "4:14: media.max_bytes: must be at least 1, got 0",
+            "5:19: media.retention_days: must be at least 1, got 0",
+            "6:3: media.size: unknown key \"size\"; allowed keys: download, dir, max_bytes, retention_days",
+        ],
+    );
+}
+
+#[test]
+fn openai_vision_defaults_off() {
+    let config = valid(
+        "instances: []\nplatforms:\n  - id: o\n    type: openai\n    api_key_env: WX_KEY\n    model: m\n  - id: v\n    type: openai\n    api_key_env: WX_KEY\n    model: m\n    vision: true\n",
+    )
+    .config;
+    let visions: Vec<bool> = config
+        .platforms
+        .iter()
+        .map(|platform| match &platform.kind {
+            PlatformKind::OpenAi(openai) => openai.vision,
+            _ => panic!("openai"),
+        })
+        .collect();
+    assert_eq!(visions, [false, true]);
 }
 
 #[test]

@@ -5,6 +5,8 @@
 use crate::config::{KeywordEntry, KeywordMatch, KeywordPlatform};
 use crate::message::InboundMessage;
 
+use super::super::media;
+
 #[derive(Debug)]
 pub(super) struct Keyword {
     entries: Vec<Entry>,
@@ -38,7 +40,11 @@ impl Keyword {
     }
 
     pub(super) fn deliver(&self, msg: &InboundMessage) -> Option<String> {
-        let content = msg.content.trim();
+        // Text only: an image's path is not something to match keywords against.
+        let content = media::text_of(msg).trim();
+        if content.is_empty() {
+            return None;
+        }
         let lowered = content.to_lowercase();
         let entry = self
             .entries
@@ -100,6 +106,7 @@ mod tests {
             sender_remark: None,
             content: content.to_owned(),
             mtype: None,
+            file_path: None,
             received_at: Utc::now(),
         }
     }

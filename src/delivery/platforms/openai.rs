@@ -1,5 +1,7 @@
 //! `openai`: any OpenAI-compatible `POST {api_base}/chat/completions`, with an optional system
 //! prompt and the last `history` exchanges of the chat (kept in the store) as prior messages.
+//! Images go as `image_url` parts (data URIs) when the platform sets `vision`; any other
+//! attachment is a short placeholder in the text.
 
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use crate::message::InboundMessage;
 use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
+use super::super::media::{self, Attachment};
 use super::{Attempt, PlatformError, join, send, status_error};
 
 #[derive(Debug)]
@@ -21,6 +24,7 @@ pub(super) struct OpenAi {
     temperature: Option<f64>,
     max_tokens: Option<u32>,
     history: usize,
+    vision: bool,
     http: reqwest::Client,
     timeout: Duration,
 }
@@ -41,6 +45,7 @@ impl OpenAi {
             temperature: config.temperature,
             max_tokens: config.max_tokens,
             history: config.history,
+            vision: config.vision,
             http,
             timeout,
         }
@@ -73,7 +78,8 @@ impl OpenAi {
             messages.push(json!({"role": "user", "content": user}));
             messages.push(json!({"role": "assistant", "content": assistant}));
         }
-        messages.push(json!({"role": "user", "content": msg.content}));
+        let (text, content) = self.user_content(msg, attempt.attachments).await;
+        messages.push(json!({"role": "user", "content": content}));
         let mut body = json!({"model": self.model, "messages": messages});
         if let Some(temperature) = self.temperature {
             body["temperature"] = json!(temperature);
@@ -112,12 +118,61 @@ impl OpenAi {
                     msg.instance_id.clone(),
                     msg.chat.clone(),
                     attempt.platform_id.to_owned(),
-                    (msg.content.clone(), reply.clone()),
+                    (text, reply.clone()),
                     self.history,
                 )
                 .await
                 .map_err(|err| PlatformError::retry(ErrorKind::Storage, err.to_string()))?;
         }
         Ok(reply)
+    }
+
+    /// The user turn: the text, with each attachment as a placeholder naming it, or, for an
+    /// image on a `vision` platform, as an `image_url` part carrying a data URI. Returns the
+    /// text for the history, where every attachment is its placeholder (history is text).
+    async fn user_content(
+        &self,
+        msg: &InboundMessage,
+        attachments: &[Attachment],
+    ) -> (String, Value) {
+        let mut text = media::text_of(msg).trim().to_owned();
+        let mut history = text.clone();
+        let mut images = Vec::new();
+        for attachment in attachments {
+            if !history.is_empty() {
+                history.push('\n');
+            }
+            history.push_str(&attachment.placeholder());
+            let inline = if self.vision && attachment.kind == "image" {
+                attachment.data().await
+            } else {
+                None
+            };
+            match inline {
+                Some(bytes) => images.push(json!({
+                    "type": "image_url",
+                    "image_url": {"url": format!(
+                        "data:{};base64,{}",
+                        attachment.content_type,
+                        media::base64(&bytes)
+                    )},
+                })),
+                None => {
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(&attachment.placeholder());
+                }
+            }
+        }
+        if images.is_empty() {
+            return (history, json!(text));
+        }
+        let mut parts = Vec::with_capacity(images.len() + 1);
+        if !text.is_empty() {
+            parts.push(json!({"type": "text", "text": text}));
+        }
+        parts.extend(images);
+        (history, Value::Array(parts))
     }
 }

@@ -1,5 +1,6 @@
 //! `webhook`: POST the message as JSON, exactly docs/reference.md ("The webhook request"), with an `Idempotency-Key` of
-//! `<instance_id>:<message_id>` that is the same on every attempt.
+//! `<instance_id>:<message_id>` that is the same on every attempt. A media message adds
+//! `attachments` (the file inline as base64 when it was downloaded).
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use crate::message::InboundMessage;
 use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
+use super::super::media::{self, Attachment};
 use super::{Attempt, PlatformError, send, status_error};
 
 /// The idempotency header.
@@ -82,7 +84,10 @@ impl Webhook {
             )
         })?;
         headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY), key);
-        let body = body(msg, attempt.number);
+        let mut body = body(msg, attempt.number);
+        if !attempt.attachments.is_empty() {
+            body["attachments"] = attachments(attempt.attachments).await;
+        }
         let (status, bytes) = send(
             self.http.post(&self.url).headers(headers).json(&body),
             self.timeout,
@@ -121,6 +126,23 @@ fn body(msg: &InboundMessage, attempt: u32) -> serde_json::Value {
         "received_at": msg.received_at.to_rfc3339_opts(SecondsFormat::Secs, true),
         "attempt": attempt,
     })
+}
+
+/// The `attachments` list: metadata always, the bytes inline when the file was kept.
+async fn attachments(attachments: &[Attachment]) -> serde_json::Value {
+    let mut list = Vec::with_capacity(attachments.len());
+    for attachment in attachments {
+        let data = attachment.data().await;
+        list.push(serde_json::json!({
+            "kind": attachment.kind,
+            "name": attachment.name,
+            "content_type": attachment.content_type,
+            "size": attachment.size,
+            "sha256": data.as_ref().and(attachment.sha256.as_ref()),
+            "data_base64": data.as_deref().map(media::base64),
+        }));
+    }
+    serde_json::Value::Array(list)
 }
 
 fn header_map(headers: &[(String, Secret)]) -> Result<HeaderMap, String> {

@@ -262,6 +262,7 @@ fn msg(chat: &str, sender: &str, id: &str, content: &str) -> InboundMessage {
         sender_remark: None,
         content: content.to_owned(),
         mtype: None,
+        file_path: None,
         received_at: Utc
             .with_ymd_and_hms(2026, 12, 1, 9, 0, 0)
             .single()
@@ -286,6 +287,7 @@ async fn deliver(
             number: 1,
             store,
             platform_id: PLATFORM,
+            attachments: &[],
         },
     )
     .await
