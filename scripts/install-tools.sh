@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Install the monitoring test tools: `prometheus` and `promtool`, from Debian's
-# `prometheus` package. Idempotent: does nothing when both are on PATH.
+# Install the test tools: `prometheus` and `promtool`, from Debian's `prometheus`
+# package, and headless `chromium` (the status page test), from Debian's `chromium`.
+# Idempotent: does nothing when all three are on PATH.
 # Runs apt-get directly as root, through sudo otherwise (when sudo exists).
 # The package's own daemon is never left running: the tests start their own
 # Prometheus on a free loopback port, and a packaged one would hold :9090.
 set -euo pipefail
 
-if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
-  echo "install-tools: prometheus and promtool already installed ($(promtool --version 2>&1 | head -n 1))"
+PACKAGES=()
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  PACKAGES+=(prometheus)
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  PACKAGES+=(chromium)
+fi
+if [ "${#PACKAGES[@]}" -eq 0 ]; then
+  echo "install-tools: prometheus, promtool and chromium already installed ($(promtool --version 2>&1 | head -n 1))"
   exit 0
 fi
 
@@ -16,12 +24,12 @@ if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then
     SUDO=(sudo)
   else
-    echo "install-tools: need root or sudo to apt-get install prometheus" >&2
+    echo "install-tools: need root or sudo to apt-get install ${PACKAGES[*]}" >&2
     exit 1
   fi
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install-tools: apt-get not found; install prometheus and promtool (2.x) yourself" >&2
+  echo "install-tools: apt-get not found; install ${PACKAGES[*]} yourself (prometheus/promtool 2.x, chromium)" >&2
   exit 1
 fi
 
@@ -40,16 +48,18 @@ cleanup() {
 trap cleanup EXIT
 
 export DEBIAN_FRONTEND=noninteractive
+# Wait for another apt/dpkg run (a second install script, unattended upgrades) instead of failing.
+APT=(apt-get -o DPkg::Lock::Timeout=600)
 install() {
-  "${SUDO[@]}" apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  "${SUDO[@]}" "${APT[@]}" install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
 }
 # Refresh the package lists when the package is unknown, or when the install
 # fails on stale lists (a mirror that no longer has the listed version).
-if ! apt-cache show prometheus >/dev/null 2>&1; then
-  "${SUDO[@]}" apt-get update -qq
+if ! apt-cache show "${PACKAGES[@]}" >/dev/null 2>&1; then
+  "${SUDO[@]}" "${APT[@]}" update -qq
 fi
 if ! install; then
-  "${SUDO[@]}" apt-get update -qq
+  "${SUDO[@]}" "${APT[@]}" update -qq
   install
 fi
 
@@ -68,5 +78,5 @@ if [ -f "$PIDFILE" ]; then
   fi
 fi
 
-command -v promtool >/dev/null && command -v prometheus >/dev/null
-echo "install-tools: installed $(promtool --version 2>&1 | head -n 1)"
+command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v chromium >/dev/null
+echo "install-tools: installed ${PACKAGES[*]} ($(promtool --version 2>&1 | head -n 1); $(chromium --version 2>/dev/null | head -n 1))"

@@ -192,6 +192,10 @@ pub async fn run(
         counts
     });
 
+    // `logging.redact_chat_names` is read live by every log line that names a chat.
+    supervisor.subscribe(Box::new(|config: &Arc<Config>, _: &ConfigDiff| {
+        crate::logging::set_redact_chat_names(config.logging.redact_chat_names);
+    }));
     if let Some(handle) = options.log_level.clone() {
         supervisor.subscribe(Box::new(move |config: &Arc<Config>, diff: &ConfigDiff| {
             if !diff.log_level_changed {
@@ -262,6 +266,13 @@ pub async fn run(
         ready: Arc::clone(&ready),
         lifecycle_flag: options.enable_lifecycle,
         message_counts,
+        delivery_counts: delivery.clone().map(|delivery| {
+            let counts: http::DeliveryCounts = Arc::new(move || {
+                let delivery = delivery.clone();
+                Box::pin(async move { delivery.counts().await })
+            });
+            counts
+        }),
     };
     tracing::info!(%addr, "Serving metrics and the monitor API.");
     on_started(Started { addr });

@@ -431,6 +431,20 @@ pub struct LoggingConfig {
     pub file_prefix: String,
     /// Daily files older than this many days are deleted.
     pub retention_days: u32,
+    /// `logging.format`: human-readable text or one JSON object per line (stderr and file).
+    pub format: LogFormat,
+    /// `logging.redact_chat_names`: chat names in log lines become a short stable hash.
+    pub redact_chat_names: bool,
+}
+
+/// `logging.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `text` (the default): `2026-11-29T10:00:00Z  INFO message key=value`.
+    #[default]
+    Text,
+    /// `json`: one JSON object per line, for log shippers.
+    Json,
 }
 
 /// `storage:` section.

@@ -1,6 +1,8 @@
 //! The HTTP surface. Endpoints:
 //!
-//! - `GET /` landing page; `GET /metrics` (text 0.0.4, or OpenMetrics when `Accept` asks)
+//! - `GET /` the HTML status page when `Accept` prefers `text/html` (browsers; `?lang=en|zh`,
+//!   `?fragment=1` for its refresh), else the endpoint list; `GET /links` the endpoint list
+//! - `GET /metrics` (text 0.0.4, or OpenMetrics when `Accept` asks)
 //! - `GET|HEAD /-/healthy` (always 200), `GET|HEAD /-/ready` (200 once started, 503 otherwise)
 //! - `POST /-/reload` (lifecycle-gated: 403 when off; 405 on GET; 500 with the errors on failure)
 //! - `GET /api/v1/{status,health,clients,listeners,statistics,errors?limit=N}` (JSON envelope)
@@ -8,6 +10,7 @@
 
 mod api;
 mod serve;
+mod status_page;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,13 +19,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::config::Config;
+use crate::delivery::StoreCounts;
 use crate::message::BoxFuture;
 use crate::monitor::report::ChatCounts;
 use crate::monitor::{Monitor, Snapshot};
@@ -31,6 +35,9 @@ use crate::supervisor::{Control, ReloadReport, ReloadSource};
 /// Reads how many messages the store holds for each given `(instance_id, chat)`.
 pub type MessageCounts =
     Arc<dyn Fn(Vec<(String, String)>) -> BoxFuture<'static, ChatCounts> + Send + Sync>;
+
+/// Reads the store's row counts by state (the status page's delivery figures).
+pub type DeliveryCounts = Arc<dyn Fn() -> BoxFuture<'static, StoreCounts> + Send + Sync>;
 
 /// The store's message counts for every chat in `snap`; empty without a store.
 pub async fn store_counts(counts: Option<&MessageCounts>, snap: &Snapshot) -> ChatCounts {
@@ -67,6 +74,8 @@ pub struct AppState {
     pub lifecycle_flag: bool,
     /// Per-chat message counts from the store, when delivery runs.
     pub message_counts: Option<MessageCounts>,
+    /// Row counts by state from the store, when delivery runs.
+    pub delivery_counts: Option<DeliveryCounts>,
 }
 
 impl AppState {
@@ -106,7 +115,8 @@ impl AppState {
 /// Builds the router (no socket: tests call it directly or serve it on port 0).
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/", get(landing))
+        .route("/", get(status_page::index))
+        .route("/links", get(status_page::links))
         .route("/metrics", get(metrics))
         .route("/-/healthy", get(healthy))
         .route("/-/ready", get(ready))
@@ -117,27 +127,6 @@ pub fn router(state: AppState) -> Router {
             Duration::from_secs(60),
         ))
         .with_state(state)
-}
-
-async fn landing() -> Html<&'static str> {
-    Html(concat!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>wxauto-sidecar</title></head>",
-        "<body><h1>wxauto-sidecar ",
-        env!("CARGO_PKG_VERSION"),
-        "</h1><ul>",
-        "<li><a href=\"/metrics\">/metrics</a> Prometheus metrics</li>",
-        "<li><a href=\"/-/healthy\">/-/healthy</a> liveness</li>",
-        "<li><a href=\"/-/ready\">/-/ready</a> readiness</li>",
-        "<li>POST /-/reload: reload the configuration (lifecycle)</li>",
-        "<li><a href=\"/api/v1/status\">/api/v1/status</a> service status</li>",
-        "<li><a href=\"/api/v1/health\">/api/v1/health</a> health report</li>",
-        "<li><a href=\"/api/v1/clients\">/api/v1/clients</a> wxauto instances</li>",
-        "<li><a href=\"/api/v1/listeners\">/api/v1/listeners</a> listened chats</li>",
-        "<li><a href=\"/api/v1/statistics\">/api/v1/statistics</a> statistics</li>",
-        "<li><a href=\"/api/v1/errors?limit=10\">/api/v1/errors</a> recent errors</li>",
-        "<li>POST /api/v1/restart, POST /api/v1/reload (lifecycle)</li>",
-        "</ul></body></html>"
-    ))
 }
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {

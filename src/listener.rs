@@ -644,7 +644,7 @@ impl InstanceActor {
         // One line per upstream answer (one chat): ids and counts, never the text.
         tracing::info!(
             instance_id = %self.instance.id,
-            chat = %taken[0].chat,
+            chat = %crate::logging::chat(&taken[0].chat),
             messages = taken.len(),
             "Messages taken from the instance."
         );

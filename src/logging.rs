@@ -1,19 +1,87 @@
-//! Structured logs to stderr and to `<dir>/<prefix>_YYYYMMDD.log` (local date), with retention.
+//! Structured logs to stderr and to `<dir>/<prefix>_YYYYMMDD.log` (local date), with retention,
+//! as text or one JSON object per line (`logging.format`); `chat` keeps chat names out of the
+//! lines when `logging.redact_chat_names` is on.
 //!
 //! tracing-appender cannot name files `name_YYYYMMDD.log` nor rotate on the local date, so a
 //! small writer here reopens the file when the local date changes and prunes old files.
 
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{Local, NaiveDate};
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Registry, reload};
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
-use crate::config::LoggingConfig;
+use crate::config::{LogFormat, LoggingConfig};
+
+/// Whether `chat` hashes chat names (`logging.redact_chat_names`); read live, set on load and
+/// on every reload.
+static REDACT_CHAT_NAMES: AtomicBool = AtomicBool::new(false);
+
+/// Turns chat-name redaction in log lines on or off.
+pub fn set_redact_chat_names(on: bool) {
+    REDACT_CHAT_NAMES.store(on, Ordering::Relaxed);
+}
+
+/// A chat name for a log line: the name itself, or `chat-` and 8 hex digits of a stable hash
+/// (FNV-1a, the same on every run and machine) when `logging.redact_chat_names` is on. The hash
+/// lets lines about one chat be correlated; it is not a secret (a known name can be hashed and
+/// compared), so it hides names from readers of the logs, not from someone guessing them.
+pub fn chat(name: &str) -> ChatName<'_> {
+    ChatName(name)
+}
+
+/// See [`chat`].
+#[derive(Debug, Clone, Copy)]
+pub struct ChatName<'a>(&'a str);
+
+impl ChatName<'_> {
+    /// The redacted form, whatever the setting.
+    pub fn redacted(&self) -> String {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.0.as_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("chat-{:08x}", hash >> 32)
+    }
+}
+
+impl fmt::Display for ChatName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if REDACT_CHAT_NAMES.load(Ordering::Relaxed) {
+            f.write_str(&self.redacted())
+        } else {
+            f.write_str(self.0)
+        }
+    }
+}
+
+type BoxedLayer = Box<
+    dyn Layer<tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>>
+        + Send
+        + Sync,
+>;
+
+/// A formatting layer writing to `writer` in `format`.
+fn fmt_layer<W>(writer: W, format: LogFormat, ansi: bool) -> BoxedLayer
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_target(false);
+    match format {
+        LogFormat::Text => layer.with_ansi(ansi).boxed(),
+        // One object per line; the event's fields at the top level next to `message`.
+        LogFormat::Json => layer.json().flatten_event(true).boxed(),
+    }
+}
 
 /// Swaps the log filter live (on a config reload of `logging.level`).
 pub type LevelHandle = reload::Handle<EnvFilter, Registry>;
@@ -106,33 +174,34 @@ impl Write for DailyFile {
     }
 }
 
-/// Installs the global subscriber: stderr always, the daily file when `file` is given.
+/// Installs the global subscriber: stderr always, the daily file when `file` is given, both in
+/// `file`'s `logging.format` (text without a config). Also applies `logging.redact_chat_names`.
 pub fn init(level: &str, file: Option<&LoggingConfig>) -> io::Result<LogGuard> {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
+    let format = file.map_or(LogFormat::Text, |logging| logging.format);
+    set_redact_chat_names(file.is_some_and(|logging| logging.redact_chat_names));
     // Colours only for a terminal: redirected stderr (systemd, files, CI) stays plain text.
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(|| crate::secret::RedactingWriter(io::stderr()))
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
-        .with_target(false);
+    let stderr = fmt_layer(
+        || crate::secret::RedactingWriter(io::stderr()),
+        format,
+        io::IsTerminal::is_terminal(&io::stderr()),
+    );
     let (file_layer, guard) = match file {
         Some(logging) => {
             let daily = DailyFile::new(&logging.dir, &logging.file_prefix, logging.retention_days)?;
             let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
                 .lossy(false)
                 .finish(daily);
-            let layer = tracing_subscriber::fmt::layer()
-                .with_writer(move || crate::secret::RedactingWriter(writer.clone()))
-                .with_ansi(false)
-                .with_target(false);
-            (Some(layer), Some(guard))
+            let writer = move || crate::secret::RedactingWriter(writer.clone());
+            (Some(fmt_layer(writer, format, false)), Some(guard))
         }
         None => (None, None),
     };
+    let layers: Vec<BoxedLayer> = std::iter::once(stderr).chain(file_layer).collect();
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(stderr)
-        .with(file_layer)
+        .with(layers)
         .try_init();
     Ok(LogGuard {
         _file: guard,
@@ -143,6 +212,16 @@ pub fn init(level: &str, file: Option<&LoggingConfig>) -> io::Result<LogGuard> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacted_chat_names_are_short_stable_hashes() {
+        let name = chat("测试群");
+        let redacted = name.redacted();
+        assert_eq!(redacted, chat("测试群").redacted());
+        assert_ne!(redacted, chat("测试群2").redacted());
+        assert_eq!(redacted.len(), "chat-".len() + 8);
+        assert!(!redacted.contains("测试群"));
+    }
 
     #[test]
     fn file_names_use_the_contract_format() {

@@ -376,7 +376,10 @@ async fn demo(listen: Option<SocketAddr>) -> ExitCode {
     let addr = listen.unwrap_or(loaded.config.server.listen);
     eprintln!("  sidecar metrics  http://{addr}/metrics");
     eprintln!("  monitor API      http://{addr}/api/v1/health");
-    eprintln!("  landing page     http://{addr}/");
+    eprintln!("  status page      http://{addr}/");
+    eprintln!(
+        "  lifecycle        ENABLED for the demo: anyone who reaches {addr} may POST /-/reload, /api/v1/reload and /api/v1/restart"
+    );
     let options = RunOptions {
         listen,
         enable_lifecycle: true,

@@ -26,6 +26,9 @@ use window::Window;
 /// The error ring keeps this many entries (the seed's history cap).
 pub const ERROR_RING_CAPACITY: usize = 100;
 
+/// The git revision the binary was built from (`git rev-parse --short HEAD`), or `unknown`.
+pub const REVISION: &str = env!("WXAUTO_REVISION");
+
 /// The seed's service name for the listener.
 pub const SERVICE_NAME: &str = "message_listener";
 

@@ -21,7 +21,6 @@ async fn probes_content_types_and_openmetrics() {
     );
     let body = response.text().await.unwrap();
     for name in [
-        "wxauto_build_info{version=",
         "wxauto_listener_running 1",
         "wxauto_health_score ",
         "wxauto_health_status{status=\"healthy\"}",
@@ -36,6 +35,22 @@ async fn probes_content_types_and_openmetrics() {
         assert!(body.contains(name), "missing {name}");
     }
     assert!(!body.contains("# EOF"));
+    // The revision is the build's commit (a build script runs git), or `unknown` without git.
+    let revision = wxauto_sidecar::monitor::REVISION;
+    let build_info = format!(
+        "wxauto_build_info{{version=\"{}\",revision=\"{revision}\"}} ",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(body.contains(&build_info), "missing {build_info}");
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output();
+    match git {
+        Ok(out) if out.status.success() && std::env::var_os("WXAUTO_REVISION").is_none() => {
+            assert_eq!(revision, String::from_utf8_lossy(&out.stdout).trim());
+        }
+        _ => assert!(!revision.is_empty()),
+    }
     let response = http
         .get(sidecar.url("/metrics"))
         .header(

@@ -94,6 +94,7 @@ impl ConfigDiff {
                 "logging.file_prefix",
                 old.logging.file_prefix != new.logging.file_prefix,
             ),
+            ("logging.format", old.logging.format != new.logging.format),
         ];
         for (key, changed) in restart_keys {
             if changed {
@@ -405,6 +406,11 @@ rules:
                 "storage: {path: x.db}\nlogging: {dir: logs, file_prefix: x}\ninstances:",
                 "needs restart: storage.path, logging.dir, logging.file_prefix",
             ),
+            (
+                "instances:",
+                "logging: {format: json}\ninstances:",
+                "needs restart: logging.format",
+            ),
         ];
         for (from, to, summary) in cases {
             let diff = ConfigDiff::between(&old, &changed(from, to));
@@ -418,7 +424,7 @@ rules:
     fn live_settings_are_not_restarts() {
         let new = changed(
             "instances:",
-            "server: {enable_lifecycle: true}\nstorage: {retention_days: 30}\ninstances:",
+            "server: {enable_lifecycle: true}\nstorage: {retention_days: 30}\nlogging: {redact_chat_names: true}\ninstances:",
         );
         let diff = ConfigDiff::between(&config(BASE), &new);
         assert!(diff.needs_restart.is_empty(), "{diff:?}");

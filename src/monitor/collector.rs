@@ -61,7 +61,10 @@ impl Collector for StateCollector {
             "wxauto_build_info",
             "Build information; always 1.",
             None,
-            [(vec![("version", version)], 1.0)],
+            [(
+                vec![("version", version), ("revision", super::REVISION)],
+                1.0,
+            )],
         )?;
         gauge(
             &mut encoder,

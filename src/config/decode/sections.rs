@@ -12,8 +12,8 @@ use super::reader::{Ctx, Fields, IntRange, index};
 use super::routing;
 use crate::config::{
     BackoffConfig, Config, ConfigSource, DEFAULT_LISTEN, DeliveryConfig, FixedListener,
-    HealthConfig, HttpLimits, InstanceConfig, InstanceSelector, ListenerConfig, LoggingConfig,
-    MediaConfig, ServerConfig, StorageConfig,
+    HealthConfig, HttpLimits, InstanceConfig, InstanceSelector, ListenerConfig, LogFormat,
+    LoggingConfig, MediaConfig, ServerConfig, StorageConfig,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -57,7 +57,14 @@ const INSTANCE_KEYS: &[&str] = &[
 const FIXED_LISTENER_KEYS: &[&str] = &["chat", "instances"];
 const DELIVERY_KEYS: &[&str] = &["workers", "max_attempts", "backoff", "attempt_timeout"];
 const HEALTH_KEYS: &[&str] = &["window", "report_interval", "report_file"];
-const LOGGING_KEYS: &[&str] = &["level", "dir", "file_prefix", "retention_days"];
+const LOGGING_KEYS: &[&str] = &[
+    "level",
+    "dir",
+    "file_prefix",
+    "retention_days",
+    "format",
+    "redact_chat_names",
+];
 const STORAGE_KEYS: &[&str] = &["path", "retention_days"];
 const MEDIA_KEYS: &[&str] = &["download", "dir", "max_bytes", "retention_days"];
 
@@ -281,6 +288,8 @@ fn logging(ctx: &mut Ctx<'_>, node: Option<&Node>) -> LoggingConfig {
             dir: PathBuf::from("data/logs"),
             file_prefix: "wxauto_mgt".to_owned(),
             retention_days: 7,
+            format: LogFormat::Text,
+            redact_chat_names: false,
         };
     };
     let level = match fields.get("level") {
@@ -299,6 +308,31 @@ fn logging(ctx: &mut Ctx<'_>, node: Option<&Node>) -> LoggingConfig {
         dir: PathBuf::from(fields.string_or(ctx, "dir", "data/logs")),
         file_prefix,
         retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
+        format: log_format(ctx, &fields),
+        redact_chat_names: fields.bool_or(ctx, "redact_chat_names", false),
+    }
+}
+
+/// `logging.format: text|json`.
+fn log_format(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> LogFormat {
+    let Some(node) = fields.get("format") else {
+        return LogFormat::Text;
+    };
+    let path = fields.path_of("format");
+    let Some(text) = ctx.string(node, &path) else {
+        return LogFormat::Text;
+    };
+    match text.trim() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        _ => {
+            ctx.error(
+                node,
+                &path,
+                format!("unknown log format {text:?}; expected text or json"),
+            );
+            LogFormat::Text
+        }
     }
 }
 

@@ -154,6 +154,8 @@ logging:
   dir: out/logs
   file_prefix: sidecar
   retention_days: 14
+  format: json
+  redact_chat_names: true
 storage:
   path: out/db.sqlite
   retention_days: 3
@@ -303,6 +305,8 @@ storage:
     assert_eq!(config.logging.dir, PathBuf::from("out/logs"));
     assert_eq!(config.logging.file_prefix, "sidecar");
     assert_eq!(config.logging.retention_days, 14);
+    assert_eq!(config.logging.format, crate::config::LogFormat::Json);
+    assert!(config.logging.redact_chat_names);
     assert_eq!(config.storage.path, PathBuf::from("out/db.sqlite"));
     assert_eq!(config.storage.retention_days, 3);
 
@@ -353,6 +357,8 @@ fn empty_instances_is_valid_and_everything_defaults() {
     assert_eq!(config.logging.dir, PathBuf::from("data/logs"));
     assert_eq!(config.logging.file_prefix, "wxauto_mgt");
     assert_eq!(config.logging.retention_days, 7);
+    assert_eq!(config.logging.format, crate::config::LogFormat::Text);
+    assert!(!config.logging.redact_chat_names);
     assert_eq!(config.storage.path, PathBuf::from("data/wxauto_sidecar.db"));
     assert_eq!(config.storage.retention_days, 7);
     assert!(config.source.referenced_files.is_empty());
@@ -590,6 +596,13 @@ fn section_value_errors() {
             "3:10: logging.level: invalid log filter \"a=b=c\": error parsing level filter: expected one of \"off\", \"error\", \"warn\", \"info\", \"debug\", \"trace\", or a number 0-5",
             "4:19: logging.retention_days: must be at least 1, got 0",
             "5:16: logging.file_prefix: must be a file name prefix, not a path (use logging.dir)",
+        ],
+    );
+    check(
+        &with_empty_instances("logging:\n  format: yaml\n  redact_chat_names: sometimes\n"),
+        &[
+            "3:11: logging.format: unknown log format \"yaml\"; expected text or json",
+            "4:22: logging.redact_chat_names: expected true or false, found a string",
         ],
     );
     check(
