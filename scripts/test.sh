@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README: "Run every test"). It installs what it needs on a fresh
 # Debian machine (promtool, prometheus and chromium, via scripts/install-tools.sh), then runs the style
-# gates, every Rust test (the status page in headless chromium among them), the monitoring
-# checks against the real demo binary, and the Windows build under Wine (scripts/check-windows.sh).
+# gates, every Rust test (the status page in headless chromium among them), and the monitoring
+# checks against the real demo binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
