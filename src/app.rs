@@ -248,7 +248,7 @@ pub async fn run(
     }
 
     let supervisor_stop = CancellationToken::new();
-    tasks.spawn(supervisor.run(control_rx, supervisor_stop.clone()));
+    let supervisor_task = tasks.spawn(supervisor.run(control_rx, supervisor_stop.clone()));
     tasks.spawn(health_reports(
         Arc::clone(&monitor),
         active_rx.clone(),
@@ -291,12 +291,14 @@ pub async fn run(
     supervisor_stop.cancel();
     background.cancel();
     tasks.close();
-    if tokio::time::timeout(options.grace, tasks.wait())
+    let mut clean = tokio::time::timeout(options.grace, tasks.wait())
         .await
-        .is_err()
-    {
+        .is_ok();
+    if !clean {
         tracing::warn!("Shutdown grace period elapsed; stopping anyway.");
     }
+    // The supervisor has finished once the tracker is empty; its answer is ready.
+    clean &= supervisor_task.is_finished() && supervisor_task.await.unwrap_or(false);
     if let Some(delivery) = &delivery {
         // The actors have handed over what they held; let in-flight deliveries finish.
         delivery_stop.cancel();
@@ -307,6 +309,14 @@ pub async fn run(
             tracing::warn!(
                 "Deliveries did not finish within the grace period; they will resume at the next start."
             );
+        }
+        // Rows still in flight are not at risk (the next start queues them again); what the
+        // marker vouches for is that nothing taken from an instance is missing from the store.
+        if clean {
+            match delivery.mark_clean_stop().await {
+                Ok(()) => tracing::info!("Clean stop recorded."),
+                Err(error) => tracing::warn!("Cannot record the clean stop: {error}"),
+            }
         }
     }
     http_stop.cancel();
@@ -427,6 +437,7 @@ pub async fn start_demo_instances(
             api_key: key.to_owned(),
             name: id.to_owned(),
             flaky,
+            ..SimConfig::default()
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

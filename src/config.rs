@@ -454,6 +454,34 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// Delivered rows older than this are pruned.
     pub retention_days: u32,
+    /// Dead rows older than this (by their last change) are pruned.
+    pub dead_retention_days: u32,
+    /// SQLite's `synchronous` pragma in WAL mode.
+    pub synchronous: Synchronous,
+}
+
+/// How hard each commit waits for the disk (`storage.synchronous`).
+///
+/// In WAL mode both survive a crash or a kill of the process; `Normal` may lose the last
+/// commits on an operating-system crash or power loss, `Full` may not, at about 90× the cost
+/// of a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// `PRAGMA synchronous = NORMAL` (the default).
+    #[default]
+    Normal,
+    /// `PRAGMA synchronous = FULL`.
+    Full,
+}
+
+impl Synchronous {
+    /// The pragma value.
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Self::Normal => "NORMAL",
+            Self::Full => "FULL",
+        }
+    }
 }
 
 /// `media:` section: downloads of image, file, video and voice messages.

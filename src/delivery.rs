@@ -21,8 +21,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{DeliveryConfig, StorageConfig, fnv1a64};
-use crate::message::{BoxFuture, InboundMessage, MessageSink, ReplySender, SinkError};
+use crate::config::{DeliveryConfig, StorageConfig};
+use crate::message::{
+    BoxFuture, ChatHistory, InboundMessage, MessageSink, ReplySender, SinkError, StoredChat,
+    UpstreamSession,
+};
 use crate::monitor::{Component, ErrorKind};
 
 use self::metrics::DeliveryMetrics;
@@ -30,7 +33,7 @@ use self::store::{NewMessage, Store};
 
 pub use self::media::MediaSettings;
 pub use self::rules::{DropReason, RouteDecision, Routing};
-pub use self::store::{StoreCounts, StoreError};
+pub use self::store::{DeadLetter, StoreCounts, StoreError};
 
 /// How often delivered rows past `storage.retention_days` are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
@@ -67,6 +70,9 @@ struct Inner {
     routing: RwLock<Arc<Routing>>,
     config: RwLock<DeliveryConfig>,
     retention_days: u32,
+    dead_retention_days: u32,
+    /// Read once at start, before this run cleared the marker.
+    last_stop_clean: bool,
     metrics: DeliveryMetrics,
     replies: Arc<dyn ReplySender>,
     errors: Arc<dyn ErrorSink>,
@@ -117,7 +123,14 @@ impl Delivery {
         cancel: CancellationToken,
     ) -> Result<Delivery, StoreError> {
         let metrics = DeliveryMetrics::register(registry);
-        let store = Store::open(&storage.path, metrics.gauges.clone()).await?;
+        let store = Store::open(&storage.path, storage.synchronous, metrics.gauges.clone()).await?;
+        let last_stop_clean = store.begin_run().await?;
+        if !last_stop_clean {
+            tracing::warn!(
+                "The previous run did not stop cleanly; listened chats will be re-read for \
+                 messages taken but not stored."
+            );
+        }
         let recovered = store.recover().await?;
         if recovered > 0 {
             tracing::warn!(
@@ -131,6 +144,8 @@ impl Delivery {
             routing: RwLock::new(Arc::new(routing)),
             config: RwLock::new(delivery.clone()),
             retention_days: storage.retention_days,
+            dead_retention_days: storage.dead_retention_days,
+            last_stop_clean,
             metrics,
             replies,
             errors,
@@ -240,6 +255,37 @@ impl Delivery {
         self.inner.prune().await
     }
 
+    /// The oldest dead letters, at most `limit`.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.inner.store.dead_letters(limit).await
+    }
+
+    /// Puts dead letters (all, or `ids`) back in the queue with fresh attempts; they go through
+    /// the normal path again. Returns how many.
+    pub async fn retry_dead(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
+        let n = self.inner.store.retry_dead(ids).await?;
+        if n > 0 {
+            tracing::info!(messages = n, "Dead letters queued for another delivery.");
+            self.inner.notify.notify_waiters();
+        }
+        Ok(n)
+    }
+
+    /// Deletes dead letters (all, or `ids`); returns how many.
+    pub async fn purge_dead(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
+        let n = self.inner.store.purge_dead(ids).await?;
+        if n > 0 {
+            tracing::info!(messages = n, "Dead letters purged.");
+        }
+        Ok(n)
+    }
+
+    /// Records that this run stopped cleanly: call only once every actor handed over what it
+    /// took, so the next start need not re-read chat histories.
+    pub async fn mark_clean_stop(&self) -> Result<(), StoreError> {
+        self.inner.store.mark_clean_stop().await
+    }
+
     /// Stops claiming and waits for the work in flight; the caller bounds the wait with its
     /// grace period. A row still in flight when the process exits is delivered again at the
     /// next start.
@@ -289,13 +335,30 @@ impl Inner {
         self.record(ErrorKind::Storage, None, &err.to_string());
     }
 
+    /// A store failure the listener sees (it records its own error and retries).
+    fn sink_error(&self, err: &StoreError) -> SinkError {
+        tracing::warn!(error = %err, "Message store failed.");
+        SinkError(err.to_string())
+    }
+
     async fn prune(&self) -> Result<u64, StoreError> {
-        let cutoff = store::now_ms() - i64::from(self.retention_days) * DAY_MS;
-        let pruned = self.store.prune(cutoff).await?;
-        if pruned > 0 {
-            tracing::info!(pruned, "Pruned delivered messages past retention.");
+        let now = store::now_ms();
+        let delivered_cutoff = now - i64::from(self.retention_days) * DAY_MS;
+        let dead_cutoff = now - i64::from(self.dead_retention_days) * DAY_MS;
+        let (delivered, dead) = self.store.prune(delivered_cutoff, dead_cutoff).await?;
+        if delivered > 0 {
+            tracing::info!(
+                pruned = delivered,
+                "Pruned delivered messages past retention."
+            );
         }
-        Ok(pruned)
+        if dead > 0 {
+            tracing::warn!(
+                pruned = dead,
+                "Pruned dead letters past dead_retention_days."
+            );
+        }
+        Ok(delivered + dead)
     }
 
     /// Routes, dedupes and commits one batch; the drop counters move only once it is durable.
@@ -307,7 +370,8 @@ impl Inner {
         for mut msg in messages {
             self.metrics.learn_instance(&msg.instance_id);
             if msg.message_id.is_empty() {
-                msg.message_id = synthetic_id(&msg);
+                // The listener always sets an id; a made-up one must never merge two messages.
+                msg.message_id = format!("syn-{:016x}", fastrand::u64(..));
                 msg.synthetic_id = true;
             }
             if let Some(echo) = self.take_echo(&msg) {
@@ -414,19 +478,71 @@ impl MessageSink for DeliverySink {
     fn record_drop(&self, instance_id: &str, reason: &'static str) {
         self.inner.metrics.dropped(instance_id, reason, 1);
     }
-}
 
-/// A stable id for a message upstream sent without one: the same message read twice gets
-/// the same id (so it is deduplicated); two identical texts from one sender collide too.
-fn synthetic_id(msg: &InboundMessage) -> String {
-    let hash = fnv1a64(&[
-        msg.chat.as_bytes(),
-        msg.sender.as_bytes(),
-        msg.msg_type.as_bytes(),
-        msg.mtype.as_deref().unwrap_or("").as_bytes(),
-        msg.content.as_bytes(),
-    ]);
-    format!("syn-{hash:016x}")
+    fn last_stop_clean(&self) -> bool {
+        self.inner.last_stop_clean
+    }
+
+    fn load_listener(
+        &self,
+        instance_id: &str,
+    ) -> BoxFuture<'_, Result<(Vec<StoredChat>, UpstreamSession), SinkError>> {
+        let instance_id = instance_id.to_owned();
+        Box::pin(async move {
+            self.inner
+                .store
+                .load_listener(instance_id)
+                .await
+                .map_err(|err| self.inner.sink_error(&err))
+        })
+    }
+
+    fn save_chats(
+        &self,
+        instance_id: &str,
+        chats: Vec<StoredChat>,
+    ) -> BoxFuture<'_, Result<(), SinkError>> {
+        let instance_id = instance_id.to_owned();
+        Box::pin(async move {
+            self.inner
+                .store
+                .save_chats(instance_id, chats)
+                .await
+                .map_err(|err| self.inner.sink_error(&err))
+        })
+    }
+
+    fn save_session(
+        &self,
+        instance_id: &str,
+        session: UpstreamSession,
+    ) -> BoxFuture<'_, Result<(), SinkError>> {
+        let instance_id = instance_id.to_owned();
+        Box::pin(async move {
+            self.inner
+                .store
+                .save_session(instance_id, session)
+                .await
+                .map_err(|err| self.inner.sink_error(&err))
+        })
+    }
+
+    fn chat_history(
+        &self,
+        instance_id: &str,
+        chat: &str,
+        epoch: u32,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<ChatHistory, SinkError>> {
+        let (instance_id, chat) = (instance_id.to_owned(), chat.to_owned());
+        Box::pin(async move {
+            self.inner
+                .store
+                .chat_history(instance_id, chat, epoch, ids)
+                .await
+                .map_err(|err| self.inner.sink_error(&err))
+        })
+    }
 }
 
 async fn prune_loop(inner: Arc<Inner>) {

@@ -5,10 +5,11 @@
 //! the rest of the sidecar only through the `MessageSink` and its command channel.
 
 pub mod filter;
+pub mod recovery;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
@@ -16,12 +17,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{InstanceConfig, ListenerConfig, SendMode};
-use crate::message::{Download, DownloadError, InboundMessage, MessageSink, Reply, ReplyError};
+use crate::message::{
+    Download, DownloadError, InboundMessage, MessageSink, Reply, ReplyError, ReplyTicket,
+    StoredChat, UpstreamSession,
+};
 use crate::metrics::Metrics;
 use crate::monitor::{
     ChatState, Component, Connectivity, ErrorKind, InstanceState, Monitor, unix_seconds,
 };
-use crate::wxauto::{ChatBatch, Client, WxautoError};
+use crate::wxauto::{ChatBatch, Client, HealthInfo, RawMessage, WxautoError};
 
 /// Upper bound of `get-next-new` calls per poll (each returns at most one chat).
 const MAX_MAIN_WINDOW_DRAIN: usize = 16;
@@ -29,6 +33,14 @@ const MAX_MAIN_WINDOW_DRAIN: usize = 16;
 const MAX_LISTEN_DRAIN: usize = 64;
 /// Held messages beyond which the actor stops taking new ones until the sink recovers.
 const MAX_HELD: usize = 10_000;
+/// How far the server start time derived from `/api/health` `uptime` may move (whole seconds,
+/// the network, the clock) before it counts as a server restart.
+const RESTART_TOLERANCE_MS: i64 = 5_000;
+
+/// Messages an actor took from its instance that the sink has not accepted yet. The
+/// supervisor owns one per instance and hands it to each actor it starts, so a panic or a
+/// restart of the actor loses none of them.
+pub type Held = Arc<Mutex<Vec<InboundMessage>>>;
 
 /// Settings an actor takes live, without a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +58,8 @@ pub enum InstanceCommand {
     Reply {
         /// What to send.
         reply: Reply,
+        /// Sent only if the requester has not given up on it first.
+        ticket: ReplyTicket,
         /// Where the outcome goes.
         respond: oneshot::Sender<Result<(), ReplyError>>,
     },
@@ -87,6 +101,7 @@ struct Chat {
     /// Counted in `listeners_added` once; re-adds after a recovery are restorations.
     announced: bool,
     last_activity: Instant,
+    added: SystemTime,
     last_message: Option<SystemTime>,
     last_check: SystemTime,
     message_count: u64,
@@ -100,10 +115,48 @@ impl Chat {
             fixed,
             announced: false,
             last_activity: Instant::now(),
+            added: SystemTime::now(),
             last_message: None,
             last_check: SystemTime::now(),
             message_count: 0,
             error_count: 0,
+        }
+    }
+
+    /// A chat as the store kept it across a restart of the process: its idle timer runs from
+    /// its last message (or from when it was added), not from now, so a chat that stays quiet
+    /// still times out. Fixed-ness comes from the current settings.
+    fn from_stored(stored: &StoredChat) -> Self {
+        let now = SystemTime::now();
+        let added = from_unix_ms(stored.added_ms);
+        let last_message = stored.last_message_ms.map(from_unix_ms);
+        let idle = now
+            .duration_since(last_message.unwrap_or(added))
+            .unwrap_or_default();
+        Self {
+            active: stored.active,
+            fixed: false,
+            announced: true,
+            last_activity: Instant::now()
+                .checked_sub(idle)
+                .unwrap_or_else(Instant::now),
+            added,
+            last_message,
+            last_check: now,
+            message_count: stored.message_count,
+            error_count: stored.error_count,
+        }
+    }
+
+    fn stored(&self, name: &str) -> StoredChat {
+        StoredChat {
+            chat: name.to_owned(),
+            active: self.active,
+            fixed: self.fixed,
+            added_ms: unix_ms(self.added),
+            last_message_ms: self.last_message.map(unix_ms),
+            message_count: self.message_count,
+            error_count: self.error_count,
         }
     }
 
@@ -123,6 +176,7 @@ impl Chat {
             last_activity: Instant::now()
                 .checked_sub(idle)
                 .unwrap_or_else(Instant::now),
+            added: last_message.unwrap_or(now),
             last_message,
             last_check: now,
             message_count: state.message_count,
@@ -153,7 +207,18 @@ pub struct InstanceActor {
     last_check: Option<SystemTime>,
     backoff: Backoff,
     chats: HashMap<String, Chat>,
-    held: Vec<InboundMessage>,
+    /// The chat table as last written to the store.
+    saved_chats: Vec<StoredChat>,
+    held: Held,
+    /// The upstream session the ids of taken messages belong to.
+    session: UpstreamSession,
+    /// This actor saw the instance down: the next connection starts a new epoch.
+    was_down: bool,
+    /// Re-read the active chats' histories at the next connection (after an unclean stop or
+    /// an actor crash).
+    recover_pending: bool,
+    /// The server answered that it has no history endpoint; said once per actor.
+    history_missing: bool,
     /// Checked between upstream calls (never during one: aborting a destructive listen/get
     /// mid-flight could lose the messages it returns), so shutdown waits at most one call.
     stopping: CancellationToken,
@@ -166,7 +231,11 @@ pub struct InstanceActor {
 impl InstanceActor {
     /// Builds an actor; `commands` is the receiving end of its command channel. `seed` is the
     /// chat table a predecessor published (after a restart or crash): those chats are re-added
-    /// on the first connection and keep their idle timers.
+    /// on the first connection and keep their idle timers; without one, the table the store
+    /// kept from the previous run is used. `held` holds what a predecessor took and the sink
+    /// has not accepted yet. With `recover`, the active chats' histories are re-read at the
+    /// first connection for messages taken but never stored.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         instance: InstanceConfig,
         settings: ActorSettings,
@@ -175,6 +244,8 @@ impl InstanceActor {
         sink: Arc<dyn MessageSink>,
         commands: mpsc::Receiver<InstanceCommand>,
         seed: Vec<(String, ChatState)>,
+        held: Held,
+        recover: bool,
     ) -> Result<Self, reqwest::Error> {
         let client = Client::new(
             &instance.id,
@@ -204,10 +275,72 @@ impl InstanceActor {
             initialized: false,
             last_check: None,
             chats,
-            held: Vec::new(),
+            saved_chats: Vec::new(),
+            held,
+            session: UpstreamSession::default(),
+            was_down: false,
+            recover_pending: recover,
+            history_missing: false,
             stopping: CancellationToken::new(),
             outage_recorded: false,
         })
+    }
+
+    /// The chat table and upstream session the store kept: the session always, the chats only
+    /// when no predecessor in this process left a table (which is newer).
+    async fn load_stored_state(&mut self) {
+        let (stored, session) = match self.sink.load_listener(&self.instance.id).await {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::warn!(instance_id = %self.instance.id, "Cannot read the stored chat table: {error}");
+                return;
+            }
+        };
+        self.session = session;
+        let seeded = self
+            .chats
+            .values()
+            .any(|chat| !chat.fixed || chat.announced);
+        if !seeded {
+            for chat in &stored {
+                let entry = Chat::from_stored(chat);
+                let fixed = self.settings.fixed_chats.contains(&chat.chat);
+                let slot = self.chats.entry(chat.chat.clone()).or_insert(entry);
+                slot.fixed = fixed;
+                if fixed {
+                    slot.active = true;
+                }
+            }
+            if !stored.is_empty() {
+                tracing::info!(
+                    instance_id = %self.instance.id,
+                    chats = stored.len(),
+                    active = stored.iter().filter(|chat| chat.active).count(),
+                    "Chat table restored from the store."
+                );
+            }
+        }
+        self.saved_chats = stored;
+    }
+
+    /// Writes the chat table to the store when it changed since the last write. A failure is
+    /// retried at the next call.
+    async fn save_chats(&mut self) {
+        let mut chats: Vec<StoredChat> = self
+            .chats
+            .iter()
+            .map(|(name, chat)| chat.stored(name))
+            .collect();
+        chats.sort_by(|a, b| a.chat.cmp(&b.chat));
+        if chats == self.saved_chats {
+            return;
+        }
+        match self.sink.save_chats(&self.instance.id, chats.clone()).await {
+            Ok(()) => self.saved_chats = chats,
+            Err(error) => {
+                tracing::warn!(instance_id = %self.instance.id, "Cannot store the chat table: {error}")
+            }
+        }
     }
 
     /// Runs until `cancel` fires. Messages already taken from the instance are handed to the
@@ -216,6 +349,7 @@ impl InstanceActor {
         self.stopping = cancel.clone();
         let id = self.instance.id.clone();
         tracing::info!(instance_id = %id, base_url = %self.instance.display_url(), "Instance actor started.");
+        self.load_stored_state().await;
         let mut next_probe = Instant::now();
         let mut next_poll = Instant::now();
         self.publish();
@@ -258,17 +392,29 @@ impl InstanceActor {
                 next_poll = Instant::now() + self.settings.listener.poll_interval;
             }
             self.publish();
+            self.save_chats().await;
         }
-        if !self.held.is_empty() {
+        if self.held_count() > 0 {
             // Last chance for messages the sink refused earlier.
             self.flush_held().await;
         }
+        self.save_chats().await;
         tracing::info!(instance_id = %id, "Instance actor stopped.");
     }
 
     async fn handle(&mut self, command: InstanceCommand) {
         match command {
-            InstanceCommand::Reply { reply, respond } => {
+            InstanceCommand::Reply {
+                reply,
+                ticket,
+                respond,
+            } => {
+                if !ticket.start() {
+                    // The worker gave up waiting and will try again: sending now would make
+                    // the chat get this reply twice.
+                    tracing::debug!(instance_id = %self.instance.id, "Reply abandoned by its worker; not sent.");
+                    return;
+                }
                 let result = self.send_reply(&reply).await;
                 let _ = respond.send(result);
             }
@@ -353,12 +499,20 @@ impl InstanceActor {
     async fn probe_and_recover(&mut self) -> Result<(), ProbeError> {
         let result = self.probe().await;
         self.last_check = Some(SystemTime::now());
-        result?;
+        let info = result?;
+        self.observe_session(&info).await;
         if self.connectivity != Connectivity::Up {
             let was = self.connectivity;
             self.connectivity = Connectivity::Recovering;
             self.publish();
             self.restore_chats().await?;
+            if self.recover_pending {
+                // Before the first drain: the re-read messages are older than anything the
+                // listen caches hold now, and go into the store (and to platforms) first.
+                self.save_chats().await;
+                self.recover().await?;
+                self.recover_pending = false;
+            }
             self.connectivity = Connectivity::Up;
             self.outage_recorded = false;
             self.backoff.reset();
@@ -372,11 +526,11 @@ impl InstanceActor {
         Ok(())
     }
 
-    async fn probe(&mut self) -> Result<(), ProbeError> {
+    async fn probe(&mut self) -> Result<HealthInfo, ProbeError> {
         let info = self.client.health().await?;
         if info.is_connected() {
             self.initialized = true;
-            return Ok(());
+            return Ok(info);
         }
         self.initialized = false;
         tracing::info!(
@@ -388,10 +542,141 @@ impl InstanceActor {
         let info = self.client.health().await?;
         if info.is_connected() {
             self.initialized = true;
-            Ok(())
+            Ok(info)
         } else {
             Err(ProbeError::Offline(info.wechat_status))
         }
+    }
+
+    /// Starts a new epoch when the upstream session changed: the server restarted (its start
+    /// time, now − uptime, moved) or this actor saw the instance down (WeChat may have
+    /// restarted, which resets its runtime ids without restarting the server).
+    async fn observe_session(&mut self, info: &HealthInfo) {
+        let started_ms = info.uptime.map(|uptime| {
+            unix_ms(SystemTime::now()) - i64::try_from(uptime.saturating_mul(1000)).unwrap_or(0)
+        });
+        let restarted = match (self.session.started_ms, started_ms) {
+            (Some(before), Some(now)) => (now - before).abs() > RESTART_TOLERANCE_MS,
+            _ => false,
+        };
+        let mut session = self.session;
+        if restarted || self.was_down {
+            session.epoch = session.epoch.saturating_add(1);
+            tracing::info!(
+                instance_id = %self.instance.id,
+                epoch = session.epoch,
+                reason = if restarted { "server restarted" } else { "instance was down" },
+                "New upstream session: message ids are deduplicated within it only."
+            );
+        }
+        self.was_down = false;
+        session.started_ms = started_ms.or(session.started_ms);
+        if session == self.session {
+            return;
+        }
+        if let Err(error) = self.sink.save_session(&self.instance.id, session).await {
+            tracing::warn!(instance_id = %self.instance.id, "Cannot store the upstream session: {error}");
+        }
+        self.session = session;
+    }
+
+    /// Re-reads every active chat's history and stores what was taken but never stored (an
+    /// answer in flight when the sidecar or this instance's actor died).
+    async fn recover(&mut self) -> Result<(), WxautoError> {
+        let mut names: Vec<String> = self
+            .chats
+            .iter()
+            .filter(|(_, chat)| chat.active)
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        let mut recovered = 0u64;
+        for name in names {
+            if self.stopping.is_cancelled() || self.history_missing {
+                break;
+            }
+            let history = match self.client.get_all_messages(&name).await {
+                Ok(history) => history,
+                Err(error) if error.is_instance_failure() => return Err(error),
+                Err(error) if error.is_missing_endpoint() => {
+                    self.history_missing = true;
+                    tracing::warn!(
+                        instance_id = %self.instance.id,
+                        "This wxauto server has no /api/chat/get-all-messages; messages in flight \
+                         when the sidecar stopped cannot be re-read from it."
+                    );
+                    break;
+                }
+                Err(error) => {
+                    tracing::info!(instance_id = %self.instance.id, "Chat history not readable: {error}");
+                    continue;
+                }
+            };
+            recovered += self.recover_chat(&name, &history).await;
+        }
+        if recovered > 0 {
+            tracing::warn!(
+                instance_id = %self.instance.id,
+                messages = recovered,
+                "Recovered messages taken from the instance but not stored before the stop."
+            );
+        }
+        Ok(())
+    }
+
+    /// Stores the messages of one chat's history that the store does not have; returns how
+    /// many it handed over.
+    async fn recover_chat(&mut self, name: &str, history: &[RawMessage]) -> u64 {
+        let answer = fastrand::u64(..);
+        let epoch = self.session.epoch;
+        let accepted: Vec<InboundMessage> = history
+            .iter()
+            .enumerate()
+            .filter_map(|(ordinal, raw)| {
+                filter::accept(&self.instance.id, name, raw, answer, ordinal).ok()
+            })
+            .map(|mut message| {
+                message.epoch = epoch;
+                message
+            })
+            .collect();
+        let ids: Vec<String> = accepted
+            .iter()
+            .filter(|message| !message.synthetic_id)
+            .map(|message| message.message_id.clone())
+            .collect();
+        let stored = match self
+            .sink
+            .chat_history(&self.instance.id, name, epoch, ids)
+            .await
+        {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(instance_id = %self.instance.id, "Cannot compare a chat history with the store: {error}");
+                return 0;
+            }
+        };
+        let known: HashSet<String> = stored.known_ids.into_iter().collect();
+        let Some(start) = recovery::first_new(&accepted, &known, &stored.tail) else {
+            tracing::debug!(instance_id = %self.instance.id, "Chat history shares nothing with the store; nothing recovered.");
+            return 0;
+        };
+        let new = recovery::unstored(accepted, start, &known);
+        let count = new.len() as u64;
+        if count > 0 {
+            self.monitor
+                .metrics()
+                .messages_recovered
+                .get_or_create_owned(&crate::metrics::InstanceLabels {
+                    instance_id: self.instance.id.clone(),
+                })
+                .inc_by(count);
+            if let Some(chat) = self.chats.get_mut(name) {
+                chat.touch(count);
+            }
+            self.hand_over(new).await;
+        }
+        count
     }
 
     /// Re-adds every active chat after (re)connecting: upstream forgets its listeners when
@@ -486,14 +771,15 @@ impl InstanceActor {
             tracing::debug!(instance_id = %self.instance.id, "Instance still down: {message}");
         }
         self.connectivity = Connectivity::Down;
+        self.was_down = true;
     }
 
     /// One poll: the main window, then the listened chats, then idle chats time out.
     /// Messages taken before a failure are still handed to the sink.
     async fn poll(&mut self) -> Result<(), WxautoError> {
-        if !self.held.is_empty() {
+        if self.held_count() > 0 {
             self.flush_held().await;
-            if self.held.len() >= MAX_HELD {
+            if self.held_count() >= MAX_HELD {
                 // The sink is failing and we hold plenty: taking more from upstream would only
                 // grow memory. Upstream keeps them for us meanwhile.
                 return Ok(());
@@ -523,7 +809,7 @@ impl InstanceActor {
                     for (chat, count) in chats {
                         self.listen_main_window_chat(chat, count).await?;
                     }
-                    if !self.held.is_empty() {
+                    if self.held_count() > 0 {
                         // The sink refused: leave the rest upstream until it recovers.
                         return Ok(());
                     }
@@ -535,6 +821,9 @@ impl InstanceActor {
                 }
             }
         }
+        // A chat listened just now must be in the stored table before its first destructive
+        // read, or a crash during that read would leave nothing to re-read it from.
+        self.save_chats().await;
         let limit = (self.active_count() + 2).clamp(4, MAX_LISTEN_DRAIN);
         for _ in 0..limit {
             if self.stopping.is_cancelled() {
@@ -548,7 +837,7 @@ impl InstanceActor {
                         self.take_listened(batch, &mut taken);
                     }
                     self.hand_over(taken).await;
-                    if !self.held.is_empty() {
+                    if self.held_count() > 0 {
                         return Ok(());
                     }
                 }
@@ -624,10 +913,16 @@ impl InstanceActor {
     /// text match here would also drop a peer who repeats our words.
     fn accept_batch(&mut self, batch: &ChatBatch, taken: &mut Vec<InboundMessage>) -> u64 {
         let mut count = 0;
+        // Every answer is new to us (the reads are destructive): its own number keeps the
+        // made-up ids of two identical id-less messages apart.
+        let answer = fastrand::u64(..);
         for (ordinal, raw) in batch.messages.iter().enumerate() {
-            let Ok(message) = filter::accept(&self.instance.id, &batch.chat, raw, ordinal) else {
+            let Ok(mut message) =
+                filter::accept(&self.instance.id, &batch.chat, raw, answer, ordinal)
+            else {
                 continue;
             };
+            message.epoch = self.session.epoch;
             taken.push(message);
             count += 1;
         }
@@ -648,19 +943,36 @@ impl InstanceActor {
             messages = taken.len(),
             "Messages taken from the instance."
         );
-        self.held.extend(taken);
+        self.held().extend(taken);
         self.flush_held().await;
     }
 
+    fn held(&self) -> MutexGuard<'_, Vec<InboundMessage>> {
+        // A panic while the lock was held cannot leave the list half-changed (only whole
+        // pushes and drains happen under it): carry on with it.
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn held_count(&self) -> usize {
+        self.held().len()
+    }
+
     async fn flush_held(&mut self) {
-        let batch = self.held.clone();
+        let batch = self.held().clone();
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len();
         match self.sink.accept(batch).await {
-            Ok(()) => self.held.clear(),
+            // Only this actor adds to the list, so its first `n` are what was just accepted.
+            Ok(()) => drop(self.held().drain(..n)),
             Err(error) => self.monitor.record_error(
                 Component::Listener,
                 ErrorKind::Storage,
                 Some(&self.instance.id),
-                &format!("{error}; holding {} message(s) in memory", self.held.len()),
+                &format!("{error}; holding {n} message(s) in memory"),
             ),
         }
     }
@@ -771,4 +1083,15 @@ impl InstanceActor {
         state.chats = chats;
         self.monitor.publish_instance(state);
     }
+}
+
+/// Unix milliseconds of a time (0 before the epoch).
+fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+    })
+}
+
+fn from_unix_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }

@@ -9,8 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use wxauto_sidecar::app::{self, RunOptions};
 use wxauto_sidecar::config;
+use wxauto_sidecar::import_mgt::{self, ImportOptions};
 use wxauto_sidecar::logging;
-use wxauto_sidecar::simulator::{SimConfig, Simulator};
+use wxauto_sidecar::simulator::{ApiGeneration, SimConfig, Simulator};
 
 /// Exit code for an invalid configuration (docs/reference.md, "Exit codes").
 const EXIT_CONFIG: u8 = 1;
@@ -79,7 +80,41 @@ enum Command {
         /// Inject a random message this often (0 = never), e.g. `2s`.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         chatter: std::time::Duration,
+        /// Which body key listen/add and listen/remove read: `who` (servers before mid-2025)
+        /// or `nickname` (current ones).
+        #[arg(long, value_enum, default_value = "nickname")]
+        api_generation: SimGeneration,
+        /// Do not serve `GET /api/chat/get-all-messages` (like some older servers).
+        #[arg(long)]
+        no_history: bool,
+        /// How long destructive reads take to answer after taking the messages, e.g. `300ms`.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        read_latency: std::time::Duration,
     },
+    /// Write a sidecar config (and optionally a secrets file) from a WXAUTO-MGT database.
+    ImportMgt {
+        /// The WXAUTO-MGT database.
+        #[arg(long, value_name = "FILE", default_value = "data/wxauto_mgt.db")]
+        db: PathBuf,
+        /// Write the config here instead of to stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Write the secrets as NAME=value lines here (mode 0600 on unix).
+        #[arg(long, value_name = "FILE")]
+        secrets_file: Option<PathBuf>,
+        /// Overwrite existing --out and --secrets-file files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `simulate --api-generation`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SimGeneration {
+    /// `{"who": ...}`.
+    Who,
+    /// `{"nickname": ...}`.
+    Nickname,
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,8 +222,108 @@ fn main() -> ExitCode {
             api_key,
             flaky,
             chatter,
-        }) => runtime.block_on(simulate(listen, api_key, flaky, chatter)),
+            api_generation,
+            no_history,
+            read_latency,
+        }) => {
+            let config = SimConfig {
+                api_key,
+                name: "sim".to_owned(),
+                flaky,
+                api_generation: match api_generation {
+                    SimGeneration::Who => ApiGeneration::Who,
+                    SimGeneration::Nickname => ApiGeneration::Nickname,
+                },
+                history: !no_history,
+                read_latency,
+            };
+            runtime.block_on(simulate(listen, config, chatter))
+        }
+        Some(Command::ImportMgt {
+            db,
+            out,
+            secrets_file,
+            force,
+        }) => import(&ImportOptions {
+            db,
+            out,
+            secrets_file,
+            force,
+        }),
     }
+}
+
+/// `import-mgt`: the YAML goes to `--out` or stdout, the report to stderr (never a secret).
+fn import(options: &ImportOptions) -> ExitCode {
+    let summary = match import_mgt::run(options, &mut std::io::stdout().lock()) {
+        Ok(summary) => summary,
+        Err(error) => {
+            eprintln!("wxauto-sidecar import-mgt: {error}");
+            let code = if error.is_input() {
+                EXIT_CONFIG
+            } else {
+                EXIT_RUNTIME
+            };
+            return ExitCode::from(code);
+        }
+    };
+    let plural = |n: usize, what: &str| {
+        if n == 1 {
+            format!("{n} {what}")
+        } else {
+            format!("{n} {what}s")
+        }
+    };
+    let target = options
+        .out
+        .as_ref()
+        .map_or_else(|| "stdout".to_owned(), |path| path.display().to_string());
+    eprintln!(
+        "import-mgt: read {}; wrote {target}: {}, {}, {}, {}",
+        options.db.display(),
+        plural(summary.instances, "instance"),
+        plural(summary.platforms, "platform"),
+        plural(summary.rules, "rule"),
+        plural(summary.fixed_listeners, "fixed listener"),
+    );
+    let written = summary.variables.len() - summary.unset.len();
+    if let Some(path) = &options.secrets_file {
+        let mode = if cfg!(unix) { " (mode 0600)" } else { "" };
+        eprintln!(
+            "import-mgt: wrote {}: {}{mode}",
+            path.display(),
+            plural(written, "secret")
+        );
+    }
+    if !summary.notes.is_empty() {
+        eprintln!("import-mgt: not imported or changed:");
+        for note in &summary.notes {
+            eprintln!("  - {note}");
+        }
+    }
+    if !summary.variables.is_empty() {
+        let source = match &options.secrets_file {
+            Some(path) => format!(" (values in {})", path.display()),
+            None => " (values not written: pass --secrets-file FILE to get them)".to_owned(),
+        };
+        eprintln!(
+            "import-mgt: the config reads these environment variables{source}: {}",
+            summary.variables.join(", ")
+        );
+    }
+    if !summary.unset.is_empty() {
+        eprintln!(
+            "import-mgt: no usable value in the database, set them yourself: {}",
+            summary.unset.join(", ")
+        );
+    }
+    if let Some(path) = &options.out {
+        eprintln!(
+            "import-mgt: next: set the variables, then wxauto-sidecar check-config --config {}",
+            path.display()
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn check_config(path: &Path) -> ExitCode {
@@ -391,18 +526,10 @@ async fn demo(listen: Option<SocketAddr>) -> ExitCode {
     code
 }
 
-async fn simulate(
-    listen: SocketAddr,
-    api_key: String,
-    flaky: bool,
-    chatter: std::time::Duration,
-) -> ExitCode {
+async fn simulate(listen: SocketAddr, config: SimConfig, chatter: std::time::Duration) -> ExitCode {
     let _guard = logging::init("info", None);
-    let simulator = Simulator::new(SimConfig {
-        api_key,
-        name: "sim".to_owned(),
-        flaky,
-    });
+    let generation = config.api_generation.key();
+    let simulator = Simulator::new(config);
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -414,7 +541,10 @@ async fn simulate(
     if !chatter.is_zero() {
         simulator.spawn_chatter(chatter, cancel.clone());
     }
-    eprintln!("wxauto simulator on http://{listen} (control surface under /_sim/)");
+    eprintln!(
+        "wxauto simulator on http://{listen} (listen/add reads {generation:?}; control surface \
+         under /_sim/)"
+    );
     let stop = cancel.clone();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;

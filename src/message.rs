@@ -5,6 +5,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use chrono::{DateTime, Utc};
 
@@ -14,16 +16,19 @@ use crate::config::SendMode;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A chat message taken from a wxauto instance that passed the filters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct InboundMessage {
     /// The configured instance id.
     pub instance_id: String,
     /// The chat (`who`) the message belongs to.
     pub chat: String,
-    /// The upstream id, or a stable synthetic one (see `synthetic_id`).
+    /// The upstream id, or a synthetic one when upstream sent none.
     pub message_id: String,
-    /// True when upstream sent no id and `message_id` was derived from the content.
+    /// True when upstream sent no id and the sidecar made `message_id` up.
     pub synthetic_id: bool,
+    /// The upstream session the id belongs to: wxauto ids are UI runtime ids, which can come
+    /// back after WeChat or the wxauto server restarts, so they are unique per epoch only.
+    pub epoch: u32,
     /// The upstream `type` (e.g. `friend`).
     pub msg_type: String,
     /// The sender's name.
@@ -53,6 +58,55 @@ impl InboundMessage {
     pub fn is_group(&self) -> bool {
         self.sender != self.chat
     }
+
+    /// The key every delivery of this message carries (the webhook's `Idempotency-Key`):
+    /// `<instance_id>:<message_id>`, with `@<epoch>` appended from the second upstream session
+    /// on, so a reused upstream id never shares a key with an older message.
+    pub fn idempotency_key(&self) -> String {
+        if self.epoch == 0 {
+            format!("{}:{}", self.instance_id, self.message_id)
+        } else {
+            format!("{}:{}@{}", self.instance_id, self.message_id, self.epoch)
+        }
+    }
+}
+
+/// One chat of an instance's chat table, as the store keeps it across restarts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredChat {
+    /// The chat name (`who`).
+    pub chat: String,
+    /// Listened (counts against the cap).
+    pub active: bool,
+    /// From `fixed_listeners`.
+    pub fixed: bool,
+    /// Unix milliseconds when the chat was first listened.
+    pub added_ms: i64,
+    /// Unix milliseconds of its last message, if any.
+    pub last_message_ms: Option<i64>,
+    /// Messages taken from this chat.
+    pub message_count: u64,
+    /// Errors recorded for this chat.
+    pub error_count: u64,
+}
+
+/// An upstream session: which epoch an instance's ids belong to, and when the wxauto server
+/// behind it started (from `/api/health` `uptime`), to see it restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpstreamSession {
+    /// The epoch of the ids.
+    pub epoch: u32,
+    /// Unix milliseconds when the server started, when it reports its uptime.
+    pub started_ms: Option<i64>,
+}
+
+/// What the store already has of one chat, for aligning a re-read of its history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChatHistory {
+    /// Those of the asked-for upstream ids stored in the current epoch.
+    pub known_ids: Vec<String>,
+    /// The newest stored messages of the chat (any epoch), oldest first, as (sender, content).
+    pub tail: Vec<(String, String)>,
 }
 
 /// Why a sink could not take messages. The listener keeps the batch and retries.
@@ -80,6 +134,53 @@ pub trait MessageSink: Send + Sync + 'static {
     fn record_drop(&self, instance_id: &str, reason: &'static str) {
         let _ = (instance_id, reason);
     }
+
+    /// Whether the previous run of the sidecar stopped cleanly (nothing can have been in flight
+    /// when it stopped). A sink without a store answers true: there is nothing to recover.
+    fn last_stop_clean(&self) -> bool {
+        true
+    }
+
+    /// The chat table and upstream session a previous run left for an instance.
+    fn load_listener(
+        &self,
+        instance_id: &str,
+    ) -> BoxFuture<'_, Result<(Vec<StoredChat>, UpstreamSession), SinkError>> {
+        let _ = instance_id;
+        Box::pin(async { Ok((Vec::new(), UpstreamSession::default())) })
+    }
+
+    /// Replaces an instance's stored chat table.
+    fn save_chats(
+        &self,
+        instance_id: &str,
+        chats: Vec<StoredChat>,
+    ) -> BoxFuture<'_, Result<(), SinkError>> {
+        let _ = (instance_id, chats);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Stores an instance's upstream session.
+    fn save_session(
+        &self,
+        instance_id: &str,
+        session: UpstreamSession,
+    ) -> BoxFuture<'_, Result<(), SinkError>> {
+        let _ = (instance_id, session);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// What is stored of a chat, to tell which messages of its re-read history are new.
+    fn chat_history(
+        &self,
+        instance_id: &str,
+        chat: &str,
+        epoch: u32,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<ChatHistory, SinkError>> {
+        let _ = (instance_id, chat, epoch, ids);
+        Box::pin(async { Ok(ChatHistory::default()) })
+    }
 }
 
 /// A reply to send to a chat through its instance.
@@ -97,6 +198,43 @@ pub struct Reply {
     pub mode: SendMode,
 }
 
+/// The fate of one reply command, shared by the waiting delivery worker and the instance
+/// actor, so that a reply is sent at most once per attempt: either the actor starts sending
+/// it, or the worker gives up on it first, never both.
+#[derive(Debug, Clone, Default)]
+pub struct ReplyTicket(Arc<AtomicU8>);
+
+const TICKET_QUEUED: u8 = 0;
+const TICKET_SENDING: u8 = 1;
+const TICKET_ABANDONED: u8 = 2;
+
+impl ReplyTicket {
+    /// The actor is about to send: true unless the requester gave up.
+    pub fn start(&self) -> bool {
+        self.0
+            .compare_exchange(
+                TICKET_QUEUED,
+                TICKET_SENDING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// The requester gives up: true if the actor had not started, so it never will; false if
+    /// the send is under way and its outcome must be awaited.
+    pub fn abandon(&self) -> bool {
+        self.0
+            .compare_exchange(
+                TICKET_QUEUED,
+                TICKET_ABANDONED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+}
+
 /// Why a reply could not be sent.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ReplyError {
@@ -109,6 +247,9 @@ pub enum ReplyError {
     /// The upstream call failed (already redacted text).
     #[error("send failed: {0}")]
     Upstream(String),
+    /// The instance did not take the reply in time; it was not sent and never will be.
+    #[error("instance {0} did not take the reply within {1:?}; it was not sent")]
+    NotTaken(String, std::time::Duration),
 }
 
 /// A file fetched from an instance (`POST /api/file/download`).
@@ -142,8 +283,14 @@ pub enum DownloadError {
 
 /// Sends replies back through the owning instance actor.
 pub trait ReplySender: Send + Sync + 'static {
-    /// Sends one reply; resolves once upstream answered.
-    fn send_reply(&self, reply: Reply) -> BoxFuture<'_, Result<(), ReplyError>>;
+    /// Sends one reply; resolves once upstream answered. If the instance has not started
+    /// sending it within `wait`, the reply is abandoned (`NotTaken`) and never sent; once it has
+    /// started, the outcome is awaited (the actor bounds the call by its request timeout).
+    fn send_reply(
+        &self,
+        reply: Reply,
+        wait: std::time::Duration,
+    ) -> BoxFuture<'_, Result<(), ReplyError>>;
 
     /// Fetches a file (a path on the instance's machine) through the owning instance actor,
     /// keeping at most `max_bytes`.

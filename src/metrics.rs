@@ -86,6 +86,9 @@ pub struct Metrics {
     pub listeners_removed: Family<ReasonLabels, Counter>,
     /// `wxauto_messages_processed_total{instance_id}`.
     pub messages_processed: Family<InstanceLabels, Counter>,
+    /// `wxauto_messages_recovered_total{instance_id}`: messages found by re-reading a chat's
+    /// history after an unclean stop or an actor crash.
+    pub messages_recovered: Family<InstanceLabels, Counter>,
     /// `wxauto_listener_restarts_total`.
     pub listener_restarts: Counter,
     /// `wxauto_listener_task_restarts_total{instance_id}`: one actor restarted after a crash.
@@ -114,6 +117,7 @@ impl Metrics {
             listeners_added: Family::default(),
             listeners_removed: Family::default(),
             messages_processed: Family::default(),
+            messages_recovered: Family::default(),
             listener_restarts: Counter::default(),
             task_restarts: Family::default(),
             config_reloads: Counter::default(),
@@ -155,6 +159,12 @@ impl Metrics {
             "messages_processed",
             "Messages received from an instance that passed the filters",
             metrics.messages_processed.clone(),
+        );
+        wx.register(
+            "messages_recovered",
+            "Messages taken from an instance but not stored when the sidecar or an actor died, \
+             found again in the chat's history",
+            metrics.messages_recovered.clone(),
         );
         wx.register(
             "listener_restarts",
@@ -241,11 +251,12 @@ impl Metrics {
     }
 
     /// The counter families labelled by `instance_id` alone.
-    fn instance_counters(&self) -> [&Family<InstanceLabels, Counter>; 4] {
+    fn instance_counters(&self) -> [&Family<InstanceLabels, Counter>; 5] {
         [
             &self.client_errors,
             &self.listeners_added,
             &self.messages_processed,
+            &self.messages_recovered,
             &self.task_restarts,
         ]
     }

@@ -68,6 +68,35 @@ pub struct SimConfig {
     pub name: String,
     /// When no fault is set, fail about 20% of API calls with HTTP 500 (for the demo).
     pub flaky: bool,
+    /// Which body key `listen/add` and `listen/remove` read.
+    pub api_generation: ApiGeneration,
+    /// Serve `GET /api/chat/get-all-messages` (current servers do; some older ones do not).
+    pub history: bool,
+    /// How long the destructive reads (`get-next-new`, `listen/get`) take to answer *after*
+    /// they took the messages, like a real server driving the WeChat UI: a client that dies
+    /// meanwhile loses that answer.
+    pub read_latency: Duration,
+}
+
+/// The two generations of the WXAUTO-HTTP-API server: before mid-2025 `listen/add` and
+/// `listen/remove` read `{"who": ...}`, current ones `{"nickname": ...}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiGeneration {
+    /// The older body key.
+    Who,
+    /// The current body key.
+    #[default]
+    Nickname,
+}
+
+impl ApiGeneration {
+    /// The body key this generation reads.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Who => "who",
+            Self::Nickname => "nickname",
+        }
+    }
 }
 
 /// A failure mode applied to every wxauto API call, including `/api/health`.
@@ -176,6 +205,9 @@ impl Default for SimConfig {
             api_key: "test-key-2".to_owned(),
             name: "sim".to_owned(),
             flaky: false,
+            api_generation: ApiGeneration::Nickname,
+            history: true,
+            read_latency: Duration::ZERO,
         }
     }
 }
@@ -187,6 +219,9 @@ impl fmt::Debug for SimConfig {
             .field("api_key", &"<redacted>")
             .field("name", &self.name)
             .field("flaky", &self.flaky)
+            .field("api_generation", &self.api_generation)
+            .field("history", &self.history)
+            .field("read_latency", &self.read_latency)
             .finish()
     }
 }
@@ -361,6 +396,14 @@ impl Simulator {
     pub fn reset(&self) {
         self.lock().reset();
         info!(name = %self.inner.config.name, "Simulator reset.");
+    }
+
+    /// A restart of the wxauto server (and of WeChat's UI state with it): like `reset`, and
+    /// message ids start again from 1, so ids handed out before come back for new messages.
+    /// What was unread and every chat's history stay (WeChat keeps them).
+    pub fn restart(&self) {
+        self.lock().restart();
+        info!(name = %self.inner.config.name, "Simulated server restarted; ids start over.");
     }
 
     /// A copy of the observable state.

@@ -3,7 +3,7 @@
 //! Only this loop starts, stops, restarts or re-configures actors, swaps the active config and
 //! stops or starts the listener service; everything else sends it a `Control` event.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -16,9 +16,9 @@ use crate::backoff::Backoff;
 use crate::config::{
     BackoffConfig, Config, ConfigDiff, ConfigErrors, InstanceChange, InstanceConfig, Loaded,
 };
-use crate::listener::{ActorSettings, InstanceActor, InstanceCommand};
+use crate::listener::{ActorSettings, Held, InstanceActor, InstanceCommand};
 use crate::message::{
-    BoxFuture, Download, DownloadError, MessageSink, Reply, ReplyError, ReplySender,
+    BoxFuture, Download, DownloadError, MessageSink, Reply, ReplyError, ReplySender, ReplyTicket,
 };
 use crate::monitor::{Component, ErrorKind, Monitor};
 
@@ -142,7 +142,7 @@ impl ReplyRouter {
 }
 
 impl ReplySender for ReplyRouter {
-    fn send_reply(&self, reply: Reply) -> BoxFuture<'_, Result<(), ReplyError>> {
+    fn send_reply(&self, reply: Reply, wait: Duration) -> BoxFuture<'_, Result<(), ReplyError>> {
         Box::pin(async move {
             let id = reply.instance_id.clone();
             let sender = self.get(&id).ok_or_else(|| {
@@ -152,12 +152,28 @@ impl ReplySender for ReplyRouter {
                     ReplyError::NoInstance(id.clone())
                 }
             })?;
-            let (respond, answer) = oneshot::channel();
-            sender
-                .send(InstanceCommand::Reply { reply, respond })
-                .await
-                .map_err(|_| ReplyError::NoInstance(id.clone()))?;
-            answer.await.map_err(|_| ReplyError::NoInstance(id))?
+            let deadline = tokio::time::Instant::now() + wait;
+            let ticket = ReplyTicket::default();
+            let (respond, mut answer) = oneshot::channel();
+            let command = InstanceCommand::Reply {
+                reply,
+                ticket: ticket.clone(),
+                respond,
+            };
+            match tokio::time::timeout_at(deadline, sender.send(command)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(ReplyError::NoInstance(id)),
+                // Never queued, so never sent.
+                Err(_) => return Err(ReplyError::NotTaken(id, wait)),
+            }
+            let outcome = match tokio::time::timeout_at(deadline, &mut answer).await {
+                Ok(outcome) => outcome,
+                // Queued behind a long poll: give up unless the actor has started sending, in
+                // which case the outcome must be known before anyone tries again.
+                Err(_) if ticket.abandon() => return Err(ReplyError::NotTaken(id, wait)),
+                Err(_) => answer.await,
+            };
+            outcome.map_err(|_| ReplyError::NoInstance(id))?
         })
     }
 
@@ -208,6 +224,12 @@ pub struct Supervisor {
     active: watch::Sender<Arc<Config>>,
     control: mpsc::Sender<Control>,
     tasks: HashMap<String, Task>,
+    /// Per instance, what its actors took and the sink has not accepted yet; outlives every
+    /// actor of the instance (a panic loses none of it).
+    held: HashMap<String, Held>,
+    /// Instances whose first actor of this process has started (the one that re-reads chat
+    /// histories after an unclean stop).
+    started_once: HashSet<String>,
     service: CancellationToken,
     tracker: TaskTracker,
     running: bool,
@@ -251,6 +273,8 @@ impl Supervisor {
             active,
             control,
             tasks: HashMap::new(),
+            held: HashMap::new(),
+            started_once: HashSet::new(),
             service: CancellationToken::new(),
             tracker: TaskTracker::new(),
             running: false,
@@ -264,8 +288,14 @@ impl Supervisor {
         self.subscribers.push(subscriber);
     }
 
-    /// Runs until `shutdown` fires, then stops every task within the grace period.
-    pub async fn run(mut self, mut control: mpsc::Receiver<Control>, shutdown: CancellationToken) {
+    /// Runs until `shutdown` fires, then stops every task within the grace period. Returns
+    /// whether the stop was clean: every actor stopped in time and none holds messages the
+    /// sink did not accept (only then may the next start skip re-reading chat histories).
+    pub async fn run(
+        mut self,
+        mut control: mpsc::Receiver<Control>,
+        shutdown: CancellationToken,
+    ) -> bool {
         let empty = ConfigDiff::default();
         for subscriber in &self.subscribers {
             subscriber(&self.config, &empty);
@@ -283,7 +313,20 @@ impl Supervisor {
                 },
             }
         }
-        self.stop_service().await;
+        let stopped = self.stop_service().await;
+        let holding: usize = self
+            .held
+            .values()
+            .map(|held| held.lock().map_or(1, |held| held.len()))
+            .sum();
+        if holding > 0 {
+            tracing::warn!(
+                messages = holding,
+                "Stopping with messages the store did not accept; they are re-read from the \
+                 chat histories at the next start."
+            );
+        }
+        stopped && holding == 0
     }
 
     async fn handle(&mut self, event: Control) {
@@ -320,7 +363,8 @@ impl Supervisor {
                     && self.running
                     && let Some(instance) = self.config.instance(&instance_id).cloned()
                 {
-                    self.spawn_instance(&instance);
+                    // The crashed actor may have died with an answer in hand: re-read.
+                    self.spawn_instance(&instance, true);
                 }
             }
         }
@@ -365,7 +409,7 @@ impl Supervisor {
             self.monitor
                 .register_instance(&instance.id, instance.enabled);
             if instance.enabled {
-                self.spawn_instance(instance);
+                self.spawn_instance(instance, false);
             }
         }
         tracing::info!(
@@ -374,22 +418,24 @@ impl Supervisor {
         );
     }
 
-    async fn stop_service(&mut self) {
+    /// Stops every actor; false if some did not stop within the grace period.
+    async fn stop_service(&mut self) -> bool {
         self.running = false;
         self.service.cancel();
         self.tracker.close();
         for (id, _) in self.tasks.drain() {
             self.replies.set(&id, None);
         }
-        if tokio::time::timeout(self.grace, self.tracker.wait())
+        let stopped = tokio::time::timeout(self.grace, self.tracker.wait())
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !stopped {
             tracing::warn!(grace = ?self.grace, "Instance tasks did not stop within the grace period.");
         }
         self.monitor.listener_stopped();
         self.update_task_count();
         tracing::info!("Listener service stopped.");
+        stopped
     }
 
     fn settings_for(&self, instance_id: &str) -> ActorSettings {
@@ -403,8 +449,14 @@ impl Supervisor {
         }
     }
 
-    fn spawn_instance(&mut self, instance: &InstanceConfig) {
+    /// Starts an actor for `instance`. It re-reads its active chats' histories when `crashed`
+    /// (its predecessor died), or when it is the instance's first actor of a process whose
+    /// previous run did not stop cleanly.
+    fn spawn_instance(&mut self, instance: &InstanceConfig, crashed: bool) {
         let (commands, receiver) = mpsc::channel(64);
+        let first = self.started_once.insert(instance.id.clone());
+        let recover = crashed || (first && !self.sink.last_stop_clean());
+        let held = Arc::clone(self.held.entry(instance.id.clone()).or_default());
         let actor = match InstanceActor::new(
             instance.clone(),
             self.settings_for(&instance.id),
@@ -413,6 +465,8 @@ impl Supervisor {
             Arc::clone(&self.sink),
             receiver,
             self.monitor.chats_of(&instance.id),
+            held,
+            recover,
         ) {
             Ok(actor) => actor,
             Err(error) => {
@@ -559,6 +613,8 @@ impl Supervisor {
             match change {
                 InstanceChange::Removed => {
                     self.stop_instance(id);
+                    // The stopping actor keeps its own handle and flushes what it holds.
+                    self.held.remove(id);
                     self.monitor.remove_instance(id);
                 }
                 InstanceChange::Added | InstanceChange::Changed => {
@@ -568,7 +624,7 @@ impl Supervisor {
                     };
                     self.monitor.register_instance(id, instance.enabled);
                     if self.running && instance.enabled {
-                        self.spawn_instance(instance);
+                        self.spawn_instance(instance, false);
                     }
                 }
             }
@@ -612,27 +668,77 @@ mod tests {
         let router = ReplyRouter::default();
         router.set_enabled(["wx-a".to_owned()]);
         // Enabled but its actor is not registered yet: wait (no attempt spent).
+        let wait = Duration::from_secs(5);
         assert_eq!(
-            router.send_reply(reply("wx-a")).await,
+            router.send_reply(reply("wx-a"), wait).await,
             Err(ReplyError::InstanceDown("wx-a".to_owned()))
         );
         // Not in the config: give up eventually.
         assert_eq!(
-            router.send_reply(reply("wx-gone")).await,
+            router.send_reply(reply("wx-gone"), wait).await,
             Err(ReplyError::NoInstance("wx-gone".to_owned()))
         );
         // A registered actor gets the command.
         let (sender, mut receiver) = mpsc::channel(1);
         router.set("wx-a", Some(sender));
-        let send = tokio::spawn(async move { router.send_reply(reply("wx-a")).await });
+        let send = tokio::spawn(async move { router.send_reply(reply("wx-a"), wait).await });
         match receiver.recv().await {
-            Some(InstanceCommand::Reply { reply, respond }) => {
+            Some(InstanceCommand::Reply {
+                reply,
+                ticket,
+                respond,
+            }) => {
                 assert_eq!(reply.chat, "alice");
+                assert!(ticket.start());
                 let _ = respond.send(Ok(()));
             }
             other => panic!("unexpected command: {other:?}"),
         }
         assert_eq!(send.await.unwrap(), Ok(()));
+    }
+
+    /// The requester's deadline passes while the reply waits in the actor's queue: it is
+    /// abandoned, and the actor (coming to it later) must not send it, or the retry would make
+    /// the chat get it twice. Once the actor has started, the outcome is awaited instead.
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_is_sent_by_the_actor_or_abandoned_by_the_worker_never_both() {
+        let router = Arc::new(ReplyRouter::default());
+        router.set_enabled(["wx-a".to_owned()]);
+        let (sender, mut receiver) = mpsc::channel(4);
+        router.set("wx-a", Some(sender));
+        let wait = Duration::from_secs(30);
+
+        let pending = tokio::spawn({
+            let router = Arc::clone(&router);
+            async move { router.send_reply(reply("wx-a"), wait).await }
+        });
+        // The actor is busy past the deadline; paused time jumps there.
+        let answer = pending.await.unwrap();
+        assert!(
+            matches!(answer, Err(ReplyError::NotTaken(..))),
+            "{answer:?}"
+        );
+        let Some(InstanceCommand::Reply { ticket, .. }) = receiver.recv().await else {
+            panic!("the command was queued");
+        };
+        assert!(!ticket.start(), "an abandoned reply must not be sent");
+
+        // Started before the deadline: the worker waits for the outcome past it.
+        let pending = tokio::spawn({
+            let router = Arc::clone(&router);
+            async move { router.send_reply(reply("wx-a"), wait).await }
+        });
+        let Some(InstanceCommand::Reply {
+            ticket, respond, ..
+        }) = receiver.recv().await
+        else {
+            panic!("the command was queued");
+        };
+        assert!(ticket.start());
+        tokio::time::sleep(wait * 2).await;
+        assert!(!pending.is_finished(), "gave up on a reply being sent");
+        let _ = respond.send(Ok(()));
+        assert_eq!(pending.await.unwrap(), Ok(()));
     }
 
     #[tokio::test]

@@ -46,11 +46,13 @@ pub enum Endpoint {
     SendTyping,
     /// `POST /api/file/download` (raw bytes).
     FileDownload,
+    /// `GET /api/chat/get-all-messages?who=` (non-destructive; current servers only).
+    GetAllMessages,
 }
 
 impl Endpoint {
     /// Every endpoint, for pre-initialising label sets.
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 10] = [
         Self::Health,
         Self::Initialize,
         Self::GetNextNew,
@@ -60,6 +62,7 @@ impl Endpoint {
         Self::Send,
         Self::SendTyping,
         Self::FileDownload,
+        Self::GetAllMessages,
     ];
 
     /// The metric label.
@@ -74,6 +77,7 @@ impl Endpoint {
             Self::Send => "send",
             Self::SendTyping => "send_typing",
             Self::FileDownload => "file_download",
+            Self::GetAllMessages => "get_all_messages",
         }
     }
 
@@ -90,6 +94,7 @@ impl Endpoint {
             Self::Send => "/api/chat-window/message/send",
             Self::SendTyping => "/api/chat-window/message/send-typing",
             Self::FileDownload => "/api/file/download",
+            Self::GetAllMessages => "/api/chat/get-all-messages",
         }
     }
 }
@@ -194,6 +199,12 @@ impl WxautoError {
             }
         )
     }
+
+    /// True when the server has no such endpoint (an older server generation): a 404 that is
+    /// not the "chat not listened" answer.
+    pub fn is_missing_endpoint(&self) -> bool {
+        matches!(self, Self::HttpStatus { status: 404, .. }) && !self.is_not_listened()
+    }
 }
 
 /// The client for one instance. Cheap to clone.
@@ -289,24 +300,37 @@ impl Client {
         })
     }
 
-    /// `POST /api/message/listen/add`.
+    /// `POST /api/message/listen/add`. Both body keys go out: servers before mid-2025 read
+    /// `who`, current ones `nickname`, and each ignores the other.
     pub async fn listen_add(&self, who: &str) -> Result<(), WxautoError> {
         self.call::<Value>(
             Endpoint::ListenAdd,
-            Some(serde_json::json!({ "nickname": who })),
+            Some(serde_json::json!({ "nickname": who, "who": who })),
         )
         .await
         .map(drop)
     }
 
-    /// `POST /api/message/listen/remove`.
+    /// `POST /api/message/listen/remove`, with both body keys like `listen_add`.
     pub async fn listen_remove(&self, who: &str) -> Result<(), WxautoError> {
         self.call::<Value>(
             Endpoint::ListenRemove,
-            Some(serde_json::json!({ "nickname": who })),
+            Some(serde_json::json!({ "nickname": who, "who": who })),
         )
         .await
         .map(drop)
+    }
+
+    /// `GET /api/chat/get-all-messages?who=`: the visible history of a listened chat's window,
+    /// oldest first, with the same ids `listen/get` hands out. Non-destructive.
+    pub async fn get_all_messages(&self, who: &str) -> Result<Vec<RawMessage>, WxautoError> {
+        let data: Value = self
+            .call_with(Endpoint::GetAllMessages, None, &[("who", who)])
+            .await?;
+        types::parse_history(&data).map_err(|reason| WxautoError::Decode {
+            endpoint: Endpoint::GetAllMessages.label(),
+            reason,
+        })
     }
 
     /// `POST /api/chat-window/message/send` (or `send-typing`).
@@ -448,8 +472,17 @@ impl Client {
         endpoint: Endpoint,
         body: Option<Value>,
     ) -> Result<T, WxautoError> {
+        self.call_with(endpoint, body, &[]).await
+    }
+
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        body: Option<Value>,
+        query: &[(&str, &str)],
+    ) -> Result<T, WxautoError> {
         let started = Instant::now();
-        let result = self.call_inner(endpoint, body).await;
+        let result = self.call_inner(endpoint, body, query).await;
         let outcome = match &result {
             Ok(_) => "success",
             Err(WxautoError::Timeout { .. }) => "timeout",
@@ -468,9 +501,19 @@ impl Client {
         &self,
         endpoint: Endpoint,
         body: Option<Value>,
+        query: &[(&str, &str)],
     ) -> Result<T, WxautoError> {
         let label = endpoint.label();
-        let url = format!("{}{}", self.base_url, endpoint.path());
+        let mut url = format!("{}{}", self.base_url, endpoint.path());
+        if !query.is_empty() {
+            // Percent-encoded by `Url`; chat names are often Chinese or contain spaces.
+            url = reqwest::Url::parse_with_params(&url, query)
+                .map_err(|error| WxautoError::Connect {
+                    endpoint: label,
+                    reason: format!("invalid request URL: {error}"),
+                })?
+                .to_string();
+        }
         let request = match body {
             Some(body) => self.http.post(url).json(&body),
             None => self.http.get(url),

@@ -183,6 +183,7 @@ async fn start_sim(name: &str, instance_id: &str) -> RecordedSim {
         api_key: key.clone(),
         name: name.to_owned(),
         flaky: false,
+        ..SimConfig::default()
     });
     let served = Arc::new(Mutex::new(Vec::new()));
     let app = sim.router().layer(axum::middleware::from_fn_with_state(
@@ -495,6 +496,7 @@ async fn platform_failures_retry_or_dead_letter() {
                 "sender",
                 "content",
                 "message_id",
+                "epoch",
                 "mtype",
                 "received_at",
                 "attempt"

@@ -7,6 +7,7 @@ mod cli;
 mod consistency;
 mod delivery;
 mod http;
+mod import_mgt;
 mod listener;
 mod logging;
 mod media;

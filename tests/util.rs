@@ -27,6 +27,7 @@ pub async fn start_sim(name: &str) -> Sim {
         api_key: key.clone(),
         name: name.to_owned(),
         flaky: false,
+        ..SimConfig::default()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

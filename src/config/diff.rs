@@ -89,6 +89,10 @@ impl ConfigDiff {
                     != new.server.limits.max_request_body_bytes,
             ),
             ("storage.path", old.storage.path != new.storage.path),
+            (
+                "storage.synchronous",
+                old.storage.synchronous != new.storage.synchronous,
+            ),
             ("logging.dir", old.logging.dir != new.logging.dir),
             (
                 "logging.file_prefix",

@@ -546,6 +546,7 @@ mod tests {
             mtype: Some("image".to_owned()),
             file_path: None,
             received_at: chrono::Utc::now(),
+            epoch: 0,
         };
         assert_eq!(text_of(&msg), "");
         msg.mtype = None;

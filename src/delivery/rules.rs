@@ -236,6 +236,7 @@ mod tests {
             mtype: None,
             file_path: None,
             received_at: Utc::now(),
+            epoch: 0,
         }
     }
 

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,8 +14,14 @@ use chrono::{DateTime, TimeZone, Utc};
 use prometheus_client::metrics::gauge::Gauge;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use crate::config::SendMode;
-use crate::message::InboundMessage;
+use crate::config::{SendMode, Synchronous};
+use crate::message::{ChatHistory, InboundMessage, StoredChat, UpstreamSession};
+
+/// Stored messages of a chat compared with a re-read of its history (for the alignment of
+/// messages without ids).
+const HISTORY_TAIL: usize = 50;
+/// The `meta` key of the clean-stop marker.
+const CLEAN_STOP: &str = "clean_stop";
 
 mod media;
 
@@ -114,12 +121,144 @@ const MIGRATIONS: &[&str] = &[
         updated_ms    INTEGER NOT NULL
     );
     ",
+    // Version 4: upstream ids are unique per upstream session (`epoch`), not forever; dead rows
+    // remember when they died (for `dead_retention_days`); counts per state are kept by
+    // triggers instead of a GROUP BY after every write; the listener's chat table, its upstream
+    // sessions and the clean-stop marker live here too.
+    r"
+    CREATE TABLE messages_v2 (
+        id              INTEGER PRIMARY KEY,
+        instance_id     TEXT    NOT NULL,
+        epoch           INTEGER NOT NULL DEFAULT 0,
+        message_id      TEXT    NOT NULL,
+        synthetic_id    INTEGER NOT NULL,
+        chat            TEXT    NOT NULL,
+        sender          TEXT    NOT NULL,
+        sender_remark   TEXT,
+        msg_type        TEXT    NOT NULL,
+        mtype           TEXT,
+        content         TEXT    NOT NULL,
+        received_ms     INTEGER NOT NULL,
+        rule_id         TEXT    NOT NULL,
+        platform_id     TEXT    NOT NULL,
+        reply_at_sender INTEGER NOT NULL,
+        state           TEXT    NOT NULL DEFAULT 'pending' CHECK (state IN
+                        ('pending', 'delivering', 'failed', 'reply_pending', 'replying',
+                         'delivered', 'dead')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        reply_attempts  INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+        claimed_ms      INTEGER,
+        reply_text      TEXT,
+        reply_mode      TEXT CHECK (reply_mode IN ('send', 'send-typing')),
+        reply_sent_ms   INTEGER,
+        last_error      TEXT,
+        created_ms      INTEGER NOT NULL,
+        updated_ms      INTEGER NOT NULL,
+        delivered_ms    INTEGER,
+        dead_ms         INTEGER,
+        UNIQUE (instance_id, epoch, message_id)
+    );
+    INSERT INTO messages_v2 (id, instance_id, epoch, message_id, synthetic_id, chat, sender,
+        sender_remark, msg_type, mtype, content, received_ms, rule_id, platform_id,
+        reply_at_sender, state, attempts, reply_attempts, next_attempt_ms, claimed_ms,
+        reply_text, reply_mode, reply_sent_ms, last_error, created_ms, updated_ms, delivered_ms,
+        dead_ms)
+    SELECT id, instance_id, 0, message_id, synthetic_id, chat, sender, sender_remark, msg_type,
+        mtype, content, received_ms, rule_id, platform_id, reply_at_sender, state, attempts,
+        reply_attempts, next_attempt_ms, claimed_ms, reply_text, reply_mode, reply_sent_ms,
+        last_error, created_ms, updated_ms, delivered_ms,
+        CASE WHEN state = 'dead' THEN updated_ms END
+    FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v2 RENAME TO messages;
+    CREATE INDEX messages_open_by_chat ON messages (instance_id, chat, id)
+        WHERE state NOT IN ('delivered', 'dead');
+    CREATE INDEX messages_open ON messages (id) WHERE state NOT IN ('delivered', 'dead');
+    CREATE INDEX messages_by_state ON messages (state, next_attempt_ms);
+    CREATE INDEX messages_by_chat ON messages (instance_id, chat, id);
+    CREATE INDEX messages_delivered ON messages (delivered_ms) WHERE state = 'delivered';
+    CREATE INDEX messages_dead ON messages (dead_ms) WHERE state = 'dead';
+
+    CREATE TABLE state_counts (
+        category TEXT PRIMARY KEY CHECK (category IN ('pending', 'failed', 'delivered', 'dead')),
+        n        INTEGER NOT NULL
+    );
+    INSERT INTO state_counts (category, n) VALUES
+        ('pending', 0), ('failed', 0), ('delivered', 0), ('dead', 0);
+    UPDATE state_counts SET n = (
+        SELECT COUNT(*) FROM messages m WHERE
+        CASE WHEN m.state = 'dead' THEN 'dead'
+             WHEN m.state = 'delivered' THEN 'delivered'
+             WHEN m.state = 'failed' OR (m.state = 'reply_pending' AND m.reply_attempts > 0)
+                  THEN 'failed'
+             ELSE 'pending' END = state_counts.category);
+    CREATE TRIGGER messages_counted_insert AFTER INSERT ON messages BEGIN
+        UPDATE state_counts SET n = n + 1 WHERE category =
+            CASE WHEN NEW.state = 'dead' THEN 'dead'
+                 WHEN NEW.state = 'delivered' THEN 'delivered'
+                 WHEN NEW.state = 'failed'
+                      OR (NEW.state = 'reply_pending' AND NEW.reply_attempts > 0) THEN 'failed'
+                 ELSE 'pending' END;
+    END;
+    CREATE TRIGGER messages_counted_delete AFTER DELETE ON messages BEGIN
+        UPDATE state_counts SET n = n - 1 WHERE category =
+            CASE WHEN OLD.state = 'dead' THEN 'dead'
+                 WHEN OLD.state = 'delivered' THEN 'delivered'
+                 WHEN OLD.state = 'failed'
+                      OR (OLD.state = 'reply_pending' AND OLD.reply_attempts > 0) THEN 'failed'
+                 ELSE 'pending' END;
+    END;
+    CREATE TRIGGER messages_counted_update AFTER UPDATE OF state, reply_attempts ON messages
+    BEGIN
+        UPDATE state_counts SET n = n - 1 WHERE category =
+            CASE WHEN OLD.state = 'dead' THEN 'dead'
+                 WHEN OLD.state = 'delivered' THEN 'delivered'
+                 WHEN OLD.state = 'failed'
+                      OR (OLD.state = 'reply_pending' AND OLD.reply_attempts > 0) THEN 'failed'
+                 ELSE 'pending' END;
+        UPDATE state_counts SET n = n + 1 WHERE category =
+            CASE WHEN NEW.state = 'dead' THEN 'dead'
+                 WHEN NEW.state = 'delivered' THEN 'delivered'
+                 WHEN NEW.state = 'failed'
+                      OR (NEW.state = 'reply_pending' AND NEW.reply_attempts > 0) THEN 'failed'
+                 ELSE 'pending' END;
+    END;
+
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+
+    CREATE TABLE upstream_sessions (
+        instance_id TEXT PRIMARY KEY,
+        epoch       INTEGER NOT NULL,
+        started_ms  INTEGER,
+        updated_ms  INTEGER NOT NULL
+    );
+
+    CREATE TABLE chats (
+        instance_id     TEXT    NOT NULL,
+        chat            TEXT    NOT NULL,
+        active          INTEGER NOT NULL,
+        fixed           INTEGER NOT NULL,
+        added_ms        INTEGER NOT NULL,
+        last_message_ms INTEGER,
+        message_count   INTEGER NOT NULL DEFAULT 0,
+        error_count     INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (instance_id, chat)
+    );
+    ",
 ];
+
+/// The first release's schema, for migration tests.
+#[cfg(test)]
+pub(crate) const VERSION_1: &str = MIGRATIONS[0];
 
 /// The columns a claim returns, in `Job::from_row` order.
 const JOB_COLUMNS: &str = "id, instance_id, message_id, synthetic_id, chat, sender, sender_remark, \
      msg_type, mtype, content, received_ms, rule_id, platform_id, reply_at_sender, state, \
-     attempts, reply_attempts, reply_text, reply_mode";
+     attempts, reply_attempts, reply_text, reply_mode, epoch";
 
 /// Whose conversation: one sender in one chat of one instance, on one platform.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,15 +376,50 @@ pub(crate) struct Store {
 pub(crate) struct StoreGauges {
     pub pending: Gauge,
     pub dead: Gauge,
+    /// `created_ms` of the oldest open row, 0 when none; the age is computed at scrape time.
+    pub oldest_open_ms: Arc<AtomicI64>,
+}
+
+/// A dead-lettered message, for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The store's row id (what `retry` and `purge` take).
+    pub id: i64,
+    /// The instance it came from.
+    pub instance_id: String,
+    /// The upstream message id.
+    pub message_id: String,
+    /// Its idempotency key.
+    pub key: String,
+    /// The chat.
+    pub chat: String,
+    /// The platform it was routed to.
+    pub platform_id: String,
+    /// Platform attempts made.
+    pub attempts: u32,
+    /// Reply attempts made (a reply that failed keeps the platform's answer).
+    pub reply_attempts: u32,
+    /// Whether the platform answered and only the reply failed.
+    pub reply_pending: bool,
+    /// The last error (redacted when it was recorded).
+    pub last_error: Option<String>,
+    /// Unix milliseconds: stored, and dead.
+    pub created_ms: i64,
+    /// Unix milliseconds it died.
+    pub dead_ms: i64,
 }
 
 // === impl Store ===
 
 impl Store {
     /// Opens (creating if needed) and migrates the database, and sets the gauges.
-    pub(crate) async fn open(path: &Path, gauges: StoreGauges) -> Result<Self, StoreError> {
+    pub(crate) async fn open(
+        path: &Path,
+        synchronous: Synchronous,
+        gauges: StoreGauges,
+    ) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
-        let conn = tokio::task::spawn_blocking(move || open_blocking(&path))
+        let conn = tokio::task::spawn_blocking(move || open_blocking(&path, synchronous))
             .await
             .map_err(|err| StoreError::Task(err.to_string()))??;
         let store = Self {
@@ -285,7 +459,283 @@ impl Store {
             let counts = counts_blocking(conn)?;
             gauges.pending.set(to_i64(counts.undelivered()));
             gauges.dead.set(to_i64(counts.dead));
+            gauges
+                .oldest_open_ms
+                .store(oldest_open_blocking(conn)?.unwrap_or(0), Ordering::Relaxed);
             Ok(res)
+        })
+        .await
+    }
+
+    /// Whether the previous run stopped cleanly, then marks this run as running (a kill from
+    /// now on leaves the marker cleared). A new store counts as clean; an older store without
+    /// a marker counts as clean only when it holds no messages.
+    pub(crate) async fn begin_run(&self) -> Result<bool, StoreError> {
+        self.call(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let marker: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    params![CLEAN_STOP],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let clean = match marker.as_deref() {
+                Some(value) => value == "1",
+                None => !tx.query_row("SELECT EXISTS (SELECT 1 FROM messages)", [], |row| {
+                    row.get::<_, bool>(0)
+                })?,
+            };
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, '0') \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![CLEAN_STOP],
+            )?;
+            tx.commit()?;
+            Ok(clean)
+        })
+        .await
+    }
+
+    /// Marks the run as stopped cleanly: nothing taken from an instance was left unstored.
+    pub(crate) async fn mark_clean_stop(&self) -> Result<(), StoreError> {
+        self.call(|conn| {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, '1') \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![CLEAN_STOP],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// An instance's stored chat table and upstream session.
+    pub(crate) async fn load_listener(
+        &self,
+        instance_id: String,
+    ) -> Result<(Vec<StoredChat>, UpstreamSession), StoreError> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT chat, active, fixed, added_ms, last_message_ms, message_count, \
+                 error_count FROM chats WHERE instance_id = ?1 ORDER BY chat",
+            )?;
+            let chats = stmt
+                .query_map(params![instance_id], |row| {
+                    Ok(StoredChat {
+                        chat: row.get(0)?,
+                        active: row.get(1)?,
+                        fixed: row.get(2)?,
+                        added_ms: row.get(3)?,
+                        last_message_ms: row.get(4)?,
+                        message_count: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
+                        error_count: row.get::<_, i64>(6)?.try_into().unwrap_or(0),
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let session = conn
+                .query_row(
+                    "SELECT epoch, started_ms FROM upstream_sessions WHERE instance_id = ?1",
+                    params![instance_id],
+                    |row| {
+                        Ok(UpstreamSession {
+                            epoch: row.get(0)?,
+                            started_ms: row.get(1)?,
+                        })
+                    },
+                )
+                .optional()?
+                .unwrap_or_default();
+            Ok((chats, session))
+        })
+        .await
+    }
+
+    /// Replaces an instance's chat table in one transaction.
+    pub(crate) async fn save_chats(
+        &self,
+        instance_id: String,
+        chats: Vec<StoredChat>,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "DELETE FROM chats WHERE instance_id = ?1",
+                params![instance_id],
+            )?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO chats (instance_id, chat, active, fixed, added_ms, \
+                     last_message_ms, message_count, error_count) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for chat in &chats {
+                    stmt.execute(params![
+                        instance_id,
+                        chat.chat,
+                        chat.active,
+                        chat.fixed,
+                        chat.added_ms,
+                        chat.last_message_ms,
+                        to_i64(chat.message_count),
+                        to_i64(chat.error_count),
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stores an instance's upstream session.
+    pub(crate) async fn save_session(
+        &self,
+        instance_id: String,
+        session: UpstreamSession,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO upstream_sessions (instance_id, epoch, started_ms, updated_ms) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (instance_id) DO UPDATE SET \
+                 epoch = excluded.epoch, started_ms = excluded.started_ms, \
+                 updated_ms = excluded.updated_ms",
+                params![instance_id, session.epoch, session.started_ms, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Which of `ids` are stored for the chat in `epoch`, and the chat's newest stored
+    /// messages (any epoch), oldest first.
+    pub(crate) async fn chat_history(
+        &self,
+        instance_id: String,
+        chat: String,
+        epoch: u32,
+        ids: Vec<String>,
+    ) -> Result<ChatHistory, StoreError> {
+        self.call(move |conn| {
+            let mut known_ids = Vec::new();
+            {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM messages \
+                     WHERE instance_id = ?1 AND epoch = ?2 AND message_id = ?3)",
+                )?;
+                for id in ids {
+                    if stmt
+                        .query_row(params![instance_id, epoch, id], |row| row.get::<_, bool>(0))?
+                    {
+                        known_ids.push(id);
+                    }
+                }
+            }
+            let mut stmt = conn.prepare_cached(
+                "SELECT sender, content FROM messages WHERE instance_id = ?1 AND chat = ?2 \
+                 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let mut tail = stmt
+                .query_map(
+                    params![instance_id, chat, i64::try_from(HISTORY_TAIL).unwrap_or(50)],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?
+                .collect::<Result<Vec<(String, String)>, _>>()?;
+            tail.reverse();
+            Ok(ChatHistory { known_ids, tail })
+        })
+        .await
+    }
+
+    /// The oldest dead letters first, at most `limit`.
+    pub(crate) async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, instance_id, message_id, epoch, chat, platform_id, attempts, \
+                 reply_attempts, reply_text IS NOT NULL, last_error, created_ms, \
+                 COALESCE(dead_ms, updated_ms) FROM messages WHERE state = 'dead' \
+                 ORDER BY id LIMIT ?1",
+            )?;
+            let rows = stmt
+                .query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+                    let instance_id: String = row.get(1)?;
+                    let message_id: String = row.get(2)?;
+                    let epoch: u32 = row.get(3)?;
+                    let key = InboundMessage {
+                        instance_id: instance_id.clone(),
+                        message_id: message_id.clone(),
+                        epoch,
+                        ..InboundMessage::default()
+                    }
+                    .idempotency_key();
+                    Ok(DeadLetter {
+                        id: row.get(0)?,
+                        instance_id,
+                        message_id,
+                        key,
+                        chat: row.get(4)?,
+                        platform_id: row.get(5)?,
+                        attempts: row.get(6)?,
+                        reply_attempts: row.get(7)?,
+                        reply_pending: row.get(8)?,
+                        last_error: row.get(9)?,
+                        created_ms: row.get(10)?,
+                        dead_ms: row.get(11)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Puts dead rows (all, or those of `ids`) back in the queue with fresh attempt budgets:
+    /// a row whose platform already answered only re-sends its reply (`reply_pending`), any
+    /// other is delivered to its platform again (`pending`). Returns how many.
+    pub(crate) async fn retry_dead(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let sql = "UPDATE messages SET \
+                 state = CASE WHEN reply_text IS NOT NULL THEN 'reply_pending' ELSE 'pending' END, \
+                 attempts = CASE WHEN reply_text IS NOT NULL THEN attempts ELSE 0 END, \
+                 reply_attempts = 0, next_attempt_ms = ?1, claimed_ms = NULL, dead_ms = NULL, \
+                 updated_ms = ?1 WHERE state = 'dead'";
+            let n = match ids {
+                None => tx.execute(sql, params![now])?,
+                Some(ids) => {
+                    let mut stmt = tx.prepare(&format!("{sql} AND id = ?2"))?;
+                    let mut n = 0;
+                    for id in ids {
+                        n += stmt.execute(params![now, id])?;
+                    }
+                    n
+                }
+            };
+            tx.commit()?;
+            Ok(u64::try_from(n).unwrap_or(u64::MAX))
+        })
+        .await
+    }
+
+    /// Deletes dead rows (all, or those of `ids`); returns how many.
+    pub(crate) async fn purge_dead(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let sql = "DELETE FROM messages WHERE state = 'dead'";
+            let n = match ids {
+                None => tx.execute(sql, [])?,
+                Some(ids) => {
+                    let mut stmt = tx.prepare(&format!("{sql} AND id = ?1"))?;
+                    let mut n = 0;
+                    for id in ids {
+                        n += stmt.execute(params![id])?;
+                    }
+                    n
+                }
+            };
+            tx.commit()?;
+            Ok(u64::try_from(n).unwrap_or(u64::MAX))
         })
         .await
     }
@@ -329,9 +779,10 @@ impl Store {
                 let mut stmt = tx.prepare_cached(
                     "INSERT OR IGNORE INTO messages (instance_id, message_id, synthetic_id, chat, \
                      sender, sender_remark, msg_type, mtype, content, received_ms, rule_id, \
-                     platform_id, reply_at_sender, state, next_attempt_ms, created_ms, updated_ms) \
+                     platform_id, reply_at_sender, state, next_attempt_ms, created_ms, updated_ms, \
+                     epoch) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'pending', \
-                     ?14, ?14, ?14)",
+                     ?14, ?14, ?14, ?15)",
                 )?;
                 for row in &rows {
                     let msg = &row.message;
@@ -350,6 +801,7 @@ impl Store {
                         row.platform_id,
                         row.reply_at_sender,
                         now,
+                        msg.epoch,
                     ])?;
                     if n == 1
                         && let Some(file_path) = &msg.file_path
@@ -537,13 +989,13 @@ impl Store {
         .await
     }
 
-    /// Gives up on a claimed row: → `dead`. Dead rows are kept (not pruned) for inspection
-    /// and no longer block their chat.
+    /// Gives up on a claimed row: → `dead`. Dead rows are kept for the operator (until
+    /// `storage.dead_retention_days`) and no longer block their chat.
     pub(crate) async fn mark_dead(&self, id: i64, error: String) -> Result<(), StoreError> {
         self.write(move |conn| {
             let changed = conn.execute(
                 "UPDATE messages SET state = 'dead', last_error = ?2, claimed_ms = NULL, \
-                 updated_ms = ?3 WHERE id = ?1 AND state IN ('delivering', 'replying')",
+                 updated_ms = ?3, dead_ms = ?3 WHERE id = ?1 AND state IN ('delivering', 'replying')",
                 params![id, error, now_ms()],
             )?;
             expect_one(changed, id, "mark_dead");
@@ -552,14 +1004,26 @@ impl Store {
         .await
     }
 
-    /// Deletes delivered rows delivered before `cutoff_ms`; returns how many.
-    pub(crate) async fn prune(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+    /// Deletes delivered rows delivered before `delivered_cutoff_ms` and dead rows that died
+    /// before `dead_cutoff_ms`; returns how many of each.
+    pub(crate) async fn prune(
+        &self,
+        delivered_cutoff_ms: i64,
+        dead_cutoff_ms: i64,
+    ) -> Result<(u64, u64), StoreError> {
         self.write(move |conn| {
-            let n = conn.execute(
+            let delivered = conn.execute(
                 "DELETE FROM messages WHERE state = 'delivered' AND delivered_ms < ?1",
-                params![cutoff_ms],
+                params![delivered_cutoff_ms],
             )?;
-            Ok(u64::try_from(n).unwrap_or(u64::MAX))
+            let dead = conn.execute(
+                "DELETE FROM messages WHERE state = 'dead' AND dead_ms < ?1",
+                params![dead_cutoff_ms],
+            )?;
+            Ok((
+                u64::try_from(delivered).unwrap_or(u64::MAX),
+                u64::try_from(dead).unwrap_or(u64::MAX),
+            ))
         })
         .await
     }
@@ -584,19 +1048,9 @@ impl Store {
         .await
     }
 
-    /// Row counts by state.
+    /// Row counts by state (kept by triggers: O(1), whatever the backlog).
     pub(crate) async fn counts(&self) -> Result<StoreCounts, StoreError> {
-        self.call(|conn| {
-            let mut counts = counts_blocking(conn)?;
-            counts.delivered = u64::try_from(conn.query_row(
-                "SELECT COUNT(*) FROM messages WHERE state = 'delivered'",
-                [],
-                |row| row.get::<_, i64>(0),
-            )?)
-            .unwrap_or(0);
-            Ok(counts)
-        })
-        .await
+        self.call(|conn| counts_blocking(conn)).await
     }
 
     /// The Dify conversation of a chat on a platform.
@@ -833,6 +1287,7 @@ impl Job {
                 // Kept in the `media` table; the worker loads it with the download's result.
                 file_path: None,
                 received_at: from_ms(received_ms),
+                epoch: row.get(19)?,
             },
             rule_id: row.get(11)?,
             platform_id: row.get(12)?,
@@ -855,7 +1310,7 @@ impl Job {
 
 // === helpers ===
 
-fn open_blocking(path: &Path) -> Result<Connection, StoreError> {
+fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_path_buf(),
@@ -874,11 +1329,16 @@ fn open_blocking(path: &Path) -> Result<Connection, StoreError> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::NoWal(mode));
     }
-    conn.pragma_update(None, "synchronous", "FULL")
+    conn.pragma_update(None, "synchronous", synchronous.pragma())
         .map_err(open_err)?;
-    conn.pragma_update(None, "foreign_keys", "ON")
+    // Migrations run with foreign keys off, as SQLite's procedure for rebuilding a table asks:
+    // dropping the old `messages` must not cascade into the tables that reference it. (The
+    // bundled SQLite turns them on by default, so say it.)
+    conn.pragma_update(None, "foreign_keys", "OFF")
         .map_err(open_err)?;
     migrate(&mut conn)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(open_err)?;
     Ok(conn)
 }
 
@@ -902,26 +1362,31 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The counts the triggers of schema version 2 keep: four rows, whatever the table holds.
 fn counts_blocking(conn: &Connection) -> Result<StoreCounts, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT state, reply_attempts > 0, COUNT(*) FROM messages \
-         WHERE state IN ('pending', 'delivering', 'failed', 'reply_pending', 'replying', 'dead') \
-         GROUP BY 1, 2",
-    )?;
+    let mut stmt = conn.prepare_cached("SELECT category, n FROM state_counts")?;
     let mut counts = StoreCounts::default();
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
-        let state: String = row.get(0)?;
-        let reply_retried: bool = row.get(1)?;
-        let n = u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0);
-        match state.as_str() {
-            "failed" => counts.failed += n,
-            "reply_pending" if reply_retried => counts.failed += n,
-            "dead" => counts.dead += n,
-            _ => counts.pending += n,
+        let category: String = row.get(0)?;
+        let n = u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0);
+        match category.as_str() {
+            "failed" => counts.failed = n,
+            "dead" => counts.dead = n,
+            "delivered" => counts.delivered = n,
+            _ => counts.pending = n,
         }
     }
     Ok(counts)
+}
+
+/// `created_ms` of the oldest open row (through the partial index `messages_open`).
+fn oldest_open_blocking(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT created_ms FROM messages WHERE state NOT IN ('delivered', 'dead') \
+         ORDER BY id LIMIT 1",
+    )?;
+    Ok(stmt.query_row([], |row| row.get(0)).optional()?)
 }
 
 /// Logs a transition that found its row in an unexpected state (a bug, or a row changed by
@@ -952,4 +1417,339 @@ fn from_ms(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms)
         .single()
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_message(id: &str, chat: &str, epoch: u32) -> NewMessage {
+        NewMessage {
+            message: InboundMessage {
+                instance_id: "wx".to_owned(),
+                chat: chat.to_owned(),
+                message_id: id.to_owned(),
+                msg_type: "friend".to_owned(),
+                sender: "alice".to_owned(),
+                content: format!("text {id}"),
+                epoch,
+                ..InboundMessage::default()
+            },
+            rule_id: "r".to_owned(),
+            platform_id: "p".to_owned(),
+            reply_at_sender: false,
+        }
+    }
+
+    async fn open(path: &Path) -> Store {
+        Store::open(path, Synchronous::Normal, StoreGauges::default())
+            .await
+            .expect("store opens")
+    }
+
+    /// A file written by the first release (schema version 1) keeps its rows, their states
+    /// and their dedupe, and gets correct counts from the new triggers.
+    #[tokio::test]
+    async fn version_1_files_migrate_with_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            for (id, state) in [("a", "pending"), ("b", "dead"), ("c", "delivered")] {
+                conn.execute(
+                    "INSERT INTO messages (instance_id, message_id, synthetic_id, chat, sender, \
+                     msg_type, content, received_ms, rule_id, platform_id, reply_at_sender, \
+                     state, created_ms, updated_ms) \
+                     VALUES ('wx', ?1, 0, 'c', 's', 'friend', 'x', 1, 'r', 'p', 0, ?2, 5, 7)",
+                    params![id, state],
+                )
+                .unwrap();
+            }
+        }
+        let store = open(&path).await;
+        let counts = store.counts().await.unwrap();
+        assert_eq!(
+            (counts.pending, counts.dead, counts.delivered),
+            (1, 1, 1),
+            "{counts:?}"
+        );
+        // Old rows are epoch 0: the same id again is a duplicate there, new in epoch 1.
+        let inserted = store
+            .insert_batch(vec![new_message("a", "c", 0), new_message("a", "c", 1)])
+            .await
+            .unwrap();
+        assert_eq!(inserted, vec![false, true]);
+        let dead = store.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].message_id, "b");
+        assert_eq!(
+            dead[0].dead_ms, 7,
+            "a migrated dead row died at its last update"
+        );
+    }
+
+    /// Rebuilding `messages` (step 4) keeps the rows of tables that reference it.
+    #[tokio::test]
+    async fn the_messages_rebuild_keeps_media_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for step in &MIGRATIONS[..3] {
+                conn.execute_batch(step).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute(
+                "INSERT INTO messages (id, instance_id, message_id, synthetic_id, chat, sender, \
+                 msg_type, content, received_ms, rule_id, platform_id, reply_at_sender, \
+                 created_ms, updated_ms) \
+                 VALUES (7, 'wx', 'img', 0, 'c', 's', 'friend', '', 1, 'r', 'p', 0, 5, 5)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO media (message_row, file_path, updated_ms) VALUES (7, 'C:\\a.png', 5)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = open(&path).await;
+        let media: i64 = store
+            .call(|conn| {
+                Ok(conn.query_row(
+                    "SELECT COUNT(*) FROM media JOIN messages ON messages.id = media.message_row",
+                    [],
+                    |row| row.get(0),
+                )?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(media, 1);
+    }
+
+    /// The trigger-kept counts match a full count after every kind of transition.
+    #[tokio::test]
+    async fn counts_follow_every_transition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("c.db")).await;
+        let rows: Vec<NewMessage> = (0..6)
+            .map(|n| new_message(&format!("m{n}"), &format!("chat{n}"), 0))
+            .collect();
+        store.insert_batch(rows).await.unwrap();
+        let check = |store: &Store| {
+            let store = store.clone();
+            async move {
+                let fast = store.counts().await.unwrap();
+                let slow = store
+                    .call(|conn| {
+                        let count = |sql: &str| -> Result<u64, StoreError> {
+                            Ok(conn.query_row(sql, [], |row| row.get::<_, i64>(0))? as u64)
+                        };
+                        Ok(StoreCounts {
+                            pending: count(
+                                "SELECT COUNT(*) FROM messages WHERE state IN ('pending', \
+                                 'delivering', 'replying') OR (state = 'reply_pending' AND \
+                                 reply_attempts = 0)",
+                            )?,
+                            failed: count(
+                                "SELECT COUNT(*) FROM messages WHERE state = 'failed' OR \
+                                 (state = 'reply_pending' AND reply_attempts > 0)",
+                            )?,
+                            delivered: count(
+                                "SELECT COUNT(*) FROM messages WHERE state = 'delivered'",
+                            )?,
+                            dead: count("SELECT COUNT(*) FROM messages WHERE state = 'dead'")?,
+                        })
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(fast, slow);
+                fast
+            }
+        };
+        assert_eq!(check(&store).await.pending, 6);
+        let now = now_ms();
+        let mut jobs = Vec::new();
+        while let Some(job) = store.claim(now).await.unwrap() {
+            jobs.push(job);
+        }
+        assert_eq!(jobs.len(), 6);
+        store.mark_delivered(jobs[0].id).await.unwrap();
+        store
+            .mark_retry(jobs[1].id, Stage::Platform, now + 60_000, "x".to_owned())
+            .await
+            .unwrap();
+        store
+            .store_reply(jobs[2].id, "r".to_owned(), SendMode::Normal)
+            .await
+            .unwrap();
+        store
+            .mark_retry(jobs[2].id, Stage::Reply, now + 60_000, "y".to_owned())
+            .await
+            .unwrap();
+        store.mark_dead(jobs[3].id, "z".to_owned()).await.unwrap();
+        store.mark_dead(jobs[4].id, "z".to_owned()).await.unwrap();
+        let counts = check(&store).await;
+        assert_eq!(
+            (counts.pending, counts.failed, counts.delivered, counts.dead),
+            (1, 2, 1, 2)
+        );
+        assert_eq!(store.retry_dead(Some(vec![jobs[3].id])).await.unwrap(), 1);
+        assert_eq!(check(&store).await.dead, 1);
+        assert_eq!(store.purge_dead(None).await.unwrap(), 1);
+        let counts = check(&store).await;
+        assert_eq!(counts.dead, 0);
+        let later = now_ms() + 1_000;
+        store.prune(later, later).await.unwrap();
+        assert_eq!(check(&store).await.delivered, 0);
+    }
+
+    /// A retried dead letter starts over; one whose platform already answered only re-sends
+    /// its reply (calling the platform again would answer the person twice).
+    #[tokio::test]
+    async fn retried_dead_letters_resume_where_they_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("d.db")).await;
+        store
+            .insert_batch(vec![new_message("p", "a", 0), new_message("q", "b", 0)])
+            .await
+            .unwrap();
+        let now = now_ms();
+        let first = store.claim(now).await.unwrap().unwrap();
+        let second = store.claim(now).await.unwrap().unwrap();
+        store
+            .mark_dead(first.id, "platform said 400".to_owned())
+            .await
+            .unwrap();
+        store
+            .store_reply(second.id, "hi".to_owned(), SendMode::Normal)
+            .await
+            .unwrap();
+        store
+            .mark_dead(second.id, "reply failed".to_owned())
+            .await
+            .unwrap();
+        let dead = store.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 2);
+        assert_eq!(dead[0].last_error.as_deref(), Some("platform said 400"));
+        assert!(!dead[0].reply_pending);
+        assert!(dead[1].reply_pending);
+        assert_eq!(dead[0].key, "wx:p");
+
+        assert_eq!(store.retry_dead(None).await.unwrap(), 2);
+        let now = now_ms();
+        let again: Vec<Job> = [
+            store.claim(now).await.unwrap(),
+            store.claim(now).await.unwrap(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let platform = again.iter().find(|job| job.id == first.id).unwrap();
+        assert_eq!((platform.stage, platform.attempts), (Stage::Platform, 1));
+        let reply = again.iter().find(|job| job.id == second.id).unwrap();
+        assert_eq!(reply.stage, Stage::Reply);
+        assert_eq!(reply.reply_text.as_deref(), Some("hi"));
+        assert_eq!(reply.reply_attempts, 1);
+        assert!(store.dead_letters(10).await.unwrap().is_empty());
+    }
+
+    /// The clean-stop marker: a new store is clean, a run that was not marked is not.
+    #[tokio::test]
+    async fn the_clean_stop_marker_tells_a_kill_from_a_clean_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = open(&path).await;
+        assert!(
+            store.begin_run().await.unwrap(),
+            "a new store has nothing to recover"
+        );
+        drop(store);
+        // Killed: never marked.
+        let store = open(&path).await;
+        assert!(!store.begin_run().await.unwrap());
+        store.mark_clean_stop().await.unwrap();
+        drop(store);
+        let store = open(&path).await;
+        assert!(store.begin_run().await.unwrap());
+        drop(store);
+        let store = open(&path).await;
+        assert!(
+            !store.begin_run().await.unwrap(),
+            "each run clears the marker"
+        );
+    }
+
+    #[tokio::test]
+    async fn chat_tables_sessions_and_history_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = open(&path).await;
+        let chats = vec![
+            StoredChat {
+                chat: "群 A".to_owned(),
+                active: true,
+                fixed: false,
+                added_ms: 1_000,
+                last_message_ms: Some(2_000),
+                message_count: 3,
+                error_count: 1,
+            },
+            StoredChat {
+                chat: "bob".to_owned(),
+                active: false,
+                fixed: false,
+                added_ms: 5,
+                last_message_ms: None,
+                message_count: 0,
+                error_count: 0,
+            },
+        ];
+        store
+            .save_chats("wx".to_owned(), chats.clone())
+            .await
+            .unwrap();
+        let session = UpstreamSession {
+            epoch: 3,
+            started_ms: Some(42),
+        };
+        store.save_session("wx".to_owned(), session).await.unwrap();
+        drop(store);
+        let store = open(&path).await;
+        let (loaded, loaded_session) = store.load_listener("wx".to_owned()).await.unwrap();
+        let mut expected = chats;
+        expected.sort_by(|a, b| a.chat.cmp(&b.chat));
+        assert_eq!(loaded, expected);
+        assert_eq!(loaded_session, session);
+        let (none, default) = store.load_listener("other".to_owned()).await.unwrap();
+        assert!(none.is_empty());
+        assert_eq!(default, UpstreamSession::default());
+
+        store
+            .insert_batch(vec![
+                new_message("1", "群 A", 3),
+                new_message("2", "群 A", 3),
+                new_message("3", "群 A", 2),
+            ])
+            .await
+            .unwrap();
+        let history = store
+            .chat_history(
+                "wx".to_owned(),
+                "群 A".to_owned(),
+                3,
+                vec!["1".to_owned(), "3".to_owned(), "9".to_owned()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            history.known_ids,
+            vec!["1".to_owned()],
+            "3 is of another epoch"
+        );
+        let contents: Vec<&str> = history.tail.iter().map(|(_, c)| c.as_str()).collect();
+        assert_eq!(contents, ["text 1", "text 2", "text 3"]);
+    }
 }

@@ -175,7 +175,7 @@ impl ReplySender for Replies {
         })
     }
 
-    fn send_reply(&self, reply: Reply) -> BoxFuture<'_, Result<(), ReplyError>> {
+    fn send_reply(&self, reply: Reply, _: Duration) -> BoxFuture<'_, Result<(), ReplyError>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if let Some(err) = self.failures.lock().expect("lock").pop_front() {
@@ -250,6 +250,8 @@ fn storage(path: &Path) -> StorageConfig {
     StorageConfig {
         path: path.to_path_buf(),
         retention_days: 7,
+        dead_retention_days: 30,
+        synchronous: crate::config::Synchronous::Normal,
     }
 }
 
@@ -312,6 +314,7 @@ fn msg(chat: &str, sender: &str, id: &str, content: &str) -> InboundMessage {
             .with_ymd_and_hms(2026, 11, 29, 14, 0, 0)
             .single()
             .expect("valid time"),
+        epoch: 0,
     }
 }
 
@@ -468,7 +471,7 @@ async fn webhook_request_shape_and_reply() {
     assert_eq!(
         first.body,
         json!({"instance_id": "wx1", "chat": "team", "sender": "bob", "content": "ping",
-               "message_id": "m1", "mtype": null, "received_at": "2026-11-29T14:00:00Z",
+               "message_id": "m1", "epoch": 0, "mtype": null, "received_at": "2026-11-29T14:00:00Z",
                "attempt": 1})
     );
     assert_eq!(
@@ -791,7 +794,7 @@ fn reply_survives_a_crash_without_a_second_platform_call() {
     /// Never answers: the reply stays in flight until the runtime dies.
     struct Stuck;
     impl ReplySender for Stuck {
-        fn send_reply(&self, _: Reply) -> BoxFuture<'_, Result<(), ReplyError>> {
+        fn send_reply(&self, _: Reply, _: Duration) -> BoxFuture<'_, Result<(), ReplyError>> {
             Box::pin(std::future::pending())
         }
     }
@@ -1007,17 +1010,29 @@ async fn duplicates_are_ignored_and_counted() {
         .await;
     harness.wait_state("m1", "delivered").await;
     harness.accept(vec![msg("a", "a", "m1", "x")]).await;
-    // Messages without an id get a stable synthetic one, so a re-read is a duplicate too.
+    // A person who types "1" twice gets two answers: messages without an id are never merged
+    // by their content.
     harness
         .accept(vec![msg("a", "a", "", "same"), msg("a", "a", "", "same")])
         .await;
-    eventually("both messages delivered", async || {
-        (harness.delivery.counts().await.delivered == 2).then_some(())
+    // The same upstream id in a new upstream session (WeChat or the server restarted, which
+    // reuses runtime ids) is a new message, with its own key.
+    let mut reused = msg("a", "a", "m1", "after a restart");
+    reused.epoch = 1;
+    harness.accept(vec![reused]).await;
+    eventually("all four messages delivered", async || {
+        (harness.delivery.counts().await.delivered == 4).then_some(())
     })
     .await;
-    assert_eq!(server.count(), 2);
-    assert!(server.requests()[1].message_id().starts_with("syn-"));
-    assert_eq!(harness.delivery.message_count("wx1", "a").await, 2);
+    assert_eq!(server.count(), 4);
+    let requests = server.requests();
+    assert!(requests[1].message_id().starts_with("syn-"));
+    assert!(requests[2].message_id().starts_with("syn-"));
+    assert_ne!(requests[1].message_id(), requests[2].message_id());
+    assert_eq!(requests[3].message_id(), "m1");
+    assert_eq!(requests[3].key(), "wx1:m1@1");
+    assert_eq!(requests[0].key(), "wx1:m1");
+    assert_eq!(harness.delivery.message_count("wx1", "a").await, 4);
     let counts = harness
         .delivery
         .message_counts(vec![
@@ -1025,7 +1040,7 @@ async fn duplicates_are_ignored_and_counted() {
             ("wx1".to_owned(), "nobody".to_owned()),
         ])
         .await;
-    assert_eq!(counts.get(&("wx1".to_owned(), "a".to_owned())), Some(&2));
+    assert_eq!(counts.get(&("wx1".to_owned(), "a".to_owned())), Some(&4));
     assert_eq!(
         counts.get(&("wx1".to_owned(), "nobody".to_owned())),
         Some(&0)
@@ -1034,7 +1049,7 @@ async fn duplicates_are_ignored_and_counted() {
     assert!(
         has_line(
             &metrics,
-            r#"wxauto_messages_dropped_total{instance_id="wx1",reason="duplicate"} 3"#
+            r#"wxauto_messages_dropped_total{instance_id="wx1",reason="duplicate"} 2"#
         ),
         "{metrics}"
     );
@@ -1576,15 +1591,15 @@ async fn coze_auth_failure_is_dead_at_once_and_redacted() {
 async fn a_version_1_store_is_migrated_in_place() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("v1.db");
-    let harness = Harness::start_at(&path, &delivery_config(1, 3), routing(&[], &[])).await;
-    harness.stop().await;
-    // Back to what version 1 had, with a row that must survive.
+    // A file as version 1 wrote it, with a row that must survive.
     let conn = rusqlite::Connection::open(&path).expect("open");
+    conn.execute_batch(store::VERSION_1)
+        .expect("version 1 schema");
     conn.execute_batch(
-        "DROP TABLE media; DROP TABLE sender_conversations; PRAGMA user_version = 1; \
+        "PRAGMA user_version = 1; \
          INSERT INTO conversations VALUES ('wx1', 'a', 'dify', 'conv-old', 0);",
     )
-    .expect("downgrade");
+    .expect("version 1 row");
     drop(conn);
     let harness = Harness::start_at(&path, &delivery_config(1, 3), routing(&[], &[])).await;
     let store = harness.delivery.store();

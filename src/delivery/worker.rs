@@ -240,11 +240,17 @@ async fn send_reply(inner: &Inner, job: Job) {
         at,
         mode: job.reply_mode,
     };
-    let result = match tokio::time::timeout(config.attempt_timeout, inner.replies.send_reply(reply))
+    // No timeout around the call: the router abandons a reply the instance has not started to
+    // send within the budget (so it is never sent behind our back), and once it has started
+    // the actor's request timeout bounds it. A timeout here could drop a reply that then goes
+    // out anyway, and the retry would send it twice.
+    let result = match inner
+        .replies
+        .send_reply(reply, config.attempt_timeout)
         .await
     {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(ReplyError::InstanceDown(instance))) => {
+        Ok(()) => Ok(()),
+        Err(ReplyError::InstanceDown(instance)) => {
             // WeChat restarts take minutes; the listener already recorded the outage once.
             // Wait for the instance without spending the reply's attempts or adding errors.
             let wait = config
@@ -263,20 +269,14 @@ async fn send_reply(inner: &Inner, job: Job) {
             .await;
             return;
         }
-        Ok(Err(err)) => {
+        Err(err) => {
             let kind = match &err {
                 ReplyError::NoInstance(_) | ReplyError::InstanceDown(_) => ErrorKind::Connect,
                 ReplyError::Upstream(_) => ErrorKind::ApiCode,
+                ReplyError::NotTaken(..) => ErrorKind::Timeout,
             };
             Err((kind, err.to_string()))
         }
-        Err(_) => Err((
-            ErrorKind::Timeout,
-            format!(
-                "no answer within {}",
-                humantime::format_duration(config.attempt_timeout)
-            ),
-        )),
     };
     match result {
         Ok(()) => {

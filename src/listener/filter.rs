@@ -1,11 +1,10 @@
-//! Which upstream messages are chat messages, and their stable ids.
+//! Which upstream messages are chat messages, and the ids of those upstream sent without one.
 //!
 //! The old listener also dropped any message whose *id* contained `self` or `time` as a
 //! substring; ids are opaque, so only the `type` field and the marker text are checked here.
 
 use chrono::Utc;
 
-use crate::config::fnv1a64;
 use crate::message::InboundMessage;
 use crate::wxauto::RawMessage;
 
@@ -24,12 +23,14 @@ pub enum Skip {
     Marker,
 }
 
-/// Filters one raw message of `chat`. `ordinal` is the message's position in its upstream
-/// batch; it only matters for messages without an id (see [`synthetic_id`]).
+/// Filters one raw message of `chat`. `answer` identifies the upstream answer it came in and
+/// `ordinal` its position there; both only matter for messages without an id (see
+/// [`synthetic_id`]).
 pub fn accept(
     instance_id: &str,
     chat: &str,
     raw: &RawMessage,
+    answer: u64,
     ordinal: usize,
 ) -> Result<InboundMessage, Skip> {
     if SKIPPED_TYPES
@@ -43,7 +44,7 @@ pub fn accept(
     }
     let (message_id, synthetic) = match &raw.id {
         Some(id) => (id.clone(), false),
-        None => (synthetic_id(instance_id, chat, raw, ordinal), true),
+        None => (synthetic_id(answer, ordinal), true),
     };
     Ok(InboundMessage {
         instance_id: instance_id.to_owned(),
@@ -61,6 +62,7 @@ pub fn accept(
         mtype: raw.mtype.clone(),
         file_path: raw.file_path.clone(),
         received_at: Utc::now(),
+        epoch: 0,
     })
 }
 
@@ -80,22 +82,13 @@ pub fn strip_parser_prefix<'a>(mtype: Option<&str>, content: &'a str) -> &'a str
         .map_or(content, str::trim_start)
 }
 
-/// A stable id for a message upstream sent without one.
+/// The id of a message upstream sent without one: the answer it came in and its position.
 ///
-/// It hashes what identifies the message (chat, sender, content, upstream time) plus its
-/// position in the batch, so two identical texts in one batch stay distinct, while the same
-/// message seen again (a retry after a crash) gets the same id and is deduplicated.
-pub fn synthetic_id(instance_id: &str, chat: &str, raw: &RawMessage, ordinal: usize) -> String {
-    let ordinal = ordinal.to_string();
-    let hash = fnv1a64(&[
-        instance_id.as_bytes(),
-        chat.as_bytes(),
-        raw.sender.as_bytes(),
-        raw.content.as_bytes(),
-        raw.time.as_deref().unwrap_or("").as_bytes(),
-        ordinal.as_bytes(),
-    ]);
-    format!("syn-{hash:016x}")
+/// Both reads are destructive, so no message is handed out twice by a poll; an id made from
+/// the content would merge a person's second "1" into their first. A re-read of a chat's
+/// history after a crash tells new from stored by alignment, not by these ids.
+pub fn synthetic_id(answer: u64, ordinal: usize) -> String {
+    format!("syn-{answer:016x}-{ordinal}")
 }
 
 #[cfg(test)]
@@ -132,23 +125,26 @@ mod tests {
             (raw(Some("time-42"), "friend", "what time?"), Ok(())),
         ];
         for (i, (message, expected)) in cases.iter().enumerate() {
-            let got = accept("wx", "alice", message, 0).map(drop);
+            let got = accept("wx", "alice", message, 7, 0).map(drop);
             assert_eq!(&got, expected, "case {i}");
         }
     }
 
     #[test]
-    fn synthetic_ids_are_stable_and_distinct() {
-        let message = raw(None, "friend", "hello");
-        let a = accept("wx", "alice", &message, 0).unwrap();
-        let b = accept("wx", "alice", &message, 0).unwrap();
-        let c = accept("wx", "alice", &message, 1).unwrap();
-        assert!(a.synthetic_id);
-        assert_eq!(a.message_id, b.message_id);
-        assert_ne!(a.message_id, c.message_id);
-        assert!(a.message_id.starts_with("syn-"));
-        let other_instance = accept("wx2", "alice", &message, 0).unwrap();
-        assert_ne!(a.message_id, other_instance.message_id);
+    fn synthetic_ids_tell_two_polls_and_two_positions_apart() {
+        // The same text twice, in two answers: two messages, never one deduplicated away.
+        let message = raw(None, "friend", "1");
+        let first = accept("wx", "alice", &message, 1, 0).unwrap();
+        let second = accept("wx", "alice", &message, 2, 0).unwrap();
+        let same_answer = accept("wx", "alice", &message, 1, 1).unwrap();
+        assert!(first.synthetic_id);
+        assert!(first.message_id.starts_with("syn-"));
+        assert_ne!(first.message_id, second.message_id);
+        assert_ne!(first.message_id, same_answer.message_id);
+        // An upstream id is kept as it is.
+        let with_id = accept("wx", "alice", &raw(Some("m1"), "friend", "1"), 1, 0).unwrap();
+        assert_eq!(with_id.message_id, "m1");
+        assert!(!with_id.synthetic_id);
     }
 
     #[test]

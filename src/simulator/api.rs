@@ -4,11 +4,12 @@
 //! routing (unknown routes are a 404 before any auth, as in Flask), then auth (every route but
 //! `/api/health`), then the handler, which asks `State` and renders its answer.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -27,7 +28,7 @@ const API_KEY_HEADER: &str = "x-api-key";
 
 /// The API routes, still needing the `Simulator` state.
 pub(super) fn routes(sim: &Simulator) -> Router<Simulator> {
-    let authed = Router::new()
+    let mut authed = Router::new()
         .route("/api/wechat/initialize", post(initialize))
         .route("/api/message/get-next-new", get(get_next_new))
         .route("/api/message/listen/add", post(listen_add))
@@ -35,8 +36,11 @@ pub(super) fn routes(sim: &Simulator) -> Router<Simulator> {
         .route("/api/message/listen/get", get(listen_get))
         .route("/api/chat-window/message/send", post(send))
         .route("/api/chat-window/message/send-typing", post(send_typing))
-        .route("/api/file/download", post(file_download))
-        .route_layer(middleware::from_fn_with_state(sim.clone(), require_api_key));
+        .route("/api/file/download", post(file_download));
+    if sim.inner.config.history {
+        authed = authed.route("/api/chat/get-all-messages", get(get_all_messages));
+    }
+    let authed = authed.route_layer(middleware::from_fn_with_state(sim.clone(), require_api_key));
     Router::new()
         .route("/api/health", get(health))
         .merge(authed)
@@ -110,24 +114,46 @@ async fn initialize(State(sim): State<Simulator>) -> Response {
 // query at all accepts any of them.
 async fn get_next_new(State(sim): State<Simulator>) -> Response {
     let result = sim.lock().get_next_new();
+    answer_late(&sim).await;
     envelope(result)
 }
 
+// Each generation reads its own key only, which is what breaks a client that sends one.
 async fn listen_add(State(sim): State<Simulator>, body: Bytes) -> Response {
-    let nickname = string_field(&parse_body(&body), "nickname");
-    let result = sim.lock().listen_add(nickname);
+    let key = sim.inner.config.api_generation.key();
+    let who = string_field(&parse_body(&body), key);
+    let result = sim.lock().listen_add(who);
     envelope(result)
 }
 
 async fn listen_remove(State(sim): State<Simulator>, body: Bytes) -> Response {
-    let nickname = string_field(&parse_body(&body), "nickname");
-    let result = sim.lock().listen_remove(nickname);
+    let key = sim.inner.config.api_generation.key();
+    let who = string_field(&parse_body(&body), key);
+    let result = sim.lock().listen_remove(who);
     envelope(result)
 }
 
 async fn listen_get(State(sim): State<Simulator>) -> Response {
     let result = sim.lock().listen_get();
+    answer_late(&sim).await;
     envelope(result)
+}
+
+async fn get_all_messages(
+    State(sim): State<Simulator>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let who = query.get("who").filter(|who| !who.is_empty()).cloned();
+    let result = sim.lock().get_all_messages(who);
+    envelope(result)
+}
+
+/// The read already happened (the messages are gone upstream); the answer takes its time.
+async fn answer_late(sim: &Simulator) {
+    let latency = sim.inner.config.read_latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
 }
 
 async fn send(State(sim): State<Simulator>, body: Bytes) -> Response {

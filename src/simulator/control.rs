@@ -7,6 +7,7 @@
 //! - `POST /_sim/media` `{chat, sender?, mtype, file_path?, content?, data_base64?}`: a media
 //!   message; `data_base64` makes `/api/file/download` serve those bytes for `file_path`
 //! - `POST /_sim/reset` (answers the fresh state)
+//! - `POST /_sim/restart` (a server restart: ids start over; answers the fresh state)
 //! - `GET  /_sim/state`
 
 use std::time::Duration;
@@ -74,6 +75,7 @@ pub(super) fn routes() -> Router<Simulator> {
         .route("/wechat", post(wechat))
         .route("/fault", post(fault))
         .route("/reset", post(reset))
+        .route("/restart", post(restart))
         .route("/state", get(state))
         // Its own fallback, so an unknown control path is neither faulted nor counted as an
         // API call by the API router's fallback.
@@ -182,6 +184,11 @@ async fn fault(State(sim): State<Simulator>, body: Bytes) -> Response {
 
 async fn reset(State(sim): State<Simulator>) -> Response {
     sim.reset();
+    Json(sim.snapshot()).into_response()
+}
+
+async fn restart(State(sim): State<Simulator>) -> Response {
+    sim.restart();
     Json(sim.snapshot()).into_response()
 }
 

@@ -14,6 +14,9 @@ use super::{Fault, ListenAction, ListenEvent, SentMessage, SimSnapshot};
 /// The content of the marker wxauto puts in front of a batch of new messages.
 pub(super) const NEW_MESSAGES_MARKER: &str = "以下为新消息";
 
+/// Messages of a chat's history that `get-all-messages` shows (its window's visible part).
+const HISTORY_WINDOW: usize = 200;
+
 /// Bodies returned by `Fault::Garbage`, in turn: not JSON at all, then JSON cut off mid-body.
 const GARBAGE_BODIES: [&str; 2] = [
     "<html>oops",
@@ -67,6 +70,9 @@ pub(super) struct State {
     caches: HashMap<String, Vec<Value>>,
     /// Unread main-window messages of all chats, oldest first.
     main: VecDeque<Unread>,
+    /// Every chat's visible history (what its window shows, our own messages included),
+    /// oldest first; WeChat keeps it across restarts of the server.
+    history: HashMap<String, VecDeque<Value>>,
     sent: Vec<SentMessage>,
     calls: BTreeMap<String, u64>,
     listen_log: Vec<ListenEvent>,
@@ -113,6 +119,7 @@ impl State {
             listened: Vec::new(),
             caches: HashMap::new(),
             main: VecDeque::new(),
+            history: HashMap::new(),
             sent: Vec::new(),
             calls: BTreeMap::new(),
             listen_log: Vec::new(),
@@ -125,6 +132,19 @@ impl State {
         *self = Self {
             id_prefix: mem::take(&mut self.id_prefix),
             next_id,
+            ..Self::new("")
+        };
+    }
+
+    /// A server restart: ids start over (UI runtime ids repeat); unread messages and chat
+    /// histories survive, as WeChat itself keeps them.
+    pub fn restart(&mut self) {
+        let main = mem::take(&mut self.main);
+        let history = mem::take(&mut self.history);
+        *self = Self {
+            id_prefix: mem::take(&mut self.id_prefix),
+            main,
+            history,
             ..Self::new("")
         };
     }
@@ -187,6 +207,11 @@ impl State {
     /// A listened chat's messages go to its listen window's cache; every other chat's wait
     /// unread in the main window.
     fn queue(&mut self, chat: &str, message: Value) {
+        let history = self.history.entry(chat.to_owned()).or_default();
+        history.push_back(message.clone());
+        while history.len() > HISTORY_WINDOW {
+            history.pop_front();
+        }
         match self.caches.get_mut(chat) {
             Some(cache) => cache.push(message),
             None => self.main.push_back(Unread {
@@ -279,6 +304,26 @@ impl State {
             nickname: nickname.clone(),
         });
         Ok(json!({ "nickname": nickname, "library": "wxauto" }))
+    }
+
+    /// Non-destructive: the visible history of a listened chat's window. Like the real server,
+    /// a chat that is not listened is a 404 with code 3001.
+    pub fn get_all_messages(&mut self, who: Option<String>) -> Result<Value, WxError> {
+        self.ensure_ready()?;
+        let who = who.ok_or_else(WxError::missing_params)?;
+        if !self.caches.contains_key(&who) {
+            return Err(WxError::new(
+                StatusCode::NOT_FOUND,
+                3001,
+                format!("获取消息失败: {who} 未在监听列表中"),
+            ));
+        }
+        let messages: Vec<Value> = self
+            .history
+            .get(&who)
+            .map(|history| history.iter().cloned().collect())
+            .unwrap_or_default();
+        Ok(json!({ "who": who, "messages": messages }))
     }
 
     /// Destructive: hands out, and forgets, the cache of the first listened chat that has any.

@@ -33,6 +33,7 @@ async fn start() -> Harness {
         api_key: KEY.to_owned(),
         name: "test".to_owned(),
         flaky: false,
+        ..SimConfig::default()
     })
     .await
 }
@@ -639,6 +640,7 @@ async fn flaky_fails_some_calls_but_not_all() {
         api_key: KEY.to_owned(),
         name: "flaky".to_owned(),
         flaky: true,
+        ..SimConfig::default()
     })
     .await;
     let mut failures = 0;

@@ -132,6 +132,18 @@ pub fn parse_batches(data: &Value) -> Result<Vec<ChatBatch>, String> {
     Ok(batches)
 }
 
+/// Parses the history answer `{who, messages: [msg, ...]}` of `get-all-messages`.
+pub fn parse_history(data: &Value) -> Result<Vec<RawMessage>, String> {
+    match data.get("messages") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(list)) => list.iter().map(parse_message).collect(),
+        Some(other) => Err(format!(
+            "`messages` is {}, expected a list",
+            type_name(other)
+        )),
+    }
+}
+
 fn parse_message(value: &Value) -> Result<RawMessage, String> {
     let Value::Object(object) = value else {
         return Err(format!(

@@ -13,7 +13,7 @@ use super::routing;
 use crate::config::{
     BackoffConfig, Config, ConfigSource, DEFAULT_LISTEN, DeliveryConfig, FixedListener,
     HealthConfig, HttpLimits, InstanceConfig, InstanceSelector, ListenerConfig, LogFormat,
-    LoggingConfig, MediaConfig, ServerConfig, StorageConfig,
+    LoggingConfig, MediaConfig, ServerConfig, StorageConfig, Synchronous,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -65,7 +65,12 @@ const LOGGING_KEYS: &[&str] = &[
     "format",
     "redact_chat_names",
 ];
-const STORAGE_KEYS: &[&str] = &["path", "retention_days"];
+const STORAGE_KEYS: &[&str] = &[
+    "path",
+    "retention_days",
+    "dead_retention_days",
+    "synchronous",
+];
 const MEDIA_KEYS: &[&str] = &["download", "dir", "max_bytes", "retention_days"];
 
 const fn secs(n: u64) -> Duration {
@@ -355,11 +360,36 @@ fn storage(ctx: &mut Ctx<'_>, node: Option<&Node>) -> StorageConfig {
         return StorageConfig {
             path: PathBuf::from(PATH),
             retention_days: 7,
+            dead_retention_days: 30,
+            synchronous: Synchronous::Normal,
         };
+    };
+    // Bounded so that `days × 86 400 000` ms can never overflow the store's clock arithmetic.
+    let days = IntRange::between(1, 36_500);
+    let synchronous = match fields.get("synchronous") {
+        Some(node) => synchronous(ctx, node, &fields.path_of("synchronous")),
+        None => Synchronous::Normal,
     };
     StorageConfig {
         path: PathBuf::from(fields.string_or(ctx, "path", PATH)),
-        retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
+        retention_days: to_u32(fields.int_or(ctx, "retention_days", days, 7)),
+        dead_retention_days: to_u32(fields.int_or(ctx, "dead_retention_days", days, 30)),
+        synchronous,
+    }
+}
+
+fn synchronous(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Synchronous {
+    let Some(text) = ctx.string(node, path) else {
+        return Synchronous::Normal;
+    };
+    match text.trim() {
+        "normal" => Synchronous::Normal,
+        "full" => Synchronous::Full,
+        _ => {
+            let message = format!("unknown synchronous mode {text:?}; expected normal or full");
+            ctx.error(node, path, message);
+            Synchronous::Normal
+        }
     }
 }
 

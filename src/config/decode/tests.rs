@@ -607,7 +607,7 @@ fn section_value_errors() {
     );
     check(
         &with_empty_instances("storage:\n  retention_days: 99999999999\n"),
-        &["3:19: storage.retention_days: must be at most 4294967295, got 99999999999"],
+        &["3:19: storage.retention_days: must be between 1 and 36500, got 99999999999"],
     );
 }
 

@@ -76,7 +76,7 @@ impl Webhook {
             .map_err(|err| PlatformError::permanent(ErrorKind::HttpStatus, err))?;
         // Ours win over configured headers of the same name.
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let key = idempotency_key(msg);
+        let key = msg.idempotency_key();
         let key = HeaderValue::from_str(&key).map_err(|_| {
             PlatformError::permanent(
                 ErrorKind::HttpStatus,
@@ -109,11 +109,6 @@ impl Webhook {
     }
 }
 
-/// `<instance_id>:<message_id>`.
-pub(crate) fn idempotency_key(msg: &InboundMessage) -> String {
-    format!("{}:{}", msg.instance_id, msg.message_id)
-}
-
 /// The documented body (docs/reference.md, "The webhook request").
 fn body(msg: &InboundMessage, attempt: u32) -> serde_json::Value {
     serde_json::json!({
@@ -122,6 +117,7 @@ fn body(msg: &InboundMessage, attempt: u32) -> serde_json::Value {
         "sender": msg.sender,
         "content": msg.content,
         "message_id": msg.message_id,
+        "epoch": msg.epoch,
         "mtype": msg.mtype,
         "received_at": msg.received_at.to_rfc3339_opts(SecondsFormat::Secs, true),
         "attempt": attempt,

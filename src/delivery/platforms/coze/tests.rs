@@ -267,13 +267,18 @@ fn msg(chat: &str, sender: &str, id: &str, content: &str) -> InboundMessage {
             .with_ymd_and_hms(2026, 12, 1, 9, 0, 0)
             .single()
             .expect("valid time"),
+        epoch: 0,
     }
 }
 
 async fn store(path: &Path) -> Store {
-    Store::open(path, StoreGauges::default())
-        .await
-        .expect("store opens")
+    Store::open(
+        path,
+        crate::config::Synchronous::Normal,
+        StoreGauges::default(),
+    )
+    .await
+    .expect("store opens")
 }
 
 async fn deliver(
