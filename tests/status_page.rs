@@ -292,3 +292,52 @@ async fn chromium_renders_score_instances_and_chinese_chat_names_with_and_withou
     assert!(dom.contains(" UTC</time>"), "server-rendered times are UTC");
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_banner_names_the_status_page_and_its_open_lifecycle() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["demo", "--listen", &addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut banner = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let done = line.contains("Serving metrics and the monitor API.");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+        banner
+    })
+    .await
+    .unwrap();
+    let page = http_client()
+        .get(format!("http://{addr}/"))
+        .header("accept", BROWSER_ACCEPT)
+        .send()
+        .await
+        .map(|response| response.status());
+    let _ = child.kill();
+    let _ = child.wait();
+    let banner = banner.join("\n");
+    assert!(
+        banner.contains(&format!("status page      http://{addr}/")),
+        "{banner}"
+    );
+    assert!(
+        banner.contains("lifecycle        ENABLED for the demo")
+            && banner.contains("/-/reload, /api/v1/reload and /api/v1/restart"),
+        "{banner}"
+    );
+    assert_eq!(page.unwrap(), 200);
+}

@@ -1334,3 +1334,17 @@ fn without_secrets_references_are_checked_but_nothing_is_read() {
     assert!(messages[1].contains("missing API key"), "{messages:#?}");
     assert!(messages[2].contains("unknown platform"), "{messages:#?}");
 }
+
+#[test]
+fn coze_api_base_credentials_are_warned_about_not_kept() {
+    let loaded = valid(
+        "instances: []\nplatforms:\n  - id: c\n    type: coze\n    api_base: https://me:coze-pass-Xy12@api.coze.com\n    api_key_env: WX_KEY\n    bot_id: b\n",
+    );
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    assert!(
+        loaded.warnings[0].contains("platforms[0].api_base: the user:password@ part"),
+        "{:?}",
+        loaded.warnings
+    );
+    assert!(!loaded.warnings[0].contains("coze-pass-Xy12"));
+}
