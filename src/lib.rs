@@ -3,7 +3,7 @@
 //! Code map (see ARCHITECTURE.md): `config` (YAML → validated `Config`, watcher), `wxauto`
 //! (the upstream client), `listener` (one actor per instance), `supervisor` (the control loop),
 //! `monitor` (errors, counters, health score, JSON documents), `metrics` (Prometheus registry),
-//! `http` (endpoints), `import_mgt` (WXAUTO-MGT database → config), `simulator` (a fake wxauto server), `service` (Windows service mode), `app` (wiring), `logging`, `shutdown`.
+//! `http` (endpoints), `dead_cli` (the `dead` command), `import_mgt` (WXAUTO-MGT database → config), `simulator` (a fake wxauto server), `service` (Windows service mode), `app` (wiring), `logging`, `shutdown`.
 // `deny`, not `forbid`: the Windows service entry point (`service::scm`) allows the one unsafe
 // block that windows-service's `define_windows_service!` expands to.
 #![deny(unsafe_code)]
@@ -12,6 +12,7 @@
 pub mod app;
 pub mod backoff;
 pub mod config;
+pub mod dead_cli;
 pub mod delivery;
 pub mod http;
 pub mod import_mgt;
