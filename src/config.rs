@@ -5,6 +5,7 @@
 
 mod decode;
 mod diff;
+mod process;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -18,7 +19,8 @@ use crate::secret::Secret;
 pub use decode::{
     ConfigError, ConfigErrors, Loaded, check_file_without_secrets, decode, load_file,
 };
-pub use diff::{ConfigDiff, InstanceChange};
+pub use diff::{ConfigDiff, InstanceChange, ProcessChange, process_changes};
+pub use process::{CrashLoopConfig, ProcessConfig, RestartPolicy, StopSignal};
 
 /// The default `server.listen` address (docs/reference.md, "Names").
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8907";
@@ -48,6 +50,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `media:` section.
     pub media: MediaConfig,
+    /// `processes:`, in file order, names unique.
+    pub processes: Vec<ProcessConfig>,
     /// Where the config came from and its content hash.
     pub source: ConfigSource,
 }

@@ -3,10 +3,13 @@
 //! Code map (see ARCHITECTURE.md): `config` (YAML → validated `Config`, watcher), `wxauto`
 //! (the upstream client), `listener` (one actor per instance), `supervisor` (the control loop),
 //! `monitor` (errors, counters, health score, JSON documents), `metrics` (Prometheus registry),
-//! `http` (endpoints), `dead_cli` (the `dead` command), `import_mgt` (WXAUTO-MGT database → config), `simulator` (a fake wxauto server), `service` (Windows service mode), `app` (wiring), `logging`, `shutdown`.
-// `deny`, not `forbid`: the Windows service entry point (`service::scm`) allows the one unsafe
-// block that windows-service's `define_windows_service!` expands to.
-#![deny(unsafe_code)]
+//! `http` (endpoints), `dead_cli` (the `dead` command), `import_mgt` (WXAUTO-MGT database →
+//! config), `process` (supervised external programs), `service` (Windows service mode),
+//! `simulator` (a fake wxauto server), `app` (wiring), `logging`, `shutdown`.
+// No unsafe code, except on Windows: the Win32 Job Object calls in `process/windows.rs`, and the
+// callback windows-service's `define_windows_service!` expands to in `service::scm`.
+#![cfg_attr(not(windows), forbid(unsafe_code))]
+#![cfg_attr(windows, deny(unsafe_code))]
 #![warn(missing_docs)]
 
 pub mod app;
@@ -21,6 +24,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod monitor;
+pub mod process;
 pub mod secret;
 pub mod service;
 pub mod shutdown;

@@ -11,6 +11,8 @@ mod import_mgt;
 mod listener;
 mod logging;
 mod media;
+#[cfg(target_os = "linux")]
+mod processes;
 mod reload;
 mod security;
 mod status_page;
