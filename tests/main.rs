@@ -13,6 +13,7 @@ mod logging;
 mod media;
 #[cfg(target_os = "linux")]
 mod processes;
+mod recovery;
 mod reload;
 mod security;
 mod status_page;
