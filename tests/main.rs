@@ -4,8 +4,8 @@ mod util;
 
 mod binary;
 mod cli;
-mod consistency;
 mod config_notifier_integration;
+mod consistency;
 mod delivery;
 mod http;
 mod import_mgt;
