@@ -7,6 +7,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The longest accepted duration: a year.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 use super::ConfigError;
 use super::node::{Node, NodeKind};
 
@@ -24,6 +27,9 @@ pub(super) struct Ctx<'a> {
     pub(super) warnings: Vec<String>,
     /// Key files read so far, in first-reference order, with their bytes (for the hash).
     pub(super) key_files: Vec<(PathBuf, Vec<u8>)>,
+    /// Read environment variables and key files for secrets; `false` for `check-config
+    /// --no-secrets`, where only the references are checked and placeholders stand in.
+    pub(super) resolve_secrets: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -41,6 +47,7 @@ impl<'a> Ctx<'a> {
             errors: Vec::new(),
             warnings: Vec::new(),
             key_files: Vec::new(),
+            resolve_secrets: true,
         }
     }
 
@@ -186,6 +193,11 @@ impl<'a> Ctx<'a> {
         match humantime::parse_duration(text.trim()) {
             Ok(duration) if duration.is_zero() => {
                 self.error(node, path, "must be greater than zero");
+                None
+            }
+            // Far beyond any useful setting, and far inside what timers and clocks can add.
+            Ok(duration) if duration > MAX_DURATION => {
+                self.error(node, path, "must be at most 365d");
                 None
             }
             Ok(duration) => Some(duration),

@@ -594,7 +594,7 @@ fn section_value_errors() {
         ),
         &[
             "3:10: logging.level: invalid log filter \"a=b=c\": error parsing level filter: expected one of \"off\", \"error\", \"warn\", \"info\", \"debug\", \"trace\", or a number 0-5",
-            "4:19: logging.retention_days: must be at least 1, got 0",
+            "4:19: logging.retention_days: must be between 1 and 36500, got 0",
             "5:16: logging.file_prefix: must be a file name prefix, not a path (use logging.dir)",
         ],
     );
@@ -1208,7 +1208,7 @@ fn media_section_defaults_values_and_errors() {
         &[
             "3:13: media.download: expected true or false, found a string",
             "4:14: media.max_bytes: must be at least 1, got 0",
-            "5:19: media.retention_days: must be at least 1, got 0",
+            "5:19: media.retention_days: must be between 1 and 36500, got 0",
             "6:3: media.size: unknown key \"size\"; allowed keys: download, dir, max_bytes, retention_days",
         ],
     );
@@ -1296,6 +1296,43 @@ fn coze_platform_errors() {
             "7:30: platforms[0].continuous_conversation: expected true or false, found a string",
         ],
     );
+}
+
+#[test]
+fn a_key_file_saved_by_a_windows_editor_loses_its_bom_and_crlf() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(dir.path().join("wx.key"), "\u{feff}key-from-notepad\r\n").expect("write");
+    let text = "instances:\n  - id: a\n    base_url: http://h\n    api_key_file: wx.key\n";
+    let loaded = decode(text, Some(&config_path), &env).expect("valid");
+    assert_eq!(
+        loaded.config.instances[0].api_key.expose(),
+        "key-from-notepad"
+    );
+}
+
+#[test]
+fn without_secrets_references_are_checked_but_nothing_is_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(
+        &config_path,
+        "instances:\n  - id: a\n    base_url: http://h\n    api_key_file: missing.key\n  - id: b\n    base_url: http://h\n    api_key_env: NOT_SET_ANYWHERE\n",
+    )
+    .expect("write");
+    assert!(check_file_without_secrets(&config_path).is_ok());
+    // A reference to nothing is still an error, and so is a missing key source.
+    std::fs::write(
+        &config_path,
+        "instances:\n  - id: a\n    base_url: http://h\n    api_key_env: \"\"\n  - id: b\n    base_url: http://h\nrules:\n  - id: r\n    platform: nowhere\n",
+    )
+    .expect("write");
+    let errors = check_file_without_secrets(&config_path).expect_err("invalid");
+    let messages: Vec<String> = errors.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(messages.len(), 3, "{messages:#?}");
+    assert!(messages[0].contains("api_key_env"), "{messages:#?}");
+    assert!(messages[1].contains("missing API key"), "{messages:#?}");
+    assert!(messages[2].contains("unknown platform"), "{messages:#?}");
 }
 
 #[test]
