@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub watch_poll: bool,
     /// Where messages go instead of the default (embedding and tests).
     pub sink: Option<Arc<dyn MessageSink>>,
+    /// `--web.config.file`, overriding `server.web_config_file`.
+    pub web_config_file: Option<std::path::PathBuf>,
     /// The live log filter, swapped when `logging.level` changes on a reload. `None` when the
     /// level is fixed (a `--log-level` on the command line wins over the file).
     pub log_level: Option<crate::logging::LevelHandle>,
@@ -57,6 +59,7 @@ impl RunOptions {
             watch_poll: false,
             sink: None,
             log_level: None,
+            web_config_file: None,
         }
     }
 }
@@ -82,6 +85,9 @@ pub enum RunError {
     /// The message store could not be opened.
     #[error("cannot open the message store: {0}")]
     Store(#[source] crate::delivery::StoreError),
+    /// The web config file is invalid.
+    #[error("{0}")]
+    WebConfig(#[source] http::web_config::WebConfigError),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
@@ -121,6 +127,23 @@ pub async fn run(
 
     let addr = options.listen.unwrap_or(config.server.listen);
     let http_limits = config.server.limits;
+    let web_failures = prometheus_client::metrics::counter::Counter::default();
+    registry.register(
+        "wxauto_web_config_reload_failures",
+        "Web config files that could not be applied (the previous one stayed active)",
+        web_failures.clone(),
+    );
+    let web_config = match options
+        .web_config_file
+        .clone()
+        .or_else(|| config.server.web_config_file.clone())
+    {
+        Some(path) => Some(
+            http::web_config::WebConfigHandle::load(&path, web_failures, config.server.open_probes)
+                .map_err(RunError::WebConfig)?,
+        ),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| RunError::Bind { addr, source })?;
@@ -283,6 +306,7 @@ pub async fn run(
         http_stop.clone(),
         options.grace,
         http_limits,
+        web_config,
     ));
 
     shutdown.cancelled().await;
@@ -483,20 +507,75 @@ pub fn builtin_loader(text: String, env: Vec<(String, String)>) -> ConfigLoader 
 
 /// `wxauto-sidecar health --url`: prints a short report; returns the exit code.
 pub async fn health_command(url: &str) -> i32 {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    health_command_with(url, &HttpAccess::default()).await
+}
+
+/// How the CLI reaches a sidecar behind a web config: `--ca-file`, `--user`/`--password-file`.
+#[derive(Debug, Clone, Default)]
+pub struct HttpAccess {
+    /// The CA of the sidecar's certificate (PEM).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Basic-auth user.
+    pub user: Option<String>,
+    /// The file holding the basic-auth password.
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+impl HttpAccess {
+    /// A client trusting `ca_file` (only it, when given), and the basic-auth password.
+    pub fn client(&self) -> Result<(reqwest::Client, Option<crate::secret::Secret>), String> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .no_proxy();
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|error| format!("{}: not a PEM certificate: {error}", path.display()))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let password = match &self.password_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+                Some(crate::secret::Secret::new(
+                    text.trim_end_matches(['\r', '\n']),
+                ))
+            }
+            None => None,
+        };
+        let client = builder
+            .build()
+            .map_err(|error| format!("cannot build an HTTP client: {error}"))?;
+        Ok((client, password))
+    }
+
+    /// `request` with basic auth when a user is given.
+    pub fn authorize(
+        &self,
+        request: reqwest::RequestBuilder,
+        password: Option<&crate::secret::Secret>,
+    ) -> reqwest::RequestBuilder {
+        match (&self.user, password) {
+            (Some(user), Some(password)) => request.basic_auth(user, Some(password.expose())),
+            _ => request,
+        }
+    }
+}
+
+/// `health` with TLS and basic-auth options.
+pub async fn health_command_with(url: &str, access: &HttpAccess) -> i32 {
     let url = format!("{}/api/v1/health", url.trim_end_matches('/'));
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .no_proxy()
-        .build()
-    {
+    let (client, password) = match access.client() {
         Ok(client) => client,
         Err(error) => {
-            eprintln!("critical: cannot build an HTTP client: {error}");
+            eprintln!("critical: {error}");
             return 2;
         }
     };
-    let body: serde_json::Value = match client.get(&url).send().await {
+    let request = access.authorize(client.get(&url), password.as_ref());
+    let body: serde_json::Value = match request.send().await {
         Ok(response) => match response.json().await {
             Ok(body) => body,
             Err(error) => {

@@ -72,6 +72,11 @@ pub struct ServerConfig {
     /// `server.header_read_timeout`, `idle_timeout`, `max_connections`,
     /// `max_request_body_bytes`: what a slow or hostile client can hold.
     pub limits: HttpLimits,
+    /// `server.web_config_file`: TLS, basic auth and headers (exporter-toolkit format),
+    /// resolved against the config file's directory. `--web.config.file` wins.
+    pub web_config_file: Option<PathBuf>,
+    /// `server.open_probes`: `/-/healthy` and `/-/ready` answer without basic auth.
+    pub open_probes: bool,
 }
 
 /// The HTTP server's limits (read at start; a change needs a restart).

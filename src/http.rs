@@ -11,6 +11,7 @@
 mod api;
 mod serve;
 mod status_page;
+pub mod web_config;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -199,6 +200,7 @@ pub async fn serve(
     shutdown: tokio_util::sync::CancellationToken,
     grace: Duration,
     limits: crate::config::HttpLimits,
+    web: Option<Arc<web_config::WebConfigHandle>>,
 ) -> std::io::Result<()> {
-    serve::serve(listener, router, shutdown, grace, limits).await
+    serve::serve(listener, router, shutdown, grace, limits, web).await
 }

@@ -53,6 +53,15 @@ enum Command {
         /// Base URL of the sidecar.
         #[arg(long, default_value = "http://127.0.0.1:8907")]
         url: String,
+        /// PEM file of the CA that signed the sidecar's certificate (for an https URL).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Basic-auth user.
+        #[arg(long, requires = "password_file")]
+        user: Option<String>,
+        /// File holding the basic-auth password (one line).
+        #[arg(long, value_name = "FILE", requires = "user")]
+        password_file: Option<PathBuf>,
     },
     /// A standalone wxauto HTTP API simulator.
     Simulate {
@@ -119,6 +128,9 @@ struct RunArgs {
     /// Allow POST /-/reload, /api/v1/reload and /api/v1/restart.
     #[arg(long)]
     enable_lifecycle: bool,
+    /// Web config file (TLS, basic auth, headers; overrides `server.web_config_file`).
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    web_config_file: Option<PathBuf>,
     /// How to watch the config file: `native` filesystem events (with a scan fallback), or
     /// `poll` (scan every 2 s) for network drives, WSL paths and filesystems without events.
     #[arg(long, value_enum, default_value_t = WatchMode::Native)]
@@ -151,8 +163,18 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => runtime.block_on(run(args)),
         Some(Command::Demo { listen }) => runtime.block_on(demo(listen)),
         Some(Command::CheckConfig { config }) => check_config(&config),
-        Some(Command::Health { url }) => {
-            let code = runtime.block_on(app::health_command(&url));
+        Some(Command::Health {
+            url,
+            ca_file,
+            user,
+            password_file,
+        }) => {
+            let access = app::HttpAccess {
+                ca_file,
+                user,
+                password_file,
+            };
+            let code = runtime.block_on(app::health_command_with(&url, &access));
             ExitCode::from(u8::try_from(code).unwrap_or(EXIT_RUNTIME))
         }
         Some(Command::Simulate {
@@ -318,6 +340,7 @@ async fn run(args: RunArgs) -> ExitCode {
     let options = RunOptions {
         listen: args.listen,
         enable_lifecycle: args.enable_lifecycle,
+        web_config_file: args.web_config_file,
         watch_poll: args.watch == WatchMode::Poll,
         // `--log-level` wins over the file, on reloads too.
         log_level: args.log_level.is_none().then(|| guard.level.clone()),

@@ -280,6 +280,7 @@ async fn start(sim: &Sim, platforms: &str, max_bytes: u64) -> Sidecar {
         watch_poll: false,
         sink: None,
         log_level: None,
+        web_config_file: None,
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -428,3 +428,217 @@ async fn connections_over_the_cap_are_refused_at_once_and_bodies_are_capped() {
     assert_eq!(small.status(), 200);
     sidecar.stop().await;
 }
+
+// === web config: TLS, basic auth, headers ===
+
+/// A CA and a server certificate for 127.0.0.1/localhost, as PEM files in `dir`.
+fn write_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wxauto test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let (ca_file, cert_file, key_file) = (
+        dir.join("ca.pem"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (ca_file, cert_file, key_file)
+}
+
+fn web_config_text(user: &str, password: &str) -> String {
+    let hash = bcrypt::hash(password, 4).unwrap();
+    format!(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  min_version: TLS12\nhttp_server_config:\n  headers:\n    Strict-Transport-Security: max-age=31536000\n    X-Frame-Options: deny\nbasic_auth_users:\n  {user}: '{hash}'\n"
+    )
+}
+
+/// `curl` as a real TLS client: the status code and the response headers.
+fn curl(url: &str, ca: &Path, user: Option<&str>) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(ca)
+        .arg("--noproxy")
+        .arg("*");
+    if let Some(user) = user {
+        command.args(["-u", user]);
+    }
+    let output = command.arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let code = text
+        .get(text.len().saturating_sub(3)..)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+#[tokio::test]
+async fn tls_and_basic_auth_work_with_real_clients_and_reload_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, _, _) = write_certificates(dir.path());
+    let web = dir.path().join("web.yml");
+    std::fs::write(&web, web_config_text("prom", "first-pass-Kx41")).unwrap();
+    let (text, env) = limits_config(&format!(
+        "  web_config_file: {}\n  open_probes: true\n",
+        web.display()
+    ));
+    let sidecar = crate::util::start_sidecar(text, env).await;
+    let base = format!("https://127.0.0.1:{}", sidecar.addr.port());
+    let metrics = format!("{base}/metrics");
+
+    // curl, a real TLS client verifying against our CA.
+    let (code, headers) = tokio::task::spawn_blocking({
+        let (metrics, ca) = (metrics.clone(), ca_file.clone());
+        move || curl(&metrics, &ca, Some("prom:first-pass-Kx41"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{headers}");
+    let lower = headers.to_ascii_lowercase();
+    assert!(
+        lower.contains("strict-transport-security: max-age=31536000"),
+        "{headers}"
+    );
+    assert!(lower.contains("x-frame-options: deny"), "{headers}");
+    for (user, expected) in [
+        (None, 401),
+        (Some("prom:wrong-pass"), 401),
+        (Some("nobody:first-pass-Kx41"), 401),
+    ] {
+        let (code, headers) = tokio::task::spawn_blocking({
+            let (metrics, ca) = (metrics.clone(), ca_file.clone());
+            move || curl(&metrics, &ca, user)
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, expected, "{user:?}: {headers}");
+        assert!(
+            headers
+                .to_ascii_lowercase()
+                .contains("www-authenticate: basic"),
+            "{headers}"
+        );
+    }
+    // The probes stay open (server.open_probes), still over TLS; the status page does not.
+    let (code, _) = tokio::task::spawn_blocking({
+        let (url, ca) = (format!("{base}/-/healthy"), ca_file.clone());
+        move || curl(&url, &ca, None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    let (code, _) = tokio::task::spawn_blocking({
+        let (url, ca) = (format!("{base}/"), ca_file.clone());
+        move || curl(&url, &ca, None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 401);
+    // Plain HTTP gets no answer.
+    assert!(
+        sidecar
+            .http
+            .get(sidecar.url("/metrics"))
+            .send()
+            .await
+            .is_err()
+    );
+
+    // reqwest, trusting only our CA.
+    let access = wxauto_sidecar::app::HttpAccess {
+        ca_file: Some(ca_file.clone()),
+        user: Some("prom".to_owned()),
+        password_file: None,
+    };
+    let (client, _) = access.client().unwrap();
+    let status = |user: &'static str, password: &'static str| {
+        let client = client.clone();
+        let url = format!("{base}/api/v1/status");
+        async move {
+            client
+                .get(url)
+                .basic_auth(user, Some(password))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status("prom", "first-pass-Kx41").await, 200);
+
+    // A changed file applies without a restart.
+    std::fs::write(&web, web_config_text("prom", "second-pass-Jd73")).unwrap();
+    eventually("the new password is live", DEADLINE, || async {
+        (status("prom", "second-pass-Jd73").await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(status("prom", "first-pass-Kx41").await, 401);
+
+    // An invalid file keeps the last valid one and is counted.
+    std::fs::write(&web, "basic_auth_users:\n  prom: not-a-hash\n").unwrap();
+    let failures = eventually("the failure is counted", DEADLINE, || async {
+        let text = client
+            .get(&metrics)
+            .basic_auth("prom", Some("second-pass-Jd73"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        crate::util::metric_value(&text, "wxauto_web_config_reload_failures_total")
+            .filter(|value| *value >= 1.0)
+    })
+    .await;
+    assert_eq!(failures, 1.0);
+    assert_eq!(status("prom", "second-pass-Jd73").await, 200);
+
+    // The health command, with --ca-file, --user and --password-file.
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "second-pass-Jd73\n").unwrap();
+    let output = tokio::task::spawn_blocking({
+        let (base, ca, password_file) = (base.clone(), ca_file.clone(), password_file.clone());
+        move || {
+            Command::new(BIN)
+                .args(["health", "--url", &base, "--user", "prom"])
+                .arg("--ca-file")
+                .arg(&ca)
+                .arg("--password-file")
+                .arg(&password_file)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("score"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    sidecar.stop().await;
+}

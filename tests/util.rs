@@ -189,6 +189,7 @@ pub async fn start_sidecar_with_sink(
         watch_poll: false,
         sink: Some(sink),
         log_level: None,
+        web_config_file: None,
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -72,6 +72,14 @@ impl ConfigDiff {
         let restart_keys = [
             ("server.listen", old.server.listen != new.server.listen),
             (
+                "server.web_config_file",
+                old.server.web_config_file != new.server.web_config_file,
+            ),
+            (
+                "server.open_probes",
+                old.server.open_probes != new.server.open_probes,
+            ),
+            (
                 "server.header_read_timeout",
                 old.server.limits.header_read_timeout != new.server.limits.header_read_timeout,
             ),

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::limit::RequestBodyLimitLayer;
 
+use super::web_config::{WebConfig, WebConfigHandle};
 use crate::config::HttpLimits;
 
 /// At most this many refused connections are being answered at once; beyond it, excess
@@ -42,6 +43,7 @@ pub(super) async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
     limits: HttpLimits,
+    web: Option<Arc<WebConfigHandle>>,
 ) -> std::io::Result<()> {
     let router = router.layer(RequestBodyLimitLayer::new(limits.max_request_body_bytes));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -68,8 +70,9 @@ pub(super) async fn serve(
             Ok(slot) => {
                 let router = router.clone();
                 let drain = drain.clone();
+                let web = web.clone();
                 connections.spawn(async move {
-                    serve_connection(stream, router, limits, drain).await;
+                    accept_connection(stream, router, limits, drain, web).await;
                     drop(slot);
                 });
             }
@@ -96,6 +99,36 @@ pub(super) async fn serve(
     Ok(())
 }
 
+/// The web config of the moment decides TLS (the handshake bounded by the header timeout) or
+/// plain for this connection; basic auth and headers are decided per request.
+async fn accept_connection(
+    stream: TcpStream,
+    router: Router,
+    limits: HttpLimits,
+    drain: CancellationToken,
+    web: Option<Arc<WebConfigHandle>>,
+) {
+    let web = match web {
+        Some(handle) => {
+            let config = handle.current().await;
+            Some((handle, config))
+        }
+        None => None,
+    };
+    let tls = web.as_ref().and_then(|(_, config)| config.tls.clone());
+    match tls {
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, router, limits, drain, web).await,
+                Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
+        }
+        None => serve_connection(stream, router, limits, drain, web).await,
+    }
+}
+
 /// Answers 503 and closes, without reading the request.
 async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, async {
@@ -112,6 +145,7 @@ pub(super) async fn serve_connection<I>(
     router: Router,
     limits: HttpLimits,
     drain: CancellationToken,
+    web: Option<(Arc<WebConfigHandle>, Arc<WebConfig>)>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -128,11 +162,32 @@ pub(super) async fn serve_connection<I>(
         let guard = hyper::body::Body::is_end_stream(request.body())
             .then(|| InFlight::enter(Arc::clone(&in_flight)));
         in_flight.touch();
-        let call = hyper::service::Service::call(&tower, request);
+        let tower = tower.clone();
+        let web = web.clone();
         async move {
-            let response = call.await;
+            // Users and headers as of this request (re-checked at most once a second), so
+            // that a changed file also applies to kept-alive connections.
+            let config = match &web {
+                Some((handle, _)) => Some(handle.current().await),
+                None => None,
+            };
+            let denied = match (&web, &config) {
+                (Some((handle, _)), Some(config)) => {
+                    handle
+                        .authorize(config, request.uri().path(), request.headers())
+                        .await
+                }
+                _ => None,
+            };
+            let mut response = match denied {
+                Some(denied) => denied,
+                None => hyper::service::Service::call(&tower, request).await?,
+            };
+            if let Some(config) = &config {
+                config.add_headers(&mut response);
+            }
             drop(guard);
-            response
+            Ok::<_, std::convert::Infallible>(response)
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -303,6 +358,7 @@ mod tests {
             stop.clone(),
             Duration::from_secs(1),
             limits,
+            None,
         ));
         (addr, stop)
     }

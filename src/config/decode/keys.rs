@@ -151,7 +151,7 @@ fn check_length(ctx: &mut Ctx<'_>, node: &Node, path: &str, value: &str, what: &
 }
 
 /// Resolves a path written in the config against the config file's directory.
-fn resolve(base_dir: Option<&Path>, path: &str) -> PathBuf {
+pub(super) fn resolve(base_dir: Option<&Path>, path: &str) -> PathBuf {
     let path = Path::new(path);
     match base_dir {
         Some(base) if path.is_relative() => base.join(path),

@@ -36,6 +36,8 @@ const SERVER_KEYS: &[&str] = &[
     "idle_timeout",
     "max_connections",
     "max_request_body_bytes",
+    "web_config_file",
+    "open_probes",
 ];
 const LISTENER_KEYS: &[&str] = &[
     "poll_interval",
@@ -145,6 +147,8 @@ fn server(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ServerConfig {
             listen: default_listen,
             enable_lifecycle: false,
             limits: HttpLimits::default(),
+            web_config_file: None,
+            open_probes: false,
         };
     };
     let listen = match fields.get("listen") {
@@ -173,10 +177,16 @@ fn server(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ServerConfig {
             64 * 1024,
         )),
     };
+    let web_config_file = fields.get("web_config_file").and_then(|node| {
+        let text = ctx.non_empty_string(node, &fields.path_of("web_config_file"))?;
+        Some(keys::resolve(ctx.base_dir.as_deref(), &text))
+    });
     ServerConfig {
         listen,
         enable_lifecycle: fields.bool_or(ctx, "enable_lifecycle", false),
         limits,
+        web_config_file,
+        open_probes: fields.bool_or(ctx, "open_probes", false),
     }
 }
 
