@@ -296,6 +296,7 @@ pub async fn run(
             });
             counts
         }),
+        delivery: delivery.clone(),
     };
     tracing::info!(%addr, "Serving metrics and the monitor API.");
     on_started(Started { addr });

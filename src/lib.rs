@@ -3,13 +3,14 @@
 //! Code map (see ARCHITECTURE.md): `config` (YAML → validated `Config`, watcher), `wxauto`
 //! (the upstream client), `listener` (one actor per instance), `supervisor` (the control loop),
 //! `monitor` (errors, counters, health score, JSON documents), `metrics` (Prometheus registry),
-//! `http` (endpoints), `import_mgt` (WXAUTO-MGT database → config), `simulator` (a fake wxauto server), `app` (wiring), `logging`, `shutdown`.
+//! `http` (endpoints), `dead_cli` (the `dead` command), `import_mgt` (WXAUTO-MGT database → config), `simulator` (a fake wxauto server), `app` (wiring), `logging`, `shutdown`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod app;
 pub mod backoff;
 pub mod config;
+pub mod dead_cli;
 pub mod delivery;
 pub mod http;
 pub mod import_mgt;

@@ -106,6 +106,8 @@ struct Chat {
     last_check: SystemTime,
     message_count: u64,
     error_count: u64,
+    /// Where the chat's history stood when it was first listened (see `StoredChat`).
+    baseline: Option<String>,
 }
 
 impl Chat {
@@ -120,6 +122,7 @@ impl Chat {
             last_check: SystemTime::now(),
             message_count: 0,
             error_count: 0,
+            baseline: None,
         }
     }
 
@@ -145,6 +148,7 @@ impl Chat {
             last_check: now,
             message_count: stored.message_count,
             error_count: stored.error_count,
+            baseline: stored.baseline.clone(),
         }
     }
 
@@ -157,6 +161,7 @@ impl Chat {
             last_message_ms: self.last_message.map(unix_ms),
             message_count: self.message_count,
             error_count: self.error_count,
+            baseline: self.baseline.clone(),
         }
     }
 
@@ -181,6 +186,7 @@ impl Chat {
             last_check: now,
             message_count: state.message_count,
             error_count: state.error_count,
+            baseline: None,
         }
     }
 
@@ -599,12 +605,7 @@ impl InstanceActor {
                 Ok(history) => history,
                 Err(error) if error.is_instance_failure() => return Err(error),
                 Err(error) if error.is_missing_endpoint() => {
-                    self.history_missing = true;
-                    tracing::warn!(
-                        instance_id = %self.instance.id,
-                        "This wxauto server has no /api/chat/get-all-messages; messages in flight \
-                         when the sidecar stopped cannot be re-read from it."
-                    );
+                    self.note_history_missing();
                     break;
                 }
                 Err(error) => {
@@ -657,7 +658,10 @@ impl InstanceActor {
             }
         };
         let known: HashSet<String> = stored.known_ids.into_iter().collect();
-        let Some(start) = recovery::first_new(&accepted, &known, &stored.tail) else {
+        let baseline = self.chats.get(name).and_then(|chat| chat.baseline.clone());
+        let start = recovery::first_new(&accepted, &known, &stored.tail)
+            .or_else(|| recovery::after_baseline(&accepted, baseline.as_deref()));
+        let Some(start) = start else {
             tracing::debug!(instance_id = %self.instance.id, "Chat history shares nothing with the store; nothing recovered.");
             return 0;
         };
@@ -703,6 +707,7 @@ impl InstanceActor {
     async fn add_chat(&mut self, name: &str) -> Result<(), WxautoError> {
         match self.client.listen_add(name).await {
             Ok(()) => {
+                let mut first = false;
                 if let Some(chat) = self.chats.get_mut(name) {
                     chat.active = true;
                     if !chat.announced {
@@ -710,8 +715,12 @@ impl InstanceActor {
                         // recovery or restart keeps the timer it had.
                         chat.announced = true;
                         chat.last_activity = Instant::now();
+                        first = chat.baseline.is_none();
                         self.monitor.record_listener_added(&self.instance.id);
                     }
+                }
+                if first {
+                    self.read_baseline(name).await?;
                 }
                 Ok(())
             }
@@ -725,6 +734,48 @@ impl InstanceActor {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Notes where a newly listened chat's history stands, so that a crash during its first
+    /// destructive read can be recovered even though nothing of the chat is stored yet.
+    async fn read_baseline(&mut self, name: &str) -> Result<(), WxautoError> {
+        if self.history_missing {
+            return Ok(());
+        }
+        let history = match self.client.get_all_messages(name).await {
+            Ok(history) => history,
+            Err(error) if error.is_instance_failure() => return Err(error),
+            Err(error) => {
+                if error.is_missing_endpoint() {
+                    self.note_history_missing();
+                }
+                return Ok(());
+            }
+        };
+        let newest = history
+            .iter()
+            .enumerate()
+            .filter_map(|(ordinal, raw)| {
+                filter::accept(&self.instance.id, name, raw, 0, ordinal).ok()
+            })
+            .rfind(|message| !message.synthetic_id)
+            .map(|message| message.message_id)
+            .unwrap_or_default();
+        if let Some(chat) = self.chats.get_mut(name) {
+            chat.baseline = Some(newest);
+        }
+        Ok(())
+    }
+
+    fn note_history_missing(&mut self) {
+        if !self.history_missing {
+            self.history_missing = true;
+            tracing::warn!(
+                instance_id = %self.instance.id,
+                "This wxauto server has no /api/chat/get-all-messages; messages in flight when \
+                 the sidecar stops cannot be re-read from it."
+            );
         }
     }
 

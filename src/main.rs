@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use wxauto_sidecar::app::{self, RunOptions};
 use wxauto_sidecar::config;
+use wxauto_sidecar::dead_cli::{self, DeadAction};
 use wxauto_sidecar::import_mgt::{self, ImportOptions};
 use wxauto_sidecar::logging;
 use wxauto_sidecar::simulator::{ApiGeneration, SimConfig, Simulator};
@@ -63,6 +64,22 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "user")]
         password_file: Option<PathBuf>,
     },
+    /// Dead letters of a running sidecar: list them, queue them again, or delete them
+    /// (retry and purge need lifecycle enabled).
+    Dead {
+        /// `list`, `retry` or `purge`.
+        #[arg(value_enum)]
+        action: DeadCommand,
+        /// Base URL of the sidecar.
+        #[arg(long, default_value = "http://127.0.0.1:8907")]
+        url: String,
+        /// Only these dead letters (the ids `dead list` shows); repeatable. Default: all.
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<i64>,
+        /// At most this many in a list (1 to 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
+    },
     /// A standalone wxauto HTTP API simulator.
     Simulate {
         /// Listen address.
@@ -103,6 +120,17 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `dead` actions.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DeadCommand {
+    /// Print the dead letters.
+    List,
+    /// Queue them for another delivery (rules, platform, reply).
+    Retry,
+    /// Delete them.
+    Purge,
 }
 
 /// `simulate --api-generation`.
@@ -175,6 +203,20 @@ fn main() -> ExitCode {
                 password_file,
             };
             let code = runtime.block_on(app::health_command_with(&url, &access));
+            ExitCode::from(u8::try_from(code).unwrap_or(EXIT_RUNTIME))
+        }
+        Some(Command::Dead {
+            action,
+            url,
+            ids,
+            limit,
+        }) => {
+            let action = match action {
+                DeadCommand::List => DeadAction::List,
+                DeadCommand::Retry => DeadAction::Retry,
+                DeadCommand::Purge => DeadAction::Purge,
+            };
+            let code = runtime.block_on(dead_cli::run(&url, action, &ids, usize::from(limit)));
             ExitCode::from(u8::try_from(code).unwrap_or(EXIT_RUNTIME))
         }
         Some(Command::Simulate {

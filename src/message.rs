@@ -88,6 +88,9 @@ pub struct StoredChat {
     pub message_count: u64,
     /// Errors recorded for this chat.
     pub error_count: u64,
+    /// The newest message id of the chat's history when the sidecar started listening to it
+    /// (`Some("")`: the history was empty; `None`: not known).
+    pub baseline: Option<String>,
 }
 
 /// An upstream session: which epoch an instance's ids belong to, and when the wxauto server

@@ -64,7 +64,10 @@ type Shared = Arc<Mutex<Seen>>;
 async fn start_platforms() -> (String, Shared, tokio_util::sync::DropGuard) {
     let seen = Shared::default();
     let app = Router::new()
-        .route("/hook", post(webhook))
+        .route(
+            "/hook",
+            post(webhook).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/dify/v1/files/upload", post(dify_upload))
         .route("/dify/v1/chat-messages", post(dify_chat))
         .route("/openai/v1/chat/completions", post(openai_chat))
@@ -596,13 +599,14 @@ async fn the_simulator_serves_known_files_and_refuses_others() {
             "chat": "alice",
             "mtype": "image",
             "file_path": BIG_PATH,
-            "data_base64": base64::engine::general_purpose::STANDARD.encode(b"abc"),
+            // Past axum's default 2 MB request limit.
+            "data_base64": base64::engine::general_purpose::STANDARD.encode(vec![5u8; 3 << 20]),
         }))
         .send()
         .await
         .unwrap();
     assert_eq!(control.status(), 200);
-    assert_eq!(sim.sim.file(BIG_PATH).as_deref(), Some(&b"abc"[..]));
+    assert_eq!(sim.sim.file(BIG_PATH), Some(vec![5u8; 3 << 20]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -325,7 +325,8 @@ fn log_line(
          file_path={:?}",
         Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
         msg.instance_id,
-        msg.chat,
+        // Hashed when `logging.redact_chat_names` is on, like every other log line.
+        crate::logging::chat(&msg.chat).to_string(),
         msg.message_id,
         row.name,
         row.file_path,

@@ -2,11 +2,15 @@
 //! deliveries and replies by closed outcome, and the delivery duration histogram.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -127,6 +131,9 @@ impl DeliveryMetrics {
             "Replies sent back to chats, by instance and outcome (success, error)",
             metrics.replies.clone(),
         );
+        registry.register_collector(Box::new(OldestPending(Arc::clone(
+            &metrics.gauges.oldest_open_ms,
+        ))));
         registry.register(
             MEDIA_DOWNLOADS,
             "Media file downloads, by instance and outcome (success, error, too_large, \
@@ -278,5 +285,28 @@ impl DeliveryMetrics {
                 outcome,
             })
             .inc();
+    }
+}
+
+/// `wxauto_messages_oldest_pending_age_seconds`, computed at scrape time from the store's
+/// oldest open row, so a queue stuck without writes still shows its age growing.
+#[derive(Debug)]
+struct OldestPending(Arc<AtomicI64>);
+
+impl Collector for OldestPending {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let created_ms = self.0.load(Ordering::Relaxed);
+        let age = if created_ms > 0 {
+            (super::store::now_ms() - created_ms).max(0) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        ConstGauge::new(age).encode(encoder.encode_descriptor(
+            "wxauto_messages_oldest_pending_age",
+            "Age of the oldest message stored and not yet delivered (0 when none): how long \
+             the most delayed chat has waited.",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?)
     }
 }

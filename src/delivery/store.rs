@@ -249,6 +249,12 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (instance_id, chat)
     );
     ",
+    // Version 5: where a chat's history stood when the sidecar started listening to it (the
+    // newest message id then, '' for an empty history), so a first answer lost before anything
+    // of the chat was stored can still be told apart from the history before it.
+    r"
+    ALTER TABLE chats ADD COLUMN baseline_id TEXT;
+    ",
 ];
 
 /// The first release's schema, for migration tests.
@@ -518,7 +524,7 @@ impl Store {
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT chat, active, fixed, added_ms, last_message_ms, message_count, \
-                 error_count FROM chats WHERE instance_id = ?1 ORDER BY chat",
+                 error_count, baseline_id FROM chats WHERE instance_id = ?1 ORDER BY chat",
             )?;
             let chats = stmt
                 .query_map(params![instance_id], |row| {
@@ -530,6 +536,7 @@ impl Store {
                         last_message_ms: row.get(4)?,
                         message_count: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
                         error_count: row.get::<_, i64>(6)?.try_into().unwrap_or(0),
+                        baseline: row.get(7)?,
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -566,8 +573,8 @@ impl Store {
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO chats (instance_id, chat, active, fixed, added_ms, \
-                     last_message_ms, message_count, error_count) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                     last_message_ms, message_count, error_count, baseline_id) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?;
                 for chat in &chats {
                     stmt.execute(params![
@@ -579,6 +586,7 @@ impl Store {
                         chat.last_message_ms,
                         to_i64(chat.message_count),
                         to_i64(chat.error_count),
+                        chat.baseline,
                     ])?;
                 }
             }
@@ -1696,6 +1704,7 @@ mod tests {
                 last_message_ms: Some(2_000),
                 message_count: 3,
                 error_count: 1,
+                baseline: Some("b-7".to_owned()),
             },
             StoredChat {
                 chat: "bob".to_owned(),
@@ -1705,6 +1714,7 @@ mod tests {
                 last_message_ms: None,
                 message_count: 0,
                 error_count: 0,
+                baseline: None,
             },
         ];
         store

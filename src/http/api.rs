@@ -22,7 +22,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -42,7 +42,7 @@ impl IntoResponse for ApiError {
 }
 
 /// A successful answer: `data` plus optional extra top-level fields (e.g. `total_count`).
-fn ok(data: Value, extra: &[(&str, Value)]) -> Response {
+pub(super) fn ok(data: Value, extra: &[(&str, Value)]) -> Response {
     let mut body = json!({
         "success": true,
         "data": data,
@@ -64,6 +64,9 @@ pub(super) fn router() -> Router<AppState> {
         .route("/errors", get(errors))
         .route("/restart", post(restart))
         .route("/reload", post(reload))
+        .route("/messages/dead", get(super::dead::list))
+        .route("/messages/dead/retry", post(super::dead::retry))
+        .route("/messages/dead/purge", post(super::dead::purge))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
 }
 
@@ -138,7 +141,7 @@ async fn errors(
     ))
 }
 
-fn require_lifecycle(state: &AppState) -> Result<(), ApiError> {
+pub(super) fn require_lifecycle(state: &AppState) -> Result<(), ApiError> {
     if state.lifecycle_enabled() {
         Ok(())
     } else {

@@ -44,6 +44,18 @@ pub fn first_new(
     best.map(|(end, _)| end + 1)
 }
 
+/// Where the new messages start when nothing stored anchors the history: after the newest
+/// message the history had when the chat was first listened (all of it when it was empty).
+pub fn after_baseline(history: &[InboundMessage], baseline: Option<&str>) -> Option<usize> {
+    match baseline? {
+        "" => Some(0),
+        id => history
+            .iter()
+            .rposition(|message| !message.synthetic_id && message.message_id == id)
+            .map(|anchor| anchor + 1),
+    }
+}
+
 /// The messages of `history` from `start` on that the store does not have.
 pub fn unstored(
     history: Vec<InboundMessage>,
@@ -138,6 +150,18 @@ mod tests {
         let stored = tail(&[("z", "never seen")]);
         assert_eq!(first_new(&history, &HashSet::new(), &stored), None);
         assert_eq!(first_new(&[], &HashSet::new(), &stored), None);
+    }
+
+    #[test]
+    fn a_chat_with_nothing_stored_is_anchored_at_its_baseline() {
+        let history = vec![
+            message(Some("old"), "a", "before we listened"),
+            message(Some("n1"), "a", "first answer, lost"),
+        ];
+        assert_eq!(after_baseline(&history, Some("old")), Some(1));
+        assert_eq!(after_baseline(&history, Some("")), Some(0));
+        assert_eq!(after_baseline(&history, None), None);
+        assert_eq!(after_baseline(&history, Some("gone")), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,6 +26,9 @@ use super::{Fault, Simulator};
 
 /// Bounds one inject call, so a typo in `count` cannot exhaust memory.
 const MAX_INJECT: usize = 10_000;
+
+/// Bounds a `/_sim/media` request (its file travels as base64).
+const MAX_MEDIA_REQUEST: usize = 128 * 1024 * 1024;
 
 /// The delay of `slow` when the request names none.
 const DEFAULT_SLOW: Duration = Duration::from_millis(1000);
@@ -71,7 +74,11 @@ struct FaultRequest {
 pub(super) fn routes() -> Router<Simulator> {
     Router::new()
         .route("/inject", post(inject))
-        .route("/media", post(media))
+        // A file may be larger than axum's default 2 MB request limit.
+        .route(
+            "/media",
+            post(media).layer(DefaultBodyLimit::max(MAX_MEDIA_REQUEST)),
+        )
         .route("/wechat", post(wechat))
         .route("/fault", post(fault))
         .route("/reset", post(reset))
