@@ -20,6 +20,8 @@ use crate::message::{LogSink, MessageSink};
 use crate::metrics::Metrics;
 use crate::metrics::process::ProcessCollector;
 use crate::monitor::{Monitor, StateCollector, report};
+use crate::process::Processes;
+use crate::process::collector::ProcessMetrics;
 use crate::simulator::{SimConfig, Simulator};
 use crate::supervisor::{ConfigLoader, Control, ReloadSource, ReplyRouter, Supervisor};
 
@@ -124,6 +126,10 @@ pub async fn run(
     ));
     registry.register_collector(Box::new(Arc::clone(&process)));
     registry.register_collector(Box::new(StateCollector::new(Arc::clone(&monitor))));
+    registry.register_collector(Box::new(ProcessMetrics::new(
+        Arc::clone(monitor.processes()),
+        Arc::clone(&process),
+    )));
 
     let addr = options.listen.unwrap_or(config.server.listen);
     let http_limits = config.server.limits;
@@ -174,6 +180,14 @@ pub async fn run(
         (None, Some(delivery)) => delivery.sink(),
         (None, None) => Arc::new(LogSink),
     };
+    // Supervised processes start in order before the listener, so a linked wxauto server is
+    // on its way up when its instance is first polled.
+    let processes = Processes::start(
+        Arc::clone(monitor.processes()),
+        Arc::clone(&process),
+        &config.processes,
+    )
+    .await;
     let mut supervisor = Supervisor::new(
         Arc::clone(&config),
         loader,
@@ -205,6 +219,12 @@ pub async fn run(
                     delivery.remove_instance(id);
                 }
             }
+        }));
+    }
+    {
+        let processes = processes.clone();
+        supervisor.subscribe(Box::new(move |config: &Arc<Config>, _: &ConfigDiff| {
+            processes.apply(config.processes.clone());
         }));
     }
     let message_counts: Option<http::MessageCounts> = delivery.clone().map(|delivery| {
@@ -296,6 +316,7 @@ pub async fn run(
             });
             counts
         }),
+        processes: processes.clone(),
         delivery: delivery.clone(),
     };
     tracing::info!(%addr, "Serving metrics and the monitor API.");
@@ -344,6 +365,8 @@ pub async fn run(
             }
         }
     }
+    // Every supervised process group is stopped (signal, stop_timeout, kill) before exit.
+    processes.shutdown().await;
     http_stop.cancel();
     match server.await {
         Ok(Ok(())) => Ok(()),

@@ -5,6 +5,7 @@
 
 mod decode;
 mod diff;
+mod process;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -16,7 +17,8 @@ use regex::Regex;
 use crate::secret::Secret;
 
 pub use decode::{ConfigError, ConfigErrors, Loaded, decode, load_file};
-pub use diff::{ConfigDiff, InstanceChange};
+pub use diff::{ConfigDiff, InstanceChange, ProcessChange, process_changes};
+pub use process::{CrashLoopConfig, ProcessConfig, RestartPolicy, StopSignal};
 
 /// The default `server.listen` address (CONTRACT §1).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8907";
@@ -46,6 +48,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `media:` section.
     pub media: MediaConfig,
+    /// `processes:`, in file order, names unique.
+    pub processes: Vec<ProcessConfig>,
     /// Where the config came from and its content hash.
     pub source: ConfigSource,
 }

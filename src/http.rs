@@ -7,6 +7,8 @@
 //! - `POST /-/reload` (lifecycle-gated: 403 when off; 405 on GET; 500 with the errors on failure)
 //! - `GET /api/v1/{status,health,clients,listeners,statistics,errors?limit=N}` (JSON envelope)
 //! - `POST /api/v1/{restart,reload}` (lifecycle-gated)
+//! - `GET /api/v1/processes`; `POST /api/v1/processes/{name}/{start,stop,restart}`
+//!   (lifecycle-gated; 404 for an unknown name)
 //! - `GET /api/v1/messages/dead?limit=N`; `POST /api/v1/messages/dead/{retry,purge}`
 //!   (lifecycle-gated; body optional `{"ids": [...]}`)
 
@@ -80,6 +82,8 @@ pub struct AppState {
     pub message_counts: Option<MessageCounts>,
     /// Row counts by state from the store, when delivery runs.
     pub delivery_counts: Option<DeliveryCounts>,
+    /// Supervised external processes.
+    pub processes: crate::process::Processes,
     /// The delivery service, when it runs (dead letters).
     pub delivery: Option<crate::delivery::Delivery>,
 }

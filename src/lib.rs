@@ -3,8 +3,13 @@
 //! Code map (see ARCHITECTURE.md): `config` (YAML → validated `Config`, watcher), `wxauto`
 //! (the upstream client), `listener` (one actor per instance), `supervisor` (the control loop),
 //! `monitor` (errors, counters, health score, JSON documents), `metrics` (Prometheus registry),
-//! `http` (endpoints), `dead_cli` (the `dead` command), `import_mgt` (WXAUTO-MGT database → config), `simulator` (a fake wxauto server), `app` (wiring), `logging`, `shutdown`.
-#![forbid(unsafe_code)]
+//! `http` (endpoints), `dead_cli` (the `dead` command), `import_mgt` (WXAUTO-MGT database →
+//! config), `process` (supervised external programs), `simulator` (a fake wxauto server), `app`
+//! (wiring), `logging`, `shutdown`.
+// No unsafe code, except the Win32 Job Object calls in `process/windows.rs` (the one module
+// that allows it, on Windows only).
+#![cfg_attr(not(windows), forbid(unsafe_code))]
+#![cfg_attr(windows, deny(unsafe_code))]
 #![warn(missing_docs)]
 
 pub mod app;
@@ -19,6 +24,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod monitor;
+pub mod process;
 pub mod secret;
 pub mod shutdown;
 pub mod simulator;

@@ -810,7 +810,9 @@ impl InstanceActor {
         // `Recovering` after `Down` is still the same outage: a probe that passes while the
         // re-adds fail (a rejected key, where only /api/health is unauthenticated) must not
         // record an error per retry.
-        if !self.outage_recorded {
+        // Down while its supervised process restarts is expected: no new outage error.
+        let expected = self.monitor.processes().expected_down(&self.instance.id);
+        if !self.outage_recorded && !expected {
             self.outage_recorded = true;
             self.monitor.record_error(
                 Component::Client,

@@ -278,6 +278,9 @@ pub struct Totals {
 pub struct Monitor {
     metrics: Metrics,
     process: Arc<ProcessCollector>,
+    /// Supervised external processes (`processes:`): states for the health document and the
+    /// listener's "expected down" check.
+    processes: Arc<crate::process::ProcessTable>,
     inner: Mutex<Inner>,
 }
 
@@ -317,6 +320,7 @@ impl Monitor {
         Self {
             metrics,
             process,
+            processes: Arc::default(),
             inner: Mutex::new(Inner {
                 window,
                 running: false,
@@ -332,6 +336,16 @@ impl Monitor {
                 reload: ReloadState::default(),
             }),
         }
+    }
+
+    /// The supervised processes' shared table.
+    pub fn processes(&self) -> &Arc<crate::process::ProcessTable> {
+        &self.processes
+    }
+
+    /// The sidecar's own sampler (its sysinfo `System` also samples supervised processes).
+    pub fn process_collector(&self) -> &Arc<ProcessCollector> {
+        &self.process
     }
 
     /// The event-driven metric families.
@@ -629,7 +643,11 @@ impl Monitor {
     ) -> serde_json::Value {
         let process = self.process_sample();
         let recent = self.recent_errors(10);
-        report::health(snap, &process, self.api_calls_made(snap), &recent, counts)
+        let mut document =
+            report::health(snap, &process, self.api_calls_made(snap), &recent, counts);
+        // Reported, not scored: a fatal process shows here and in /api/v1/status.
+        document["processes"] = self.processes.summary();
+        document
     }
 
     /// A consistent copy of the state, with the health score computed from it.

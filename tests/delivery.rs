@@ -21,7 +21,7 @@ use axum::serve::IncomingStream;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use wxauto_sidecar::simulator::{SimConfig, Simulator};
+use wxauto_sidecar::simulator::{ApiGeneration, SimConfig, Simulator};
 
 use crate::util::{eventually, http_client};
 
@@ -178,12 +178,17 @@ impl Connected<IncomingStream<'_, TcpListener>> for ConnId {
 }
 
 async fn start_sim(name: &str, instance_id: &str) -> RecordedSim {
+    start_sim_with(name, instance_id, SimConfig::default()).await
+}
+
+/// A recorded simulator built from `base` (its key and name are set here).
+async fn start_sim_with(name: &str, instance_id: &str, base: SimConfig) -> RecordedSim {
     let key = format!("key-{name}-0123456789");
     let sim = Simulator::new(SimConfig {
         api_key: key.clone(),
         name: name.to_owned(),
         flaky: false,
-        ..SimConfig::default()
+        ..base
     });
     let served = Arc::new(Mutex::new(Vec::new()));
     let app = sim.router().layer(axum::middleware::from_fn_with_state(
@@ -760,56 +765,97 @@ mod kill {
             .join(", ")
     }
 
+    /// A stream of messages over several chats on two instances, one of each server
+    /// generation, whose destructive reads answer late (like a real server driving the WeChat
+    /// UI, so kills land while answers are in flight); the real binary is SIGKILLed at random
+    /// moments and restarted. Nothing may be lost, twice in a row; duplicates carry one key.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kill_and_restart_loses_nothing() {
-        const MESSAGES: usize = 200;
+        let seed = std::env::var("DELIVERY_KILL_SEED")
+            .ok()
+            .and_then(|seed| seed.parse().ok())
+            .unwrap_or_else(|| fastrand::u64(..));
+        eprintln!("kill test seed {seed} (set DELIVERY_KILL_SEED to replay the schedule)");
+        for round in 0..2 {
+            kill_round(seed.wrapping_add(round), round).await;
+        }
+    }
+
+    async fn kill_round(seed: u64, round: u64) {
         const WORKERS: usize = 4;
         /// Between a kill and the restart: a supervisor's restart delay. It also separates the
         /// requests of the dead process (all in the receiver before the restart) from the new
         /// one's.
         const RESTART_DELAY: Duration = Duration::from_millis(100);
+        /// How long a destructive read takes to answer after it took the messages.
+        const READ_LATENCY: Duration = Duration::from_millis(40);
 
-        let seed = std::env::var("DELIVERY_KILL_SEED")
+        let messages: usize = std::env::var("DELIVERY_KILL_MESSAGES")
             .ok()
-            .and_then(|seed| seed.parse().ok())
-            .unwrap_or_else(|| fastrand::u64(..));
-        // The kills fall into the ~3 s of injection, at random gaps. More of them make the rare
-        // windows likely: DELIVERY_KILLS=15 found a lost-message bug that 3 kills hit only now
-        // and then.
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1000);
+        // The kills fall into the injection, at random gaps.
         let kills_wanted: u64 = std::env::var("DELIVERY_KILLS")
             .ok()
             .and_then(|kills| kills.parse().ok())
             .filter(|kills| *kills > 0)
-            .unwrap_or(3);
-        let max_gap = 3000 / kills_wanted;
-        eprintln!("kill test seed {seed} (set DELIVERY_KILL_SEED to replay the schedule)");
+            .unwrap_or(5);
         let mut rng = fastrand::Rng::with_seed(seed);
-
-        let sims = vec![start_sim("a", "wx-a").await, start_sim("b", "wx-b").await];
-        let hook = start_hook(Arc::new(|_, _| Answer::Reply)).await;
-        // No platform timeout can fire here, so every duplicate must come from a kill.
-        let delivery = format!(
-            "delivery:\n  workers: {WORKERS}\n  max_attempts: 50\n  \
-             backoff: {{ initial: 50ms, max: 250ms }}\n  attempt_timeout: 20s\n"
-        );
-        let (text, env) = config(&[&sims[0], &sims[1]], &hook, "10s", &delivery);
-        let http = http_client();
-        let started = Instant::now();
-        let mut sidecar = Sidecar::start(&text, env);
-
-        let plan: Vec<Planned> = (0..MESSAGES)
+        let plan: Vec<Planned> = (0..messages)
             .map(|n| {
-                let sim = rng.usize(..sims.len());
+                let sim = rng.usize(..2);
                 let (chat, senders) = CHATS[rng.usize(..CHATS.len())];
                 Planned {
                     sim,
                     chat,
                     sender: senders[rng.usize(..senders.len())],
-                    content: format!("{}/{chat}/{n:03}", sims[sim].name),
-                    gap: Duration::from_millis(rng.u64(5..26)),
+                    content: format!("{}/{chat}/{n:04}", ["a", "b"][sim]),
+                    gap: Duration::from_millis(rng.u64(1..6)),
                 }
             })
             .collect();
+        let injection_ms: u64 = plan.iter().map(|p| p.gap.as_millis() as u64).sum();
+        let max_gap = injection_ms / kills_wanted;
+
+        let generations = [ApiGeneration::Who, ApiGeneration::Nickname];
+        let mut sims = Vec::new();
+        for (name, generation) in ["a", "b"].into_iter().zip(generations) {
+            let base = SimConfig {
+                api_generation: generation,
+                read_latency: READ_LATENCY,
+                ..SimConfig::default()
+            };
+            sims.push(start_sim_with(name, &format!("wx-{name}"), base).await);
+        }
+        let hook = start_hook(Arc::new(|_, _| Answer::Reply)).await;
+        // No platform timeout can fire here, so every duplicate must come from a kill. The
+        // chats are fixed listeners: the first message of a chat nobody listens to yet is the
+        // one thing a kill can still take (read from the main window, it has no history to
+        // re-read); that limit is documented, not tested here.
+        let mut extra = format!(
+            "delivery:\n  workers: {WORKERS}\n  max_attempts: 50\n  \
+             backoff: {{ initial: 50ms, max: 250ms }}\n  attempt_timeout: 20s\n\
+             fixed_listeners:\n"
+        );
+        for (chat, _) in CHATS {
+            extra.push_str(&format!("  - chat: {chat}\n    instances: [\"*\"]\n"));
+        }
+        let (text, env) = config(&[&sims[0], &sims[1]], &hook, "10s", &extra);
+        let http = http_client();
+        let mut sidecar = Sidecar::start(&text, env);
+        eventually(
+            "both instances listen to every chat",
+            Duration::from_secs(15),
+            || {
+                let ready = sims
+                    .iter()
+                    .all(|sim| sim.sim.snapshot().listened.len() == CHATS.len());
+                async move { ready.then_some(()) }
+            },
+        )
+        .await;
+        let started = Instant::now();
+
         let injector = {
             let targets: Vec<Simulator> = sims.iter().map(|sim| sim.sim.clone()).collect();
             let stream: Vec<(usize, &str, &str, String, Duration)> = plan
@@ -826,7 +872,7 @@ mod kill {
 
         let mut kills = Vec::new();
         for _ in 0..kills_wanted {
-            tokio::time::sleep(Duration::from_millis(rng.u64(max_gap / 5..max_gap))).await;
+            tokio::time::sleep(Duration::from_millis(rng.u64(max_gap / 5..max_gap.max(2)))).await;
             let killed = Instant::now();
             sidecar.kill();
             tokio::time::sleep(RESTART_DELAY).await;
@@ -837,9 +883,7 @@ mod kill {
         injector.await.unwrap();
         let injected = started.elapsed();
 
-        // Done when every message reached the receiver and its reply reached its chat; or when the
-        // only missing ones are messages a dead process had just taken, and all is quiet (nothing
-        // pending upstream or in the store, twice in a row).
+        // Done when every message reached the receiver and its reply reached its chat.
         let by_content: HashMap<&str, &Planned> = plan
             .iter()
             .map(|planned| (planned.content.as_str(), planned))
@@ -850,9 +894,8 @@ mod kill {
                 .iter()
                 .any(|(who, text)| who == planned.chat && *text == reply)
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut quiet_before = false;
-        let lost: BTreeSet<String> = loop {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
             let delivered: HashSet<String> = hook
                 .hits()
                 .iter()
@@ -869,39 +912,23 @@ mod kill {
                 .filter(|planned| delivered.contains(&planned.content) && !answered(planned, &sent))
                 .count();
             if missing.is_empty() && unanswered == 0 {
-                break missing;
+                break;
             }
-            let unconfirmed: HashSet<String> = sims.iter().flat_map(unconfirmed).collect();
-            let upstream_empty = sims.iter().all(|sim| {
-                let snapshot = sim.sim.snapshot();
-                snapshot.pending_main.is_empty() && snapshot.pending_listen.is_empty()
-            });
-            let store_empty = match sidecar.metrics(&http).await {
-                Some(text) => series(&text, "wxauto_messages_pending", &[]) == Some(0.0),
-                None => false,
-            };
-            let quiet = upstream_empty
-                && store_empty
-                && unanswered == 0
-                && missing.iter().all(|content| unconfirmed.contains(content));
-            if quiet && quiet_before {
-                break missing;
-            }
-            quiet_before = quiet;
             if Instant::now() > deadline {
-                let proven =
-                    |content: &str| missing.contains(content) && !unconfirmed.contains(content);
+                let unconfirmed: HashSet<String> = sims.iter().flat_map(unconfirmed).collect();
+                let in_flight =
+                    |content: &str| missing.contains(content) && unconfirmed.contains(content);
                 panic!(
-                    "after 30 s: {} message(s) never delivered ({}), of which lost although the \
-                     sidecar had provably taken them and moved on: [{}]; {unanswered} delivered \
-                     message(s) without their reply; seed {seed}",
+                    "round {round}, after 60 s: {} message(s) never delivered ({}), of which in \
+                     flight at a kill: [{}]; {unanswered} delivered message(s) without their \
+                     reply; seed {seed}",
                     missing.len(),
                     describe(&plan, &sims, |content| missing.contains(content)),
-                    describe(&plan, &sims, proven),
+                    describe(&plan, &sims, in_flight),
                 );
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let settled = started.elapsed();
 
         // Every delivery carries the right, stable key and the message it was taken from.
@@ -974,20 +1001,12 @@ mod kill {
                     reply_duplicates += 1;
                 }
             }
-            for (chat, _) in CHATS {
-                let expected = plan.iter().any(|planned| {
-                    planned.sim == index && planned.chat == chat && !lost.contains(&planned.content)
-                });
-                let got = sim.sent().iter().any(|(who, _)| who == chat);
-                assert_eq!(got, expected, "{}: replies to {chat}", sim.instance_id);
-            }
         }
 
         // The true bound: a worker claims one row at a time (one atomic UPDATE), so a kill
         // leaves at most WORKERS rows `delivering` (or `replying`); the next start puts exactly
-        // those back in the queue, and each is delivered (or its reply sent) once more. A
-        // platform timeout, the only other source of duplicates, cannot fire against this
-        // receiver. Hence at most WORKERS duplicates per kill, of deliveries and of replies each.
+        // those back in the queue, and each is delivered (or its reply sent) once more. Messages
+        // re-read from a chat's history are matched by id, so they add none.
         let bound = kills.len() * WORKERS;
         assert!(
             duplicates <= bound,
@@ -997,26 +1016,34 @@ mod kill {
             reply_duplicates <= bound,
             "{reply_duplicates} duplicate replies, more than {bound}"
         );
-        // The last restart may be only moments old.
         let metrics = eventually("the last sidecar serves", Duration::from_secs(10), || {
             sidecar.metrics(&http)
         })
         .await;
         assert_eq!(series(&metrics, "wxauto_messages_dead", &[]), Some(0.0));
+        let recovered: f64 = ["wx-a", "wx-b"]
+            .iter()
+            .filter_map(|id| {
+                series(
+                    &metrics,
+                    "wxauto_messages_recovered_total",
+                    &[("instance_id", id)],
+                )
+            })
+            .sum();
         let unconfirmed: usize = sims.iter().map(|sim| unconfirmed(sim).len()).sum();
         eprintln!(
-            "kill test: {MESSAGES} messages, {} kills at {:?} ms, {} deliveries, {duplicates} \
-             duplicate(s) (bound {bound}), {reply_duplicates} duplicate repl(ies), {} lost in \
-             flight at a kill {:?} (of {unconfirmed} unconfirmed at the end), injected in \
-             {injected:?}, settled in {settled:?}, seed {seed}",
+            "kill test round {round}: {} messages, {} kills at {:?} ms, {} deliveries, \
+             {duplicates} duplicate(s) (bound {bound}), {reply_duplicates} duplicate repl(ies), \
+             0 lost, {recovered} recovered by the last process ({unconfirmed} unconfirmed \
+             answers at the end), injected in {injected:?}, settled in {settled:?}, seed {seed}",
+            plan.len(),
             kills.len(),
             kills
                 .iter()
                 .map(|kill| kill.killed.duration_since(started).as_millis())
                 .collect::<Vec<_>>(),
             hits.len(),
-            lost.len(),
-            lost,
         );
     }
 }

@@ -373,6 +373,21 @@ async fn a_panicking_task_is_restarted_counted_and_recorded() {
             .then_some(())
     })
     .await;
+    // The message the crashed actor held (taken upstream, refused by the panicking sink) was
+    // kept outside the actor and handed over by its successor, once, before the newer one.
+    let contents = sidecar.sink.contents();
+    let held: Vec<usize> = contents
+        .iter()
+        .enumerate()
+        .filter(|(_, content)| *content == "triggers the bug")
+        .map(|(index, _)| index)
+        .collect();
+    assert_eq!(held.len(), 1, "{contents:?}");
+    let after = contents
+        .iter()
+        .position(|c| c == "after the restart")
+        .unwrap();
+    assert!(held[0] < after, "{contents:?}");
     assert_eq!(sidecar.metric("wxauto_listener_tasks").await, Some(1.0));
     sidecar.stop().await;
 }

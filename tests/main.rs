@@ -9,6 +9,9 @@ mod import_mgt;
 mod listener;
 mod logging;
 mod media;
+#[cfg(target_os = "linux")]
+mod processes;
+mod recovery;
 mod reload;
 mod security;
 mod status_page;

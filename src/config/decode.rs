@@ -5,6 +5,7 @@
 
 mod keys;
 mod node;
+mod processes;
 mod reader;
 mod routing;
 mod sections;

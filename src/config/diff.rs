@@ -6,7 +6,8 @@
 use std::collections::HashSet;
 
 use super::{
-    ChatPattern, Config, InstanceConfig, KeywordEntry, PlatformConfig, PlatformKind, RuleConfig,
+    ChatPattern, Config, InstanceConfig, KeywordEntry, PlatformConfig, PlatformKind, ProcessConfig,
+    RuleConfig,
 };
 
 /// What a reload changes.
@@ -30,6 +31,47 @@ pub struct ConfigDiff {
     pub log_level_changed: bool,
     /// Keys whose change only takes effect after a restart, e.g. `server.listen`.
     pub needs_restart: Vec<&'static str>,
+    /// Per-process changes (`processes:`), in new-file order then removed ones.
+    pub processes: Vec<(String, ProcessChange)>,
+}
+
+/// How one supervised process changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessChange {
+    /// New in the new config: start it.
+    Added,
+    /// Gone from the new config: stop it.
+    Removed,
+    /// command, args, cwd or env changed: restart it.
+    Restart,
+    /// Only supervision settings changed (restart policy, backoff, stop...): applied in place.
+    Settings,
+}
+
+/// The process changes from `old` to `new`, matched by name.
+pub fn process_changes(
+    old: &[ProcessConfig],
+    new: &[ProcessConfig],
+) -> Vec<(String, ProcessChange)> {
+    let mut changes = Vec::new();
+    for process in new {
+        match old.iter().find(|previous| previous.name == process.name) {
+            None => changes.push((process.name.clone(), ProcessChange::Added)),
+            Some(previous) if previous.needs_restart_for(process) => {
+                changes.push((process.name.clone(), ProcessChange::Restart));
+            }
+            Some(previous) if previous != process => {
+                changes.push((process.name.clone(), ProcessChange::Settings));
+            }
+            Some(_) => {}
+        }
+    }
+    for process in old {
+        if !new.iter().any(|next| next.name == process.name) {
+            changes.push((process.name.clone(), ProcessChange::Removed));
+        }
+    }
+    changes
 }
 
 /// How one instance changed.
@@ -124,6 +166,7 @@ impl ConfigDiff {
             health_changed: old.health != new.health,
             log_level_changed: old.logging.level != new.logging.level,
             needs_restart,
+            processes: process_changes(&old.processes, &new.processes),
         }
     }
 
@@ -167,6 +210,26 @@ impl ConfigDiff {
             if changed {
                 parts.push(format!("{name} changed"));
             }
+        }
+        let mut process_parts = Vec::new();
+        for (label, change) in [
+            ("added", ProcessChange::Added),
+            ("removed", ProcessChange::Removed),
+            ("restarted", ProcessChange::Restart),
+            ("updated", ProcessChange::Settings),
+        ] {
+            let names: Vec<&str> = self
+                .processes
+                .iter()
+                .filter(|(_, c)| *c == change)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            if !names.is_empty() {
+                process_parts.push(format!("{label} [{}]", names.join(", ")));
+            }
+        }
+        if !process_parts.is_empty() {
+            parts.push(format!("processes {}", process_parts.join(", ")));
         }
         if !self.needs_restart.is_empty() {
             parts.push(format!("needs restart: {}", self.needs_restart.join(", ")));
@@ -468,6 +531,37 @@ platforms:
         ] {
             assert!(!summary.contains(secret));
         }
+    }
+
+    #[test]
+    fn process_changes_restart_only_what_they_must() {
+        let base = "instances: []
+processes:
+  - {name: api, command: python, args: [run.py], env: {A: '1'}}
+  - {name: keep, command: sleep, args: ['60']}
+  - {name: gone, command: sleep, args: ['60']}
+";
+        let next = "instances: []
+processes:
+  - {name: api, command: python, args: [run.py], env: {A: '2'}}
+  - {name: keep, command: sleep, args: ['60'], restart: always, stop_timeout: 3s}
+  - {name: new, command: sleep, args: ['1']}
+";
+        let diff = ConfigDiff::between(&config(base), &config(next));
+        assert_eq!(
+            diff.processes,
+            [
+                ("api".to_owned(), ProcessChange::Restart),
+                ("keep".to_owned(), ProcessChange::Settings),
+                ("new".to_owned(), ProcessChange::Added),
+                ("gone".to_owned(), ProcessChange::Removed),
+            ]
+        );
+        assert_eq!(
+            diff.summary(),
+            "processes added [new], removed [gone], restarted [api], updated [keep]"
+        );
+        assert!(ConfigDiff::between(&config(base), &config(base)).is_empty());
     }
 
     #[test]

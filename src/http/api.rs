@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -64,6 +64,8 @@ pub(super) fn router() -> Router<AppState> {
         .route("/errors", get(errors))
         .route("/restart", post(restart))
         .route("/reload", post(reload))
+        .route("/processes", get(processes))
+        .route("/processes/{name}/{action}", post(process_action))
         .route("/messages/dead", get(super::dead::list))
         .route("/messages/dead/retry", post(super::dead::retry))
         .route("/messages/dead/purge", post(super::dead::purge))
@@ -73,7 +75,9 @@ pub(super) fn router() -> Router<AppState> {
 async fn status(State(state): State<AppState>) -> Response {
     let snap = state.monitor.snapshot();
     let process = state.monitor.process_sample();
-    ok(report::status(&snap, &process), &[])
+    let mut document = report::status(&snap, &process);
+    document["processes"] = state.monitor.processes().summary();
+    ok(document, &[])
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -185,4 +189,46 @@ async fn reload(State(state): State<AppState>) -> Result<Response, ApiError> {
             ),
         )),
     }
+}
+
+async fn processes(State(state): State<AppState>) -> Response {
+    // Sampling reads /proc and refreshes sysinfo: keep it off the reactor.
+    let handle = state.processes.clone();
+    let rows = tokio::task::spawn_blocking(move || handle.views())
+        .await
+        .unwrap_or_default();
+    let total = rows.len();
+    ok(Value::Array(rows), &[("total_count", json!(total))])
+}
+
+async fn process_action(
+    State(state): State<AppState>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let Some(action) = crate::process::Action::parse(&action) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no such action: use start, stop or restart",
+        ));
+    };
+    require_lifecycle(&state)?;
+    state
+        .processes
+        .command(&name, action)
+        .await
+        .map_err(|error| match error {
+            crate::process::ProcessError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, error.to_string())
+            }
+            crate::process::ProcessError::Stopped => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+            }
+        })?;
+    let handle = state.processes.clone();
+    let view = tokio::task::spawn_blocking(move || handle.view(&name))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(Value::Null);
+    Ok(ok(view, &[]))
 }

@@ -46,6 +46,8 @@ const LINKS: &str = concat!(
     "<li><a href=\"/api/v1/errors?limit=10\">/api/v1/errors</a> recent errors</li>",
     "<li><a href=\"/api/v1/processes\">/api/v1/processes</a> supervised processes (when the build has them)</li>",
     "<li>POST /api/v1/restart, POST /api/v1/reload (lifecycle)</li>",
+    "<li><a href=\"/api/v1/processes\">/api/v1/processes</a> supervised processes; ",
+    "POST /api/v1/processes/{name}/start|stop|restart (lifecycle)</li>",
     "</ul></body></html>"
 );
 
@@ -162,7 +164,11 @@ async fn processes(state: &AppState) -> Option<Value> {
         .await
         .ok()?;
     let mut body: Value = serde_json::from_slice(&bytes).ok()?;
-    Some(body.get_mut("data")?.take())
+    let rows = body.get_mut("data")?.take();
+    // No card when nothing is supervised.
+    rows.as_array()
+        .is_some_and(|rows| !rows.is_empty())
+        .then_some(rows)
 }
 
 fn page(lang: Lang, body: &str) -> String {

@@ -3,6 +3,7 @@
 //! CPU needs the previous refresh, so the `System` lives across scrapes behind a mutex that is
 //! never held across an await. Only our own pid is refreshed (tens of microseconds).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,9 @@ struct SamplerState {
     system: Option<System>,
     previous: Option<(Instant, f64)>,
     last_percent: f64,
+    /// Pids sampled for each supervised process last time, so dead ones are dropped from the
+    /// `System` on the next refresh.
+    groups: HashMap<String, Vec<Pid>>,
 }
 
 // === impl ProcessCollector ===
@@ -58,6 +62,7 @@ impl ProcessCollector {
                 system: System::new().ok(),
                 previous: None,
                 last_percent: 0.0,
+                groups: HashMap::new(),
             }),
         }
     }
@@ -113,6 +118,38 @@ impl ProcessCollector {
             max_fds,
             cpu_percent,
         }
+    }
+}
+
+impl ProcessCollector {
+    /// CPU seconds and resident bytes summed over `pids` (a supervised process group called
+    /// `group`), refreshing only those pids and the ones `group` had last time.
+    pub fn sample_pids(&self, group: &str, pids: &[u32]) -> (f64, u64) {
+        let mut state = match self.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let current: Vec<Pid> = pids.iter().map(|pid| Pid::from_u32(*pid)).collect();
+        let mut refresh = state.groups.remove(group).unwrap_or_default();
+        refresh.extend(current.iter().copied());
+        state.groups.insert(group.to_owned(), current.clone());
+        let Some(system) = state.system.as_mut() else {
+            return (0.0, 0);
+        };
+        system.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&refresh),
+            true,
+            ProcessRefreshKind::nothing().with_cpu().with_memory(),
+        );
+        current.iter().filter_map(|pid| system.process(*pid)).fold(
+            (0.0, 0),
+            |(cpu, rss), process| {
+                (
+                    cpu + process.accumulated_cpu_time() as f64 / 1000.0,
+                    rss + process.memory(),
+                )
+            },
+        )
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::keys;
 use super::node::{Node, NodeKind};
+use super::processes;
 use super::reader::{Ctx, Fields, IntRange, index};
 use super::routing;
 use crate::config::{
@@ -28,6 +29,7 @@ const ROOT_KEYS: &[&str] = &[
     "logging",
     "storage",
     "media",
+    "processes",
 ];
 const SERVER_KEYS: &[&str] = &[
     "listen",
@@ -113,6 +115,7 @@ pub(super) fn config(ctx: &mut Ctx<'_>, root: &Node) -> Option<Config> {
     let fixed_listeners = fixed_listeners(ctx, fields.get("fixed_listeners"), &known_ids);
     let (platforms, platform_ids) = routing::platforms(ctx, fields.get("platforms"), &delivery);
     let rules = routing::rules(ctx, fields.get("rules"), &known_ids, &platform_ids);
+    let processes = processes::processes(ctx, fields.get("processes"), &known_ids);
 
     Some(Config {
         server,
@@ -126,6 +129,7 @@ pub(super) fn config(ctx: &mut Ctx<'_>, root: &Node) -> Option<Config> {
         logging,
         storage,
         media,
+        processes,
         // Filled in by `decode` once the key files are known.
         source: ConfigSource {
             path: None,
@@ -235,7 +239,11 @@ fn listener(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ListenerConfig {
 }
 
 /// `backoff: {initial, max}` inside `parent`, with `initial <= max`.
-fn backoff(ctx: &mut Ctx<'_>, parent: &Fields<'_>, default: BackoffConfig) -> BackoffConfig {
+pub(super) fn backoff(
+    ctx: &mut Ctx<'_>,
+    parent: &Fields<'_>,
+    default: BackoffConfig,
+) -> BackoffConfig {
     let path = parent.path_of("backoff");
     let Some(fields) = ctx.section(parent.get_raw("backoff"), &path, BACKOFF_KEYS) else {
         return default;

@@ -461,7 +461,7 @@ fn structure_errors() {
     check(
         "instances: []\nbogus: 1\n",
         &[
-            "2:1: bogus: unknown key \"bogus\"; allowed keys: server, listener, instances, fixed_listeners, platforms, rules, delivery, health, logging, storage, media",
+            "2:1: bogus: unknown key \"bogus\"; allowed keys: server, listener, instances, fixed_listeners, platforms, rules, delivery, health, logging, storage, media, processes",
         ],
     );
     check(
