@@ -44,7 +44,6 @@ const LINKS: &str = concat!(
     "<li><a href=\"/api/v1/listeners\">/api/v1/listeners</a> listened chats</li>",
     "<li><a href=\"/api/v1/statistics\">/api/v1/statistics</a> statistics</li>",
     "<li><a href=\"/api/v1/errors?limit=10\">/api/v1/errors</a> recent errors</li>",
-    "<li><a href=\"/api/v1/processes\">/api/v1/processes</a> supervised processes (when the build has them)</li>",
     "<li>POST /api/v1/restart, POST /api/v1/reload (lifecycle)</li>",
     "<li><a href=\"/api/v1/processes\">/api/v1/processes</a> supervised processes; ",
     "POST /api/v1/processes/{name}/start|stop|restart (lifecycle)</li>",
