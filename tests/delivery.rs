@@ -820,9 +820,12 @@ mod kill {
         let generations = [ApiGeneration::Who, ApiGeneration::Nickname];
         let mut sims = Vec::new();
         for (name, generation) in ["a", "b"].into_iter().zip(generations) {
+            // DELIVERY_KILL_NO_HISTORY=1 measures what a server without the history endpoint
+            // (or a sidecar without recovery) loses: the test then fails and names the losses.
             let base = SimConfig {
                 api_generation: generation,
                 read_latency: READ_LATENCY,
+                history: std::env::var_os("DELIVERY_KILL_NO_HISTORY").is_none(),
                 ..SimConfig::default()
             };
             sims.push(start_sim_with(name, &format!("wx-{name}"), base).await);
