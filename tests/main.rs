@@ -3,16 +3,19 @@
 mod util;
 
 mod binary;
+mod config_notifier_integration;
 mod delivery;
 mod http;
 mod import_mgt;
 mod listener;
 mod logging;
 mod media;
+mod message_listener_health;
 #[cfg(target_os = "linux")]
 mod processes;
 mod recovery;
 mod reload;
 mod security;
+mod service_monitor;
 mod status_page;
 mod tidy;

@@ -16,11 +16,14 @@ use wxauto_sidecar::simulator::ListenAction;
 
 use crate::util::{BIN, Binary, DEADLINE, Sim, eventually, metric_value, start_sim};
 
-/// A webhook that records (idempotency key, body) and answers 400 while `refuse` is set.
+/// A webhook that records (idempotency key, body) and answers 400 while `refuse` is set;
+/// with `reply` set it answers `{"reply": "ack <content>"}` once `release` is notified.
 #[derive(Clone, Default)]
 struct Hook {
     hits: Arc<Mutex<Vec<(String, Value)>>>,
     refuse: Arc<AtomicBool>,
+    reply: Arc<AtomicBool>,
+    release: Arc<tokio::sync::Notify>,
 }
 
 impl Hook {
@@ -60,9 +63,13 @@ impl Hook {
     }
 }
 
-async fn receive(State(hook): State<Hook>, headers: HeaderMap, body: String) -> impl IntoResponse {
+async fn receive(
+    State(hook): State<Hook>,
+    headers: HeaderMap,
+    body: String,
+) -> axum::response::Response {
     if hook.refuse.load(Ordering::SeqCst) {
-        return StatusCode::BAD_REQUEST;
+        return StatusCode::BAD_REQUEST.into_response();
     }
     let key = headers
         .get("idempotency-key")
@@ -70,8 +77,14 @@ async fn receive(State(hook): State<Hook>, headers: HeaderMap, body: String) -> 
         .unwrap_or_default()
         .to_owned();
     let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let content = body["content"].as_str().unwrap_or_default().to_owned();
     hook.hits.lock().unwrap().push((key, body));
-    StatusCode::NO_CONTENT
+    if hook.reply.load(Ordering::SeqCst) {
+        hook.release.notified().await;
+        let reply = serde_json::json!({ "reply": format!("ack {content}") });
+        return axum::Json(reply).into_response();
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// A config file for one simulator and the hook, in `dir`.
@@ -285,4 +298,61 @@ async fn dead_letters_are_listed_retried_and_purged_with_the_cli() {
     let (code, _, err) = dead("http://127.0.0.1:9", &["list"]);
     assert_eq!(code, 2);
     assert!(err.contains("unreachable"), "{err}");
+}
+
+/// The chat's listen window is gone upstream while its message is with the platform: the
+/// reply is refused with 3001. The sidecar listens to the chat again and sends the reply at
+/// once, without spending an attempt or recording a failed reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_a_chat_whose_listener_vanished_relistens_and_goes_out() {
+    let sim = start_sim("hl").await;
+    let hook = Hook::default();
+    hook.reply.store(true, Ordering::SeqCst);
+    let (url, _hook) = hook.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = write_config(dir.path(), &sim, &url, "");
+    let config = dir.path().join("sidecar.yaml");
+    let sidecar = Binary::start(dir.path(), &config, &env).await;
+    sim.sim.inject("gus", "gus", "question");
+    eventually("the platform has the message", DEADLINE, || async {
+        (hook.contents().len() == 1).then_some(())
+    })
+    .await;
+    // Someone (a WeChat window closed by hand, a server hiccup) removes the listener upstream.
+    let removed = reqwest::Client::new()
+        .post(format!("http://{}/api/message/listen/remove", sim.addr))
+        .header("X-API-Key", &sim.key)
+        .json(&serde_json::json!({ "nickname": "gus" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+    assert!(!sim.sim.snapshot().listened.contains(&"gus".to_owned()));
+    hook.release.notify_one();
+    eventually("the reply reaches the chat", DEADLINE, || async {
+        sim.sim
+            .snapshot()
+            .sent
+            .iter()
+            .any(|sent| sent.who == "gus" && sent.message == "ack question")
+            .then_some(())
+    })
+    .await;
+    assert!(sim.sim.snapshot().listened.contains(&"gus".to_owned()));
+    let metrics = sidecar.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wxauto_replies_total{instance_id=\"wx-r\",outcome=\"error\"}"
+        ),
+        Some(0.0),
+        "no failed reply attempt"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wxauto_replies_total{instance_id=\"wx-r\",outcome=\"success\"}"
+        ),
+        Some(1.0)
+    );
 }

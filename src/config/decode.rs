@@ -3,12 +3,15 @@
 //! serde-saphyr parses the text into a located tree (`node`); the typed decoder (`reader` plus the
 //! per-section modules) walks it and records each error instead of stopping at the first.
 
+#[cfg(test)]
+mod edge_tests;
 mod keys;
 mod node;
 mod processes;
 mod reader;
 mod routing;
 mod sections;
+mod tags;
 #[cfg(test)]
 mod tests;
 
@@ -39,7 +42,12 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if self.line == 0 {
+            // No position (a file that cannot be read): the file alone, not a fake `0:0`.
+            write!(f, "{}: ", self.file)?;
+        } else {
+            write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        }
         if !self.key_path.is_empty() {
             write!(f, "{}: ", self.key_path)?;
         }
@@ -94,6 +102,7 @@ pub fn decode(
     // the working directory; a bare file name has an empty parent, i.e. the working directory.
     let base_dir = path.and_then(Path::parent).map(Path::to_path_buf);
     let mut ctx = Ctx::new(file, text, base_dir, env);
+    tags::check(&mut ctx, &root, text);
     let config = sections::config(&mut ctx, &root);
 
     if !ctx.errors.is_empty() {
@@ -130,14 +139,31 @@ pub fn decode(
 
 /// Reads and decodes a config file using the process environment.
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|err| ConfigErrors {
+    let error = |line: u64, column: u64, message: String| ConfigErrors {
         errors: vec![ConfigError {
             file: path.display().to_string(),
-            line: 0,
-            column: 0,
+            line,
+            column,
             key_path: String::new(),
-            message: format!("cannot read config file: {err}"),
+            message,
         }],
+    };
+    let bytes = std::fs::read(path)
+        .map_err(|err| error(0, 0, format!("cannot read config file: {err}")))?;
+    let text = String::from_utf8(bytes).map_err(|err| {
+        let offset = err.utf8_error().valid_up_to();
+        let valid = String::from_utf8_lossy(&err.as_bytes()[..offset]).into_owned();
+        let line = valid.matches('\n').count() + 1;
+        let column = valid
+            .rsplit('\n')
+            .next()
+            .map_or(0, |last| last.chars().count())
+            + 1;
+        error(
+            u64::try_from(line).unwrap_or(u64::MAX),
+            u64::try_from(column).unwrap_or(u64::MAX),
+            format!("the file is not valid UTF-8 (invalid byte at offset {offset})"),
+        )
     })?;
     decode(&text, Some(path), &|name| std::env::var(name).ok())
 }

@@ -1,11 +1,10 @@
 //! The JSON monitor API under `/api/v1`, in the seed's `{success, data, timestamp}` envelope.
 
-use std::collections::HashMap;
 use std::time::SystemTime;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -121,28 +120,46 @@ async fn statistics(State(state): State<AppState>) -> Response {
     )
 }
 
-async fn errors(
-    State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let limit = match query.get("limit") {
-        None => 10,
-        Some(raw) => match raw.trim().parse::<usize>() {
-            Ok(limit) if (1..=ERROR_RING_CAPACITY).contains(&limit) => limit,
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("limit must be an integer from 1 to {ERROR_RING_CAPACITY}"),
-                ));
-            }
-        },
-    };
+async fn errors(State(state): State<AppState>, uri: axum::http::Uri) -> Result<Response, ApiError> {
+    let limit = strict_limit(uri.query().unwrap_or(""), 10)?;
     let records = state.monitor.recent_errors(limit);
     let count = records.len();
     Ok(ok(
         Value::Array(report::errors(&records)),
         &[("count", json!(count))],
     ))
+}
+
+/// `limit` parsed strictly: at most once, ASCII digits only (no sign, space or `+`), within
+/// 1..=ERROR_RING_CAPACITY. Other parameters are ignored.
+fn strict_limit(query: &str, default: usize) -> Result<usize, ApiError> {
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "limit must be given at most once, as digits only, from 1 to {ERROR_RING_CAPACITY}"
+            ),
+        )
+    };
+    let mut values = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(name, _)| *name == "limit")
+        .map(|(_, value)| value);
+    let Some(raw) = values.next() else {
+        return Ok(default);
+    };
+    if values.next().is_some()
+        || raw.is_empty()
+        || raw.len() > 6
+        || !raw.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    match raw.parse::<usize>() {
+        Ok(limit) if (1..=ERROR_RING_CAPACITY).contains(&limit) => Ok(limit),
+        _ => Err(bad()),
+    }
 }
 
 pub(super) fn require_lifecycle(state: &AppState) -> Result<(), ApiError> {
@@ -231,4 +248,30 @@ async fn process_action(
         .flatten()
         .unwrap_or(Value::Null);
     Ok(ok(view, &[]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_is_parsed_strictly() {
+        assert_eq!(strict_limit("", 10).unwrap(), 10);
+        assert_eq!(strict_limit("other=1", 10).unwrap(), 10);
+        assert_eq!(strict_limit("limit=5", 10).unwrap(), 5);
+        assert_eq!(strict_limit("x=1&limit=7", 10).unwrap(), 7);
+        for bad in [
+            "limit=+5",
+            "limit=5&limit=6",
+            "limit=",
+            "limit",
+            "limit=-1",
+            "limit=%205",
+            "limit=0",
+            "limit=5.0",
+            "limit=99999999999999999999",
+        ] {
+            assert!(strict_limit(bad, 10).is_err(), "{bad}");
+        }
+    }
 }

@@ -7,6 +7,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The longest accepted duration: a year.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 use super::ConfigError;
 use super::node::{Node, NodeKind};
 
@@ -186,6 +189,11 @@ impl<'a> Ctx<'a> {
         match humantime::parse_duration(text.trim()) {
             Ok(duration) if duration.is_zero() => {
                 self.error(node, path, "must be greater than zero");
+                None
+            }
+            // Far beyond any useful setting, and far inside what timers and clocks can add.
+            Ok(duration) if duration > MAX_DURATION => {
+                self.error(node, path, "must be at most 365d");
                 None
             }
             Ok(duration) => Some(duration),

@@ -330,7 +330,13 @@ fn logging(ctx: &mut Ctx<'_>, node: Option<&Node>) -> LoggingConfig {
         level: level.unwrap_or_else(|| "info".to_owned()),
         dir: PathBuf::from(fields.string_or(ctx, "dir", "data/logs")),
         file_prefix,
-        retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
+        // Bounded (100 years) so that date arithmetic on the days cannot overflow.
+        retention_days: to_u32(fields.int_or(
+            ctx,
+            "retention_days",
+            IntRange::between(1, 36_500),
+            7,
+        )),
         format: log_format(ctx, &fields),
         redact_chat_names: fields.bool_or(ctx, "redact_chat_names", false),
     }
@@ -426,7 +432,13 @@ fn media(ctx: &mut Ctx<'_>, node: Option<&Node>) -> MediaConfig {
         download: fields.bool_or(ctx, "download", default.download),
         dir: PathBuf::from(fields.string_or(ctx, "dir", "data/downloads")),
         max_bytes: u64::try_from(max_bytes).unwrap_or(u64::MAX),
-        retention_days: to_u32(fields.int_or(ctx, "retention_days", IntRange::at_least(1), 7)),
+        // Bounded (100 years) so that date arithmetic on the days cannot overflow.
+        retention_days: to_u32(fields.int_or(
+            ctx,
+            "retention_days",
+            IntRange::between(1, 36_500),
+            7,
+        )),
     }
 }
 

@@ -594,7 +594,7 @@ fn section_value_errors() {
         ),
         &[
             "3:10: logging.level: invalid log filter \"a=b=c\": error parsing level filter: expected one of \"off\", \"error\", \"warn\", \"info\", \"debug\", \"trace\", or a number 0-5",
-            "4:19: logging.retention_days: must be at least 1, got 0",
+            "4:19: logging.retention_days: must be between 1 and 36500, got 0",
             "5:16: logging.file_prefix: must be a file name prefix, not a path (use logging.dir)",
         ],
     );
@@ -1208,7 +1208,7 @@ fn media_section_defaults_values_and_errors() {
         &[
             "3:13: media.download: expected true or false, found a string",
             "4:14: media.max_bytes: must be at least 1, got 0",
-            "5:19: media.retention_days: must be at least 1, got 0",
+            "5:19: media.retention_days: must be between 1 and 36500, got 0",
             "6:3: media.size: unknown key \"size\"; allowed keys: download, dir, max_bytes, retention_days",
         ],
     );
