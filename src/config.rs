@@ -16,11 +16,13 @@ use regex::Regex;
 
 use crate::secret::Secret;
 
-pub use decode::{ConfigError, ConfigErrors, Loaded, decode, load_file};
+pub use decode::{
+    ConfigError, ConfigErrors, Loaded, check_file_without_secrets, decode, load_file,
+};
 pub use diff::{ConfigDiff, InstanceChange, ProcessChange, process_changes};
 pub use process::{CrashLoopConfig, ProcessConfig, RestartPolicy, StopSignal};
 
-/// The default `server.listen` address (CONTRACT §1).
+/// The default `server.listen` address (docs/reference.md, "Names").
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8907";
 
 /// A fully validated configuration. Fields are public for reading; only `decode` builds one.
@@ -230,12 +232,12 @@ pub enum SendMode {
     Typing,
 }
 
-/// The platform types of CONTRACT §3.
+/// The platform types of docs/configuration.md.
 #[derive(Debug, Clone)]
 pub enum PlatformKind {
     /// Local keyword replies.
     Keyword(KeywordPlatform),
-    /// POST the message as JSON (CONTRACT §7).
+    /// POST the message as JSON (docs/reference.md, "The webhook request").
     Webhook(WebhookPlatform),
     /// An OpenAI-compatible `/chat/completions` endpoint.
     OpenAi(OpenAiPlatform),
@@ -403,7 +405,7 @@ impl ChatPattern {
     }
 }
 
-/// `delivery:` section (an addition to CONTRACT §3).
+/// `delivery:` section (an addition to the documented sections, docs/configuration.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryConfig {
     /// Concurrent delivery workers.

@@ -14,10 +14,13 @@ use wxauto_sidecar::import_mgt::{self, ImportOptions};
 use wxauto_sidecar::logging;
 use wxauto_sidecar::simulator::{ApiGeneration, SimConfig, Simulator};
 
-/// Exit code for an invalid configuration (CONTRACT §2).
+/// Exit code for an invalid configuration (docs/reference.md, "Exit codes").
 const EXIT_CONFIG: u8 = 1;
-/// Exit code for a runtime failure (CONTRACT §2).
+/// Exit code for a runtime failure (docs/reference.md, "Exit codes").
 const EXIT_RUNTIME: u8 = 2;
+/// Exit code for a command-line usage error (sysexits' `EX_USAGE`): a typo in a unit file is
+/// not fixed by restarting, so the shipped systemd unit lists it in `RestartPreventExitStatus=`.
+const EXIT_USAGE: u8 = 64;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,6 +51,15 @@ enum Command {
         /// The config file.
         #[arg(long, env = "WXAUTO_SIDECAR_CONFIG", value_name = "FILE")]
         config: PathBuf,
+        /// Check syntax, types and references without resolving secrets: the environment
+        /// variables and key files the config names are not read (for CI).
+        #[arg(long)]
+        no_secrets: bool,
+    },
+    /// Windows only: install, uninstall or run the sidecar as a Windows service.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
     },
     /// Query a running sidecar: exit 0 healthy, 1 warning, 2 critical or unreachable.
     Health {
@@ -142,6 +154,37 @@ enum SimGeneration {
     Nickname,
 }
 
+#[derive(Subcommand, Debug)]
+enum ServiceAction {
+    /// Register the service (run elevated); it starts `service run` with this config.
+    Install {
+        /// The config file (stored as an absolute path in the service's command line).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Service name.
+        #[arg(long, default_value = "wxauto-sidecar")]
+        name: String,
+        /// Start the service at boot instead of on demand.
+        #[arg(long)]
+        auto_start: bool,
+    },
+    /// Stop (if running) and remove the service.
+    Uninstall {
+        /// Service name.
+        #[arg(long, default_value = "wxauto-sidecar")]
+        name: String,
+    },
+    /// What the Service Control Manager starts; not for interactive use.
+    Run {
+        /// The config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Service name (must match the installed one).
+        #[arg(long, default_value = "wxauto-sidecar")]
+        name: String,
+    },
+}
+
 #[derive(Args, Debug, Default)]
 struct RunArgs {
     /// The YAML config file.
@@ -173,7 +216,18 @@ enum WatchMode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // `--help` and `--version` arrive here too, and are not errors.
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     // reqwest is built without a default crypto provider; install ring before any client.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -187,10 +241,18 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        None => runtime.block_on(run(cli.run)),
-        Some(Command::Run(args)) => runtime.block_on(run(args)),
+        None => runtime.block_on(run(cli.run, CancellationToken::new())),
+        Some(Command::Run(args)) => runtime.block_on(run(args, CancellationToken::new())),
         Some(Command::Demo { listen }) => runtime.block_on(demo(listen)),
-        Some(Command::CheckConfig { config }) => check_config(&config),
+        Some(Command::CheckConfig {
+            config,
+            no_secrets: false,
+        }) => check_config(&config),
+        Some(Command::CheckConfig {
+            config,
+            no_secrets: true,
+        }) => check_config_without_secrets(&config),
+        Some(Command::Service { action }) => service(action),
         Some(Command::Health {
             url,
             ca_file,
@@ -345,7 +407,85 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> ExitCode {
+fn check_config_without_secrets(path: &Path) -> ExitCode {
+    match config::check_file_without_secrets(path) {
+        Ok(warnings) => {
+            for warning in &warnings {
+                eprintln!("warning: {warning}");
+            }
+            println!("{}: valid (secrets not resolved)", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s)", path.display(), errors.errors.len());
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+#[cfg(not(windows))]
+fn service(action: ServiceAction) -> ExitCode {
+    let _ = action;
+    eprintln!(
+        "wxauto-sidecar: `service` is Windows only (it registers with the Windows Service \
+         Control Manager); on Linux use the systemd unit in deploy/systemd/"
+    );
+    ExitCode::from(EXIT_USAGE)
+}
+
+#[cfg(windows)]
+fn service(action: ServiceAction) -> ExitCode {
+    use wxauto_sidecar::service as win;
+    let result = match action {
+        ServiceAction::Install {
+            config,
+            name,
+            auto_start,
+        } => win::install(&name, &config, auto_start).map(|()| {
+            println!("installed service {name}; start it with `sc start {name}`");
+        }),
+        ServiceAction::Uninstall { name } => win::uninstall(&name).map(|()| {
+            println!("removed service {name}");
+        }),
+        ServiceAction::Run { config, name } => {
+            win::run_dispatcher(&name, config, Box::new(run_as_service))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("wxauto-sidecar: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// The sidecar as the service runs it: `run --config <path>`, stopping when `shutdown` fires
+/// (the SCM's stop or shutdown request). Returns the process exit code.
+#[cfg(windows)]
+fn run_as_service(config: PathBuf, shutdown: CancellationToken) -> u8 {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(_) => return EXIT_RUNTIME,
+    };
+    let args = RunArgs {
+        config: Some(config),
+        ..RunArgs::default()
+    };
+    let code = runtime.block_on(run(args, shutdown));
+    [EXIT_CONFIG, EXIT_RUNTIME]
+        .into_iter()
+        .find(|known| code == ExitCode::from(*known))
+        .unwrap_or(0)
+}
+
+/// Runs the sidecar until a signal or `shutdown` (the Windows service's stop) ends it.
+async fn run(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
     let Some(path) = args.config.clone() else {
         eprintln!(
             "wxauto-sidecar: no configuration: pass --config FILE or set WXAUTO_SIDECAR_CONFIG (or try `wxauto-sidecar demo`)"
@@ -388,7 +528,7 @@ async fn run(args: RunArgs) -> ExitCode {
         log_level: args.log_level.is_none().then(|| guard.level.clone()),
         ..RunOptions::new()
     };
-    let code = serve(loaded, loader, options).await;
+    let code = serve(loaded, loader, options, shutdown).await;
     drop(guard);
     code
 }
@@ -397,8 +537,8 @@ async fn serve(
     loaded: config::Loaded,
     loader: wxauto_sidecar::supervisor::ConfigLoader,
     options: RunOptions,
+    shutdown: CancellationToken,
 ) -> ExitCode {
-    let shutdown = CancellationToken::new();
     match app::run(loaded, loader, options, shutdown, |_| {}).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -446,7 +586,7 @@ async fn demo(listen: Option<SocketAddr>) -> ExitCode {
         watch: false,
         ..RunOptions::new()
     };
-    let code = serve(loaded, loader, options).await;
+    let code = serve(loaded, loader, options, CancellationToken::new()).await;
     cancel.cancel();
     code
 }

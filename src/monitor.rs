@@ -176,7 +176,7 @@ pub struct InstanceState {
     pub enabled: bool,
     /// WeChat reported connected at the last probe (initialised upstream).
     pub initialized: bool,
-    /// Connected per CONTRACT §6.
+    /// Connected as docs/reference.md ("Health score") defines it.
     pub connected: bool,
     /// The state machine.
     pub state: Connectivity,

@@ -3,7 +3,9 @@
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::supervisor::{Control, ReloadSource};
+use crate::supervisor::Control;
+#[cfg(unix)]
+use crate::supervisor::ReloadSource;
 
 /// Exit code when a second signal aborts the graceful shutdown.
 pub const ABORT_EXIT_CODE: i32 = 130;
@@ -20,6 +22,9 @@ pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
             return;
         }
     };
+    // Windows has no SIGHUP, so nothing here sends reloads (the watcher and the API still do).
+    #[cfg(not(unix))]
+    drop(control);
     tokio::spawn(async move {
         let mut received = 0u32;
         loop {
@@ -36,6 +41,7 @@ pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
                         std::process::exit(ABORT_EXIT_CODE);
                     }
                 }
+                #[cfg(unix)]
                 Signal::Hangup => {
                     tracing::info!("SIGHUP received; reloading the configuration.");
                     let _ = control
@@ -52,6 +58,8 @@ pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
 
 enum Signal {
     Terminate,
+    /// SIGHUP; Windows has no such signal (reload there via the watcher or the lifecycle API).
+    #[cfg(unix)]
     Hangup,
 }
 

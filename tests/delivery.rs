@@ -506,7 +506,7 @@ async fn platform_failures_retry_or_dead_letter() {
                 "received_at",
                 "attempt"
             ]),
-            "CONTRACT §7 body"
+            "the documented webhook body"
         );
         assert_eq!(first.body["mtype"], Value::Null);
         let received_at = first.body["received_at"].as_str().unwrap();

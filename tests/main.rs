@@ -3,7 +3,9 @@
 mod util;
 
 mod binary;
+mod cli;
 mod config_notifier_integration;
+mod consistency;
 mod delivery;
 mod http;
 mod import_mgt;

@@ -93,6 +93,24 @@ pub fn decode(
     path: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, ConfigErrors> {
+    decode_with(text, path, env, true)
+}
+
+/// Checks a config file without resolving its secrets (`check-config --no-secrets`, for CI):
+/// syntax, types, ranges and references are checked as for a run, but no environment variable
+/// named by `api_key_env`/`headers_from_env` and no `api_key_file` is read. Returns the
+/// warnings; the config itself is withheld because placeholders stand in for its keys.
+pub fn check_file_without_secrets(path: &Path) -> Result<Vec<String>, ConfigErrors> {
+    let text = read_file(path)?;
+    decode_with(&text, Some(path), &|_| None, false).map(|loaded| loaded.warnings)
+}
+
+fn decode_with(
+    text: &str,
+    path: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    resolve_secrets: bool,
+) -> Result<Loaded, ConfigErrors> {
     let file = path.map_or_else(|| BUILTIN.to_owned(), |path| path.display().to_string());
     let root = parse(text).map_err(|err| ConfigErrors {
         errors: vec![syntax_error(&file, &err)],
@@ -102,6 +120,7 @@ pub fn decode(
     // the working directory; a bare file name has an empty parent, i.e. the working directory.
     let base_dir = path.and_then(Path::parent).map(Path::to_path_buf);
     let mut ctx = Ctx::new(file, text, base_dir, env);
+    ctx.resolve_secrets = resolve_secrets;
     tags::check(&mut ctx, &root, text);
     let config = sections::config(&mut ctx, &root);
 
@@ -139,6 +158,12 @@ pub fn decode(
 
 /// Reads and decodes a config file using the process environment.
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let text = read_file(path)?;
+    decode(&text, Some(path), &|name| std::env::var(name).ok())
+}
+
+/// The file's text; a read failure or invalid UTF-8 is one located error.
+fn read_file(path: &Path) -> Result<String, ConfigErrors> {
     let error = |line: u64, column: u64, message: String| ConfigErrors {
         errors: vec![ConfigError {
             file: path.display().to_string(),
@@ -150,7 +175,7 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
     };
     let bytes = std::fs::read(path)
         .map_err(|err| error(0, 0, format!("cannot read config file: {err}")))?;
-    let text = String::from_utf8(bytes).map_err(|err| {
+    String::from_utf8(bytes).map_err(|err| {
         let offset = err.utf8_error().valid_up_to();
         let valid = String::from_utf8_lossy(&err.as_bytes()[..offset]).into_owned();
         let line = valid.matches('\n').count() + 1;
@@ -164,8 +189,7 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
             u64::try_from(column).unwrap_or(u64::MAX),
             format!("the file is not valid UTF-8 (invalid byte at offset {offset})"),
         )
-    })?;
-    decode(&text, Some(path), &|name| std::env::var(name).ok())
+    })
 }
 
 /// Parses YAML into the located tree.

@@ -1,7 +1,8 @@
 //! The config file watcher: it only *signals* (`on_change`) that the config or a key file may
 //! have changed; the caller reloads, and compares `Config.source.hash` to skip no-op reloads.
 //!
-//! Watches each file's parent directory (never the inode), debounces bursts, and runs a content
+//! Watches each file's parent directory (never the inode; canonicalized, so a relative path
+//! matches the absolute paths events carry), debounces bursts, and runs a content
 //! hash poll as a safety net for filesystems and mounts that deliver no events (conventions §7).
 
 #[cfg(test)]
@@ -343,6 +344,10 @@ impl Task {
         // Stop the old watcher before arming the new one, so they rarely overlap; an overlap
         // only adds duplicate events to a burst.
         discard(self.watcher.take());
+        if !self.armed {
+            // A directory that was missing may exist now, under its canonical name.
+            self.targets = Targets::new(&self.files);
+        }
         let dirs = self.targets.dirs();
         let events = self.events_tx.clone();
         let tuning = self.tuning;
@@ -513,9 +518,10 @@ impl Targets {
             };
             // `config.yaml` has the empty parent: the working directory.
             let dir = match file.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-                _ => PathBuf::from("."),
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
             };
+            let dir = canonical_dir(dir);
             match dirs.iter_mut().find(|(known, _)| *known == dir) {
                 Some((_, names)) => names.push(PathBuf::from(name)),
                 None => dirs.push((dir, vec![PathBuf::from(name)])),
@@ -568,6 +574,17 @@ impl Targets {
             .iter()
             .any(|path| self.dirs.iter().any(|(dir, _)| path == dir))
     }
+}
+
+/// `dir` as the platform watcher reports paths under it: canonical (absolute, symlinks and `..`
+/// resolved), because notify joins event names onto the absolute form of the watched path (and
+/// FSEvents reports resolved paths), so a relative `--config my-config.yaml` would otherwise
+/// never match an event. A directory that does not exist (yet) is made absolute against the
+/// working directory; `Task::rearm` canonicalizes again once it can be watched.
+fn canonical_dir(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir)
+        .or_else(|_| std::path::absolute(dir))
+        .unwrap_or_else(|_| dir.to_path_buf())
 }
 
 /// `..data`, `..2026_11_29_14_00_00.123`: the entries Kubernetes swaps in a ConfigMap volume.

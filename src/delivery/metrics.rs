@@ -1,4 +1,4 @@
-//! Delivery metrics (CONTRACT §5): pending/dead gauges kept in sync with the store, drops,
+//! Delivery metrics (docs/reference.md, "Metrics"): pending/dead gauges kept in sync with the store, drops,
 //! deliveries and replies by closed outcome, and the delivery duration histogram.
 
 use std::collections::HashSet;

@@ -74,26 +74,39 @@ pub(super) async fn retry(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_lifecycle(&state)?;
-    let selection = selection(&body)?;
-    let n = delivery(&state)?
-        .retry_dead(selection.ids)
-        .await
-        .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
-    Ok(ok(json!({ "retried": n }), &[]))
+    act(&state, &body, "retried", |delivery, ids| async move {
+        delivery.retry_dead(ids).await
+    })
+    .await
 }
 
 pub(super) async fn purge(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_lifecycle(&state)?;
-    let selection = selection(&body)?;
-    let n = delivery(&state)?
-        .purge_dead(selection.ids)
+    act(&state, &body, "purged", |delivery, ids| async move {
+        delivery.purge_dead(ids).await
+    })
+    .await
+}
+
+/// A lifecycle-gated action on the selected dead letters; answers `{<done>: n}`.
+async fn act<F, Fut>(
+    state: &AppState,
+    body: &Bytes,
+    done: &str,
+    action: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(Delivery, Option<Vec<i64>>) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, crate::delivery::StoreError>>,
+{
+    require_lifecycle(state)?;
+    let selection = selection(body)?;
+    let n = action(delivery(state)?.clone(), selection.ids)
         .await
         .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
-    Ok(ok(json!({ "purged": n }), &[]))
+    Ok(ok(json!({ done: n }), &[]))
 }
 
 /// An empty body selects every dead letter; `{"ids": []}` selects none.

@@ -1,4 +1,4 @@
-//! The 0–100 health score of CONTRACT §6, in integer arithmetic.
+//! The 0–100 health score of docs/reference.md ("Health score"), in integer arithmetic.
 //!
 //! The seed computed `int((1 - ratio) × 30)` in floating point, which truncates the wrong way
 //! for some inputs (5 clients, 4 connected: 5 points instead of 6). Here every deduction is an
@@ -86,7 +86,7 @@ pub struct Health {
     pub deductions: Deductions,
 }
 
-/// Computes the score exactly as CONTRACT §6 says.
+/// Computes the score exactly as docs/reference.md ("Health score") says.
 pub fn compute(inputs: &HealthInputs) -> Health {
     let listener = if !inputs.running {
         40

@@ -1,6 +1,6 @@
 //! The monitor API's JSON documents (`data` of each endpoint), built from one `Snapshot`.
 //!
-//! Field names are the seed's (CONTRACT §4); the periodic report file is the health document.
+//! Field names are the seed's (docs/reference.md, "JSON answers"); the periodic report file is the health document.
 
 use std::collections::HashMap;
 

@@ -64,7 +64,7 @@ pub struct HealthInfo {
 }
 
 impl HealthInfo {
-    /// The contract's definition of a connected instance (CONTRACT §6).
+    /// The contract's definition of a connected instance (docs/reference.md, "Health score").
     pub fn is_connected(&self) -> bool {
         self.wechat_status == "connected"
     }

@@ -19,6 +19,10 @@ const MIN_KEY_CHARS: usize = 4;
 
 const EXACTLY_ONE: &str = "set exactly one of api_key_env, api_key_file or api_key";
 
+/// What stands in for a secret that was not resolved (`check-config --no-secrets`). Such a
+/// config is never run: `check_file_without_secrets` returns only its warnings.
+const UNRESOLVED: &str = "<unresolved secret>";
+
 /// Resolves the API key of the mapping `fields` (an instance or a platform).
 pub(super) fn api_key(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<(Secret, KeySource)> {
     let mut present: Vec<(&str, &Node)> = KEY_SOURCES
@@ -46,6 +50,9 @@ pub(super) fn api_key(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<(Secret,
     match name {
         "api_key_env" => {
             let variable = ctx.non_empty_string(node, &path)?;
+            if !ctx.resolve_secrets {
+                return Some((Secret::new(UNRESOLVED.to_owned()), KeySource::Env(variable)));
+            }
             let value = env_secret(ctx, node, &path, &variable)?;
             check_length(
                 ctx,
@@ -59,6 +66,12 @@ pub(super) fn api_key(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> Option<(Secret,
         "api_key_file" => {
             let file = ctx.non_empty_string(node, &path)?;
             let resolved = resolve(ctx.base_dir.as_deref(), &file);
+            if !ctx.resolve_secrets {
+                return Some((
+                    Secret::new(UNRESOLVED.to_owned()),
+                    KeySource::File(resolved),
+                ));
+            }
             let value = read_key_file(ctx, node, &path, &resolved)?;
             let what = format!("API key in file \"{}\"", resolved.display());
             check_length(ctx, node, &path, &value, &what)?;
@@ -88,6 +101,9 @@ pub(super) fn env_secret(
     path: &str,
     variable: &str,
 ) -> Option<String> {
+    if !ctx.resolve_secrets {
+        return Some(UNRESOLVED.to_owned());
+    }
     match (ctx.env)(variable) {
         None => {
             ctx.error(
@@ -128,8 +144,12 @@ fn read_key_file(ctx: &mut Ctx<'_>, node: &Node, path: &str, file: &Path) -> Opt
         ctx.error(node, path, message);
         return None;
     };
-    // `echo key > file` and editors add a final newline; CRLF comes from Windows editors.
-    let value = text.trim_end_matches(['\n', '\r']);
+    // `echo key > file` and editors add a final newline; CRLF comes from Windows editors, and
+    // so does a leading byte order mark (Notepad's "UTF-8 with BOM").
+    let value = text
+        .strip_prefix('\u{feff}')
+        .unwrap_or(&text)
+        .trim_end_matches(['\n', '\r']);
     if value.is_empty() {
         ctx.error(
             node,

@@ -27,6 +27,9 @@ pub(super) struct Ctx<'a> {
     pub(super) warnings: Vec<String>,
     /// Key files read so far, in first-reference order, with their bytes (for the hash).
     pub(super) key_files: Vec<(PathBuf, Vec<u8>)>,
+    /// Read environment variables and key files for secrets; `false` for `check-config
+    /// --no-secrets`, where only the references are checked and placeholders stand in.
+    pub(super) resolve_secrets: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -44,6 +47,7 @@ impl<'a> Ctx<'a> {
             errors: Vec::new(),
             warnings: Vec::new(),
             key_files: Vec::new(),
+            resolve_secrets: true,
         }
     }
 

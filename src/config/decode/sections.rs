@@ -1,5 +1,5 @@
 //! The top level and the plain sections: server, listener, instances, fixed listeners, delivery,
-//! health, logging and storage. Defaults live here (CONTRACT §3).
+//! health, logging and storage. Defaults live here (docs/configuration.md).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1299,6 +1299,43 @@ fn coze_platform_errors() {
 }
 
 #[test]
+fn a_key_file_saved_by_a_windows_editor_loses_its_bom_and_crlf() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(dir.path().join("wx.key"), "\u{feff}key-from-notepad\r\n").expect("write");
+    let text = "instances:\n  - id: a\n    base_url: http://h\n    api_key_file: wx.key\n";
+    let loaded = decode(text, Some(&config_path), &env).expect("valid");
+    assert_eq!(
+        loaded.config.instances[0].api_key.expose(),
+        "key-from-notepad"
+    );
+}
+
+#[test]
+fn without_secrets_references_are_checked_but_nothing_is_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(
+        &config_path,
+        "instances:\n  - id: a\n    base_url: http://h\n    api_key_file: missing.key\n  - id: b\n    base_url: http://h\n    api_key_env: NOT_SET_ANYWHERE\n",
+    )
+    .expect("write");
+    assert!(check_file_without_secrets(&config_path).is_ok());
+    // A reference to nothing is still an error, and so is a missing key source.
+    std::fs::write(
+        &config_path,
+        "instances:\n  - id: a\n    base_url: http://h\n    api_key_env: \"\"\n  - id: b\n    base_url: http://h\nrules:\n  - id: r\n    platform: nowhere\n",
+    )
+    .expect("write");
+    let errors = check_file_without_secrets(&config_path).expect_err("invalid");
+    let messages: Vec<String> = errors.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(messages.len(), 3, "{messages:#?}");
+    assert!(messages[0].contains("api_key_env"), "{messages:#?}");
+    assert!(messages[1].contains("missing API key"), "{messages:#?}");
+    assert!(messages[2].contains("unknown platform"), "{messages:#?}");
+}
+
+#[test]
 fn coze_api_base_credentials_are_warned_about_not_kept() {
     let loaded = valid(
         "instances: []\nplatforms:\n  - id: c\n    type: coze\n    api_base: https://me:coze-pass-Xy12@api.coze.com\n    api_key_env: WX_KEY\n    bot_id: b\n",

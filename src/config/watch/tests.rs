@@ -134,9 +134,31 @@ fn relevance_of_events() {
 #[test]
 fn bare_file_names_watch_the_working_directory() {
     let targets = Targets::new(&[PathBuf::from("config.yaml")]);
-    assert_eq!(targets.dirs(), [PathBuf::from(".")]);
+    let cwd = std::env::current_dir()
+        .and_then(std::fs::canonicalize)
+        .expect("cwd");
+    assert_eq!(targets.dirs(), std::slice::from_ref(&cwd));
+    // Events carry the absolute path notify derived from the watched one.
     let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
-    assert!(targets.relevant(&event(write, &["./config.yaml"])));
+    let absolute = cwd.join("config.yaml");
+    assert!(targets.relevant(&event(write, &[absolute.to_str().expect("utf-8")])));
+}
+
+#[test]
+fn relative_and_dotted_paths_compare_canonically() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let canonical = std::fs::canonicalize(dir.path()).expect("canonicalize");
+    std::fs::create_dir(canonical.join("sub")).expect("mkdir");
+    // `dir/sub/../config.yaml` names the same directory as `dir`.
+    let dotted = canonical.join("sub").join("..").join("config.yaml");
+    let targets = Targets::new(&[dotted]);
+    assert_eq!(targets.dirs(), std::slice::from_ref(&canonical));
+    let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+    let path = canonical.join("config.yaml");
+    assert!(targets.relevant(&event(write, &[path.to_str().expect("utf-8")])));
+    // A directory that does not exist is still made absolute.
+    let missing = Targets::new(&[PathBuf::from("no-such-dir-here/config.yaml")]);
+    assert!(missing.dirs()[0].is_absolute(), "{:?}", missing.dirs());
 }
 
 #[test]
@@ -314,6 +336,43 @@ async fn in_place_write_is_signalled() {
     let content = fixture.next_content();
     std::fs::write(&fixture.file, content).expect("write");
     assert!(fixture.signalled_after(baseline).await);
+}
+
+#[tokio::test]
+async fn a_relative_config_path_is_watched_by_events() {
+    // `--config target/<tmp>/config.yaml` from the package root (cargo runs unit tests there):
+    // a relative path with a parent, as `--config my-config.yaml` is one with an empty parent.
+    // The hash poll is an hour away, so only a matched native event can signal.
+    std::fs::create_dir_all("target").expect("target dir");
+    let dir = tempfile::Builder::new()
+        .prefix("watch-relative-")
+        .tempdir_in("target")
+        .expect("tempdir");
+    let name = dir.path().file_name().expect("name").to_owned();
+    let relative = Path::new("target").join(name).join("config.yaml");
+    assert!(relative.is_relative());
+    std::fs::write(&relative, "version: 0\n").expect("write");
+    let options = WatchOptions {
+        debounce: DEBOUNCE,
+        poll_interval: Duration::from_secs(3600),
+        poll_only: false,
+    };
+    let mut fixture = Fixture::start_on(
+        dir,
+        vec![relative.clone()],
+        relative,
+        Backend::Native,
+        options,
+    );
+    let baseline = fixture.arm().await;
+    let tmp = fixture.dir.path().join(".config.yaml.tmp");
+    std::fs::write(&tmp, fixture.next_content()).expect("write tmp");
+    std::fs::rename(&tmp, &fixture.file).expect("rename");
+    assert!(
+        fixture.signalled_after(baseline).await,
+        "rename over missed"
+    );
+    fixture.assert_still_watching().await;
 }
 
 #[tokio::test]

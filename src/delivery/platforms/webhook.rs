@@ -1,4 +1,4 @@
-//! `webhook`: POST the message as JSON, exactly CONTRACT §7, with an `Idempotency-Key` of
+//! `webhook`: POST the message as JSON, exactly docs/reference.md ("The webhook request"), with an `Idempotency-Key` of
 //! `<instance_id>:<message_id>` that is the same on every attempt. A media message adds
 //! `attachments` (the file inline as base64 when it was downloaded).
 
@@ -109,7 +109,7 @@ impl Webhook {
     }
 }
 
-/// The CONTRACT §7 body.
+/// The documented body (docs/reference.md, "The webhook request").
 fn body(msg: &InboundMessage, attempt: u32) -> serde_json::Value {
     serde_json::json!({
         "instance_id": msg.instance_id,
