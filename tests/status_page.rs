@@ -83,6 +83,8 @@ async fn browsers_get_the_status_page_other_clients_the_endpoint_list() {
     assert!(page.contains(&format!("title=\"Health score\">{score}</div>")));
     assert!(page.contains("<tr data-instance=\"wx-down\">"));
     assert!(page.contains("<td class=\"chat\">测试群</td>"));
+    // No supervised processes configured (or none in this build): no such section.
+    assert!(!page.contains("id=\"processes\""));
     // Self-contained: nothing loaded from anywhere else.
     for external in ["<link", "src=\"http", "href=\"http", "@import", "url("] {
         assert!(!page.contains(external), "{external}");
@@ -340,4 +342,23 @@ async fn the_demo_banner_names_the_status_page_and_its_open_lifecycle() {
         "{banner}"
     );
     assert_eq!(page.unwrap(), 200);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervised_processes_appear_on_the_page() {
+    let sim = start_sim("spp").await;
+    let (text, env) = config_for(
+        &[("wx-p", &sim)],
+        "processes:\n  - name: sleeper\n    command: sleep\n    args: [\"300\"]\n",
+    );
+    let sidecar = start_sidecar(text, env).await;
+    let page = eventually("the process runs on the page", DEADLINE, || async {
+        let (_, page) = get(&sidecar, "/", Some(BROWSER_ACCEPT)).await;
+        page.contains("data-state=\"running\">running</span>")
+            .then_some(page)
+    })
+    .await;
+    assert!(page.contains("<tr data-process=\"sleeper\"><td><b>sleeper</b></td>"));
+    sidecar.stop().await;
 }

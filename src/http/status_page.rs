@@ -44,7 +44,6 @@ const LINKS: &str = concat!(
     "<li><a href=\"/api/v1/listeners\">/api/v1/listeners</a> listened chats</li>",
     "<li><a href=\"/api/v1/statistics\">/api/v1/statistics</a> statistics</li>",
     "<li><a href=\"/api/v1/errors?limit=10\">/api/v1/errors</a> recent errors</li>",
-    "<li><a href=\"/api/v1/processes\">/api/v1/processes</a> supervised processes (when the build has them)</li>",
     "<li>POST /api/v1/restart, POST /api/v1/reload (lifecycle)</li>",
     "<li><a href=\"/api/v1/processes\">/api/v1/processes</a> supervised processes; ",
     "POST /api/v1/processes/{name}/start|stop|restart (lifecycle)</li>",
@@ -146,11 +145,17 @@ impl Model {
     }
 }
 
-/// The `data` of `GET /api/v1/processes`, asked of the router itself so that the page needs
+/// The `data` of `GET /api/v1/processes`, asked of the API router itself so that the page needs
 /// nothing from the process supervisor but its endpoint; `None` while that endpoint is absent.
+/// The API router, not the outer one: layers around the whole surface (timeouts, access
+/// control) already ran for the page's own request.
 async fn processes(state: &AppState) -> Option<Value> {
-    let request = Request::get("/api/v1/processes").body(Body::empty()).ok()?;
-    let response = super::router(state.clone()).oneshot(request).await.ok()?;
+    let request = Request::get("/processes").body(Body::empty()).ok()?;
+    let response = super::api::router()
+        .with_state(state.clone())
+        .oneshot(request)
+        .await
+        .ok()?;
     if response.status() != StatusCode::OK {
         return None;
     }
@@ -495,6 +500,10 @@ fn render_delivery(out: &mut String, counts: Option<&StoreCounts>, t: &Text) {
 
 fn render_processes(out: &mut String, processes: &Value, t: &Text) {
     let rows = processes.as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if rows.is_empty() {
+        // No `processes:` configured: nothing to show.
+        return;
+    }
     let _ = write!(
         out,
         "<section class=\"card\" id=\"processes\"><h2>{}</h2>\
