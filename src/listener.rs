@@ -558,11 +558,9 @@ impl InstanceActor {
     /// time, now − uptime, moved) or this actor saw the instance down (WeChat may have
     /// restarted, which resets its runtime ids without restarting the server).
     async fn observe_session(&mut self, info: &HealthInfo) {
-        let started_ms = info.uptime.map(|uptime| {
-            unix_ms(SystemTime::now()) - i64::try_from(uptime.saturating_mul(1000)).unwrap_or(0)
-        });
+        let started_ms = info.started_ms(unix_ms(SystemTime::now()));
         let restarted = match (self.session.started_ms, started_ms) {
-            (Some(before), Some(now)) => (now - before).abs() > RESTART_TOLERANCE_MS,
+            (Some(before), Some(now)) => server_restarted(before, now),
             _ => false,
         };
         let mut session = self.session;
@@ -1139,6 +1137,12 @@ impl InstanceActor {
 }
 
 /// Unix milliseconds of a time (0 before the epoch).
+/// Whether the server start time moved by more than the tolerance. `abs_diff`, because the
+/// times come from upstream answers: any two `i64`s must compare without overflow.
+fn server_restarted(before_ms: i64, now_ms: i64) -> bool {
+    now_ms.abs_diff(before_ms) > RESTART_TOLERANCE_MS.unsigned_abs()
+}
+
 fn unix_ms(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |since| {
         i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
@@ -1147,4 +1151,21 @@ fn unix_ms(at: SystemTime) -> i64 {
 
 fn from_unix_ms(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the fuzz suite's health property: an uptime near `u64::MAX / 1000` puts the
+    /// start time near `i64::MIN`, and `(now - before).abs()` overflowed (a panic in debug
+    /// builds, a wrong answer in release).
+    #[test]
+    fn start_times_from_absurd_uptimes_compare_without_overflow() {
+        assert!(server_restarted(i64::MIN, i64::MAX));
+        assert!(server_restarted(i64::MAX, i64::MIN));
+        assert!(!server_restarted(i64::MIN, i64::MIN + 5_000));
+        assert!(server_restarted(0, 5_001));
+        assert!(!server_restarted(1_000, -4_000));
+    }
 }
