@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +42,8 @@ const RESTART_TOLERANCE_MS: i64 = 5_000;
 /// restart of the actor loses none of them.
 pub type Held = Arc<Mutex<Vec<InboundMessage>>>;
 
-/// Settings an actor takes live, without a restart.
+/// Settings an actor takes live, without a restart. They come over a `watch` channel of their
+/// own, not the command queue: the latest value wins, and a full queue cannot lose them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActorSettings {
     /// `listener:` section.
@@ -63,8 +64,6 @@ pub enum InstanceCommand {
         /// Where the outcome goes.
         respond: oneshot::Sender<Result<(), ReplyError>>,
     },
-    /// New listener settings or fixed chats after a reload.
-    Settings(ActorSettings),
     /// Fetch a media file (`POST /api/file/download`), keeping at most `max_bytes`.
     Download {
         /// The path on the instance's machine.
@@ -204,6 +203,8 @@ impl Chat {
 pub struct InstanceActor {
     instance: InstanceConfig,
     settings: ActorSettings,
+    /// Where new settings come from (the supervisor keeps the sender).
+    settings_updates: watch::Receiver<ActorSettings>,
     client: Client,
     monitor: Arc<Monitor>,
     sink: Arc<dyn MessageSink>,
@@ -235,7 +236,8 @@ pub struct InstanceActor {
 // === impl InstanceActor ===
 
 impl InstanceActor {
-    /// Builds an actor; `commands` is the receiving end of its command channel. `seed` is the
+    /// Builds an actor; `commands` is the receiving end of its command channel and `settings_updates`
+    /// of its settings channel (the current value is the one it starts with). `seed` is the
     /// chat table a predecessor published (after a restart or crash): those chats are re-added
     /// on the first connection and keep their idle timers; without one, the table the store
     /// kept from the previous run is used. `held` holds what a predecessor took and the sink
@@ -244,7 +246,7 @@ impl InstanceActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         instance: InstanceConfig,
-        settings: ActorSettings,
+        mut settings_updates: watch::Receiver<ActorSettings>,
         metrics: Metrics,
         monitor: Arc<Monitor>,
         sink: Arc<dyn MessageSink>,
@@ -253,6 +255,7 @@ impl InstanceActor {
         held: Held,
         recover: bool,
     ) -> Result<Self, reqwest::Error> {
+        let settings = settings_updates.borrow_and_update().clone();
         let client = Client::new(
             &instance.id,
             &instance.base_url,
@@ -273,6 +276,7 @@ impl InstanceActor {
             backoff: Backoff::new(settings.listener.backoff),
             instance,
             settings,
+            settings_updates,
             client,
             monitor,
             sink,
@@ -359,6 +363,9 @@ impl InstanceActor {
         let mut next_probe = Instant::now();
         let mut next_poll = Instant::now();
         self.publish();
+        // Once the supervisor drops the settings sender, only cancellation or the closed
+        // command channel ends the loop.
+        let mut settings_open = true;
         loop {
             let wake = if self.connectivity == Connectivity::Up {
                 next_probe.min(next_poll)
@@ -377,6 +384,16 @@ impl InstanceActor {
                     // Every sender is gone: the supervisor dropped us.
                     None => break,
                 },
+                changed = self.settings_updates.changed(), if settings_open => {
+                    if changed.is_err() {
+                        settings_open = false;
+                        continue;
+                    }
+                    let settings = self.settings_updates.borrow_and_update().clone();
+                    self.apply_settings(settings).await;
+                    self.publish();
+                    continue;
+                }
                 () = sleep_until(wake) => {}
             }
             let now = Instant::now();
@@ -424,7 +441,6 @@ impl InstanceActor {
                 let result = self.send_reply(&reply).await;
                 let _ = respond.send(result);
             }
-            InstanceCommand::Settings(settings) => self.apply_settings(settings).await,
             InstanceCommand::Download {
                 file_path,
                 max_bytes,

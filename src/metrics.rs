@@ -7,7 +7,6 @@
 pub mod process;
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -321,9 +320,6 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
             .any(|part| part.trim().starts_with("application/openmetrics-text"))
     })
 }
-
-/// A shared registry.
-pub type SharedRegistry = Arc<Registry>;
 
 #[cfg(test)]
 mod tests {
