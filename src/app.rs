@@ -453,6 +453,10 @@ async fn health_reports(
 }
 
 /// Writes JSON to a temp file beside `path`, then renames it over `path`.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "runs on tokio's blocking pool (the report writer) or at start"
+)]
 pub fn write_atomically(
     path: &std::path::Path,
     document: &serde_json::Value,
@@ -548,6 +552,10 @@ pub struct HttpAccess {
 
 impl HttpAccess {
     /// A client trusting `ca_file` (only it, when given), and the basic-auth password.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "CLI commands (`health`, `dead`), once before their request"
+    )]
     pub fn client(&self) -> Result<(reqwest::Client, Option<crate::secret::Secret>), String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()

@@ -38,6 +38,10 @@ pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
                         shutdown.cancel();
                     } else {
                         eprintln!("wxauto-sidecar: second signal received; aborting");
+                        #[allow(
+                            clippy::disallowed_methods,
+                            reason = "the second signal must end the process at once, whatever main awaits"
+                        )]
                         std::process::exit(ABORT_EXIT_CODE);
                     }
                 }

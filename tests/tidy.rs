@@ -31,3 +31,40 @@ fn every_source_file_starts_with_a_module_doc_line() {
     assert!(seen > 20, "found only {seen} files: wrong root?");
     assert!(bad.is_empty(), "files without a leading //! line: {bad:?}");
 }
+
+/// The lib's code map (`src/lib.rs` docs) lists every top-level module, and only those.
+#[test]
+fn the_code_map_in_lib_rs_lists_every_module() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
+    let declared: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("pub mod "))
+        .map(|rest| rest.trim_end_matches(';'))
+        .collect();
+    let listed: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("//! - `"))
+        .filter_map(|rest| rest.split('`').next())
+        .collect();
+    assert!(declared.len() > 10, "found only {declared:?}");
+    let mut missing: Vec<&str> = declared
+        .iter()
+        .copied()
+        .filter(|module| !listed.contains(module))
+        .collect();
+    missing.sort_unstable();
+    assert!(
+        missing.is_empty(),
+        "modules missing from the code map: {missing:?}"
+    );
+    let stale: Vec<&str> = listed
+        .iter()
+        .copied()
+        .filter(|module| !declared.contains(module))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "code map names modules that do not exist: {stale:?}"
+    );
+}

@@ -488,6 +488,10 @@ async fn hash_files(files: &[PathBuf]) -> Option<u64> {
 
 /// A content hash of `files`: paths, and each file's bytes or "absent". Symlinks are followed,
 /// so a ConfigMap `..data` swap changes it.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "runs on tokio's blocking pool (`hash_files`)"
+)]
 fn hash_files_now(files: &[PathBuf]) -> u64 {
     let mut parts: Vec<Vec<u8>> = Vec::with_capacity(files.len() * 3);
     for file in files {

@@ -343,6 +343,10 @@ struct Files {
     referenced: HashMap<PathBuf, Vec<u8>>,
 }
 
+#[allow(
+    clippy::disallowed_methods,
+    reason = "small files, re-read at most once a second (`WebConfigHandle::current`)"
+)]
 fn read(path: &Path) -> Result<Vec<u8>, WebConfigError> {
     std::fs::read(path).map_err(|source| WebConfigError::Read {
         path: path.to_owned(),
