@@ -189,6 +189,11 @@ impl Chat {
         }
     }
 
+    /// Listened, not fixed, and without a message for `timeout`: due for listen/remove.
+    fn is_idle(&self, now: Instant, timeout: Duration) -> bool {
+        self.active && !self.fixed && now.duration_since(self.last_activity) >= timeout
+    }
+
     fn touch(&mut self, messages: u64) {
         self.last_check = SystemTime::now();
         if messages > 0 {
@@ -1053,9 +1058,7 @@ impl InstanceActor {
         let mut idle: Vec<String> = self
             .chats
             .iter()
-            .filter(|(_, chat)| {
-                chat.active && !chat.fixed && now.duration_since(chat.last_activity) >= timeout
-            })
+            .filter(|(_, chat)| chat.is_idle(now, timeout))
             .map(|(name, _)| name.clone())
             .collect();
         idle.sort();
@@ -1163,4 +1166,37 @@ fn unix_ms(at: SystemTime) -> i64 {
 
 fn from_unix_ms(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Paused time: the idle timer runs from the last message, not from the add, and a fixed
+    /// or inactive chat never expires.
+    #[tokio::test(start_paused = true)]
+    async fn a_chat_expires_listener_timeout_after_its_last_message() {
+        let timeout = Duration::from_secs(600);
+        let mut chat = Chat::new(false);
+        tokio::time::advance(timeout - Duration::from_millis(1)).await;
+        assert!(!chat.is_idle(Instant::now(), timeout));
+        // A poll without messages does not count as activity.
+        chat.touch(0);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(chat.is_idle(Instant::now(), timeout));
+        // A message restarts the timer.
+        chat.touch(2);
+        assert_eq!(chat.message_count, 2);
+        tokio::time::advance(timeout / 2).await;
+        assert!(!chat.is_idle(Instant::now(), timeout));
+        tokio::time::advance(timeout / 2).await;
+        assert!(chat.is_idle(Instant::now(), timeout));
+
+        let fixed = Chat::new(true);
+        let mut inactive = Chat::new(false);
+        inactive.active = false;
+        tokio::time::advance(timeout * 10).await;
+        assert!(!fixed.is_idle(Instant::now(), timeout));
+        assert!(!inactive.is_idle(Instant::now(), timeout));
+    }
 }

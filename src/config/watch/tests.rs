@@ -583,3 +583,67 @@ async fn cancel_stops_the_task() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Paused time: a burst of events signals once, `debounce` after its last event; a burst that
+/// never goes quiet signals `MAX_DEBOUNCE_FACTOR` debounce periods after its first event.
+#[tokio::test(start_paused = true)]
+async fn debounce_waits_for_quiet_and_caps_a_burst_that_never_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, "version: 0\n").expect("write");
+    let signals = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let record = Arc::clone(&signals);
+    let on_change: Arc<dyn Fn() + Send + Sync> =
+        Arc::new(move || record.lock().unwrap().push(Instant::now()));
+    let debounce = Duration::from_secs(1);
+    let options = WatchOptions {
+        debounce,
+        poll_interval: Duration::from_secs(3600),
+        poll_only: false,
+    };
+    let tuning = Tuning {
+        backend: Backend::Off,
+        recreate_delay: Duration::from_secs(3600),
+        poll_watcher_interval: Duration::from_secs(3600),
+    };
+    let cancel = CancellationToken::new();
+    let (_handle, events) = spawn_with(
+        vec![file.clone()],
+        options,
+        tuning,
+        on_change,
+        cancel.clone(),
+    )
+    .await;
+    let modified = || Ok(Event::new(EventKind::Modify(ModifyKind::Any)).add_path(file.clone()));
+    let taken = || std::mem::take(&mut *signals.lock().unwrap());
+
+    // Three events 600 ms apart: each one moves the signal to a debounce after it.
+    let start = Instant::now();
+    for _ in 0..3 {
+        events.send(modified()).expect("task alive");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(taken().is_empty(), "signalled inside the burst");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let at: Vec<Duration> = taken().iter().map(|at| *at - start).collect();
+    assert_eq!(
+        at,
+        [Duration::from_millis(2200)],
+        "one signal, a debounce after the last event"
+    );
+
+    // Events every 600 ms for 12 s: quiet never comes, the cap does.
+    let start = Instant::now();
+    for _ in 0..20 {
+        events.send(modified()).expect("task alive");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let at: Vec<Duration> = taken().iter().map(|at| *at - start).collect();
+    assert_eq!(
+        at.first(),
+        Some(&(debounce * MAX_DEBOUNCE_FACTOR)),
+        "the burst was not capped: {at:?}"
+    );
+    cancel.cancel();
+}
