@@ -121,7 +121,7 @@ pub async fn run(
     let metrics = Metrics::register(&mut registry);
     let process = Arc::new(ProcessCollector::new());
     // Prime the CPU sampler so the first `cpu_percent` is a real share, not 0.
-    process.sample();
+    process.refresh();
     let monitor = Arc::new(Monitor::new(
         metrics,
         Arc::clone(&process),
@@ -299,6 +299,9 @@ pub async fn run(
         message_counts.clone(),
         background.clone(),
     ));
+    // The process sample readers get (/metrics, /api/v1/status, /api/v1/health), renewed off
+    // the request path.
+    tasks.spawn(Arc::clone(&process).refresh_every(background.clone()));
     crate::shutdown::spawn(shutdown.clone(), control_tx.clone());
 
     let ready = Arc::new(AtomicBool::new(true));

@@ -17,8 +17,9 @@ use regex::Regex;
 use crate::secret::Secret;
 
 pub use decode::{
-    ConfigError, ConfigErrors, Loaded, check_file_without_secrets, decode, load_file,
+    ConfigError, ConfigErrors, Loaded, Unresolved, check_file_without_secrets, decode, load_file,
 };
+pub(crate) use decode::{utf8_error_position, yaml_error_parts, yaml_options};
 pub use diff::{ConfigDiff, InstanceChange, ProcessChange, process_changes};
 pub use process::{CrashLoopConfig, ProcessConfig, RestartPolicy, StopSignal};
 

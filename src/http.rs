@@ -145,9 +145,10 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
         .and_then(|value| value.to_str().ok());
     let openmetrics = crate::metrics::wants_openmetrics(accept);
     let registry = Arc::clone(&state.registry);
-    // Encoding runs the scrape-time collectors (a sysinfo refresh): keep it off the reactor.
+    // Encoding a large registry takes milliseconds of CPU: keep it off the reactor.
     let encoded =
-        tokio::task::spawn_blocking(move || crate::metrics::encode(&registry, openmetrics)).await;
+        tokio::task::spawn_blocking(move || crate::metrics::encode_pooled(&registry, openmetrics))
+            .await;
     match encoded {
         Ok((body, content_type)) => (
             [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],

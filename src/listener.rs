@@ -579,11 +579,9 @@ impl InstanceActor {
     /// time, now − uptime, moved) or this actor saw the instance down (WeChat may have
     /// restarted, which resets its runtime ids without restarting the server).
     async fn observe_session(&mut self, info: &HealthInfo) {
-        let started_ms = info.uptime.map(|uptime| {
-            unix_ms(SystemTime::now()) - i64::try_from(uptime.saturating_mul(1000)).unwrap_or(0)
-        });
+        let started_ms = info.started_ms(unix_ms(SystemTime::now()));
         let restarted = match (self.session.started_ms, started_ms) {
-            (Some(before), Some(now)) => (now - before).abs() > RESTART_TOLERANCE_MS,
+            (Some(before), Some(now)) => server_restarted(before, now),
             _ => false,
         };
         let mut session = self.session;
@@ -1158,6 +1156,12 @@ impl InstanceActor {
 }
 
 /// Unix milliseconds of a time (0 before the epoch).
+/// Whether the server start time moved by more than the tolerance. `abs_diff`, because the
+/// times come from upstream answers: any two `i64`s must compare without overflow.
+fn server_restarted(before_ms: i64, now_ms: i64) -> bool {
+    now_ms.abs_diff(before_ms) > RESTART_TOLERANCE_MS.unsigned_abs()
+}
+
 fn unix_ms(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |since| {
         i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
@@ -1198,5 +1202,17 @@ mod tests {
         tokio::time::advance(timeout * 10).await;
         assert!(!fixed.is_idle(Instant::now(), timeout));
         assert!(!inactive.is_idle(Instant::now(), timeout));
+    }
+
+    /// Found by the fuzz suite's health property: an uptime near `u64::MAX / 1000` puts the
+    /// start time near `i64::MIN`, and `(now - before).abs()` overflowed (a panic in debug
+    /// builds, a wrong answer in release).
+    #[test]
+    fn start_times_from_absurd_uptimes_compare_without_overflow() {
+        assert!(server_restarted(i64::MIN, i64::MAX));
+        assert!(server_restarted(i64::MAX, i64::MIN));
+        assert!(!server_restarted(i64::MIN, i64::MIN + 5_000));
+        assert!(server_restarted(0, 5_001));
+        assert!(!server_restarted(1_000, -4_000));
     }
 }

@@ -46,15 +46,20 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
     },
-    /// Validate a config file: exit 0 if valid, else print every error and exit 1.
+    /// Validate a config file, and its web config file when one is set: exit 0 if valid, else
+    /// print every error and exit 1.
     CheckConfig {
         /// The config file.
         #[arg(long, env = "WXAUTO_SIDECAR_CONFIG", value_name = "FILE")]
         config: PathBuf,
         /// Check syntax, types and references without resolving secrets: the environment
-        /// variables and key files the config names are not read (for CI).
+        /// variables and key files the config names are not read, nor the certificate, key
+        /// and CA files of the web config (for CI).
         #[arg(long)]
         no_secrets: bool,
+        /// Web config file to check (overrides `server.web_config_file`, as for `run`).
+        #[arg(long = "web.config.file", value_name = "FILE")]
+        web_config_file: Option<PathBuf>,
     },
     /// Windows only: install, uninstall or run the sidecar as a Windows service.
     Service {
@@ -255,12 +260,9 @@ fn main() -> ExitCode {
         Some(Command::Demo { listen }) => runtime.block_on(demo(listen)),
         Some(Command::CheckConfig {
             config,
-            no_secrets: false,
-        }) => check_config(&config),
-        Some(Command::CheckConfig {
-            config,
-            no_secrets: true,
-        }) => check_config_without_secrets(&config),
+            no_secrets,
+            web_config_file,
+        }) => check_config(&config, no_secrets, web_config_file),
         Some(Command::Service { action }) => service(action),
         Some(Command::Health {
             url,
@@ -413,37 +415,57 @@ fn import(options: &ImportOptions) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn check_config(path: &Path) -> ExitCode {
-    match config::load_file(path) {
-        Ok(loaded) => {
-            for warning in &loaded.warnings {
-                eprintln!("warning: {warning}");
-            }
-            println!("{}: valid", path.display());
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!("{}: {} error(s)", path.display(), errors.errors.len());
-            ExitCode::from(EXIT_CONFIG)
-        }
-    }
-}
-
-fn check_config_without_secrets(path: &Path) -> ExitCode {
-    match config::check_file_without_secrets(path) {
-        Ok(warnings) => {
+/// `check-config`: the config, then the web config (`--web.config.file`, else the config's
+/// `server.web_config_file`); exit 1 when either is invalid.
+fn check_config(path: &Path, no_secrets: bool, web_config_file: Option<PathBuf>) -> ExitCode {
+    let checked = if no_secrets {
+        config::check_file_without_secrets(path)
+            .map(|unresolved| (unresolved.warnings, unresolved.web_config_file))
+    } else {
+        config::load_file(path)
+            .map(|loaded| (loaded.warnings, loaded.config.server.web_config_file))
+    };
+    let suffix = if no_secrets {
+        " (secrets not resolved)"
+    } else {
+        ""
+    };
+    let (config_ok, from_config) = match checked {
+        Ok((warnings, web_config_file)) => {
             for warning in &warnings {
                 eprintln!("warning: {warning}");
             }
-            println!("{}: valid (secrets not resolved)", path.display());
-            ExitCode::SUCCESS
+            println!("{}: valid{suffix}", path.display());
+            (true, web_config_file)
         }
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!("{}: {} error(s)", path.display(), errors.errors.len());
-            ExitCode::from(EXIT_CONFIG)
+            (false, None)
         }
+    };
+    let mut web_ok = true;
+    if let Some(web) = web_config_file.or(from_config) {
+        match wxauto_sidecar::http::web_config::check_file(&web, !no_secrets) {
+            Ok(()) => {
+                let suffix = if no_secrets {
+                    " (TLS files not read)"
+                } else {
+                    ""
+                };
+                println!("{}: valid web config{suffix}", web.display());
+            }
+            Err(error) => {
+                eprintln!("{}", wxauto_sidecar::secret::redact(&error.to_string()));
+                eprintln!("{}: invalid web config", web.display());
+                web_ok = false;
+            }
+        }
+    }
+    if config_ok && web_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_CONFIG)
     }
 }
 

@@ -7,12 +7,15 @@
 pub mod process;
 
 use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::wxauto::Endpoint;
@@ -98,9 +101,16 @@ pub struct Metrics {
     pub config_reload_failures: Counter,
 }
 
+/// Upper bounds of `wxauto_api_request_duration_seconds`: 5 ms to 20.48 s, ×4 apart (7 bounds,
+/// plus `+Inf`). The histogram is per instance and endpoint, so it is most of a sidecar's
+/// series: 10 series per called endpoint and instance (16 with the earlier ×2 bounds, each of
+/// which these are a subset of).
+pub const API_DURATION_BOUNDS: [f64; 7] = [0.005, 0.02, 0.08, 0.32, 1.28, 5.12, 20.48];
+
 fn api_histogram() -> Histogram {
-    // 5 ms .. ~20 s: upstream calls are local-network UI automation, sometimes slow.
-    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+    // Upstream calls are local-network UI automation: milliseconds when polling, seconds when
+    // a send drives the WeChat window.
+    Histogram::new(API_DURATION_BOUNDS)
 }
 
 // === impl Metrics ===
@@ -298,17 +308,95 @@ pub const REMOVE_REASONS: [&str; 3] = ["timeout", "manual", "config"];
 /// Encodes the registry in the negotiated format. Returns the body and its content type.
 pub fn encode(registry: &Registry, openmetrics: bool) -> (String, &'static str) {
     let mut body = String::with_capacity(16 * 1024);
+    let content_type = encode_into(&mut body, registry, openmetrics);
+    (body, content_type)
+}
+
+/// Encodes the registry for a scrape into a buffer from a small pool: the body goes to the
+/// connection as `Bytes` that hand the buffer back when sent, so steady scrapes allocate
+/// nothing and never regrow a buffer (a 100-instance body is about 1 MB).
+pub fn encode_pooled(registry: &Registry, openmetrics: bool) -> (Bytes, &'static str) {
+    let mut body = take_buffer();
+    let content_type = encode_into(&mut body, registry, openmetrics);
+    SCRAPE_BUFFERS.last_len.store(body.len(), Ordering::Relaxed);
+    (Bytes::from_owner(PooledBody(body)), content_type)
+}
+
+/// Scrape bodies kept for reuse: at most `POOLED` buffers, each sized for the last body.
+struct ScrapeBuffers {
+    free: Mutex<Vec<String>>,
+    /// Length of the last body encoded, the size of a new buffer (plus headroom).
+    last_len: AtomicUsize,
+}
+
+/// Concurrent scrapes that reuse a buffer; more than this allocate (pre-sized) and free.
+const POOLED: usize = 4;
+
+static SCRAPE_BUFFERS: ScrapeBuffers = ScrapeBuffers {
+    free: Mutex::new(Vec::new()),
+    last_len: AtomicUsize::new(0),
+};
+
+fn take_buffer() -> String {
+    let reused = match SCRAPE_BUFFERS.free.lock() {
+        Ok(mut free) => free.pop(),
+        Err(poisoned) => poisoned.into_inner().pop(),
+    };
+    let wanted = headroom(SCRAPE_BUFFERS.last_len.load(Ordering::Relaxed));
+    match reused {
+        Some(mut body) => {
+            body.clear();
+            body.reserve(wanted);
+            body
+        }
+        None => String::with_capacity(wanted),
+    }
+}
+
+/// A buffer size for a body of about `len` bytes: an eighth more, at least 16 KiB.
+fn headroom(len: usize) -> usize {
+    (len + len / 8).max(16 * 1024)
+}
+
+/// A scrape body that returns its buffer to the pool once the connection has sent it.
+struct PooledBody(String);
+
+impl AsRef<[u8]> for PooledBody {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        let body = std::mem::take(&mut self.0);
+        // A buffer far larger than the bodies now (instances were removed) is freed instead.
+        let last = SCRAPE_BUFFERS.last_len.load(Ordering::Relaxed);
+        if body.capacity() > 2 * headroom(last) {
+            return;
+        }
+        let mut free = match SCRAPE_BUFFERS.free.lock() {
+            Ok(free) => free,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if free.len() < POOLED {
+            free.push(body);
+        }
+    }
+}
+
+fn encode_into(body: &mut String, registry: &Registry, openmetrics: bool) -> &'static str {
     if openmetrics {
         // Writing into a String cannot fail; an encoder error would be a bug in a collector,
         // and a partial body is still better than none for a scrape.
-        let _ = prometheus_client::encoding::text::encode(&mut body, registry);
-        (body, CONTENT_TYPE_OPENMETRICS)
+        let _ = prometheus_client::encoding::text::encode(body, registry);
+        CONTENT_TYPE_OPENMETRICS
     } else {
-        let _ = prometheus_client::encoding::prometheus_text::encode(&mut body, registry);
+        let _ = prometheus_client::encoding::prometheus_text::encode(body, registry);
         if !body.ends_with('\n') {
             let _ = writeln!(body);
         }
-        (body, CONTENT_TYPE_TEXT)
+        CONTENT_TYPE_TEXT
     }
 }
 
@@ -360,6 +448,45 @@ mod tests {
                 .filter(|line| line.starts_with("# HELP"))
                 .all(|line| !line.ends_with(".."))
         );
+    }
+
+    #[test]
+    fn a_called_endpoint_costs_ten_histogram_series_per_instance() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        metrics.init_instance("wx-a");
+        metrics.observe_api_call("wx-a", "health", "success", Duration::from_millis(30));
+        let (text, _) = encode(&registry, false);
+        let histogram: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("wxauto_api_request_duration_seconds"))
+            .collect();
+        // 7 bounds, +Inf, _sum and _count.
+        assert_eq!(histogram.len(), 10, "{histogram:#?}");
+        assert!(histogram.contains(
+            &"wxauto_api_request_duration_seconds_bucket{instance_id=\"wx-a\",endpoint=\"health\",le=\"0.08\"} 1"
+        ));
+        assert!(histogram.contains(
+            &"wxauto_api_request_duration_seconds_bucket{instance_id=\"wx-a\",endpoint=\"health\",le=\"0.02\"} 0"
+        ));
+    }
+
+    #[test]
+    fn pooled_scrapes_encode_the_same_body_and_reuse_buffers() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        for n in 0..20 {
+            metrics.init_instance(&format!("wx-{n}"));
+        }
+        let (plain, plain_type) = encode(&registry, false);
+        let (first, first_type) = encode_pooled(&registry, false);
+        assert_eq!(first.as_ref(), plain.as_bytes());
+        assert_eq!(first_type, plain_type);
+        drop(first);
+        // The buffer went back to the pool: the next scrape starts from it, cleared.
+        let (second, _) = encode_pooled(&registry, true);
+        let (openmetrics, _) = encode(&registry, true);
+        assert_eq!(second.as_ref(), openmetrics.as_bytes());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod types;
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -207,10 +208,35 @@ impl WxautoError {
     }
 }
 
+/// The one `reqwest::Client` every instance shares: one connection pool, and the TLS roots
+/// loaded once per process instead of once per instance actor. Per-instance settings (the
+/// request timeout, basic-auth credentials) go on each request instead.
+fn shared_http() -> Result<reqwest::Client, reqwest::Error> {
+    static SHARED: OnceLock<reqwest::Client> = OnceLock::new();
+    if let Some(http) = SHARED.get() {
+        return Ok(http.clone());
+    }
+    // A failed build (no crypto provider installed yet) is not cached; the next call retries.
+    let http = reqwest::Client::builder()
+        .connect_timeout(MAX_CONNECT_TIMEOUT)
+        .no_proxy()
+        .user_agent(concat!("wxauto-sidecar/", env!("CARGO_PKG_VERSION")))
+        .build()?;
+    Ok(SHARED.get_or_init(|| http).clone())
+}
+
+/// The connect timeout of the shared client; a shorter `request_timeout` bounds a connect too,
+/// since it covers the whole request.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The client for one instance. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
+    /// `listener.request_timeout`, applied to every call but downloads.
+    request_timeout: Duration,
+    /// `Authorization: Basic` from `user:password@` in the base URL (marked sensitive).
+    authorization: Option<reqwest::header::HeaderValue>,
     instance_id: String,
     base_url: String,
     api_key: Secret,
@@ -241,23 +267,16 @@ impl Client {
         // `user:password@` in the URL becomes one `Authorization: Basic` header (the key goes
         // as `X-API-Key`), and the URL requests are sent to has no credentials left in it.
         let (base_url, credentials) = crate::secret::split_url_credentials(base_url);
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(credentials) = credentials
-            && let Ok(mut value) =
-                reqwest::header::HeaderValue::from_str(credentials.header_value().expose())
-        {
+        let authorization = credentials.and_then(|credentials| {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(credentials.header_value().expose()).ok()?;
             value.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .timeout(request_timeout)
-            .connect_timeout(request_timeout.min(Duration::from_secs(5)))
-            .no_proxy()
-            .user_agent(concat!("wxauto-sidecar/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            Some(value)
+        });
         Ok(Self {
-            http,
+            http: shared_http()?,
+            request_timeout,
+            authorization,
             instance_id: instance_id.to_owned(),
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
@@ -386,11 +405,9 @@ impl Client {
         let label = endpoint.label();
         let url = format!("{}{}", self.base_url, endpoint.path());
         let mut response = self
-            .http
-            .post(url)
+            .authorized(self.http.post(url))
             .timeout(DOWNLOAD_TIMEOUT)
             .json(&serde_json::json!({ "file_path": file_path }))
-            .header("X-API-Key", self.api_key.expose())
             .send()
             .await
             .map_err(|error| self.transport_error(label, &error))?;
@@ -518,8 +535,9 @@ impl Client {
             Some(body) => self.http.post(url).json(&body),
             None => self.http.get(url),
         };
-        let request = request.header("X-API-Key", self.api_key.expose());
-        let mut response = request
+        let mut response = self
+            .authorized(request)
+            .timeout(self.request_timeout)
             .send()
             .await
             .map_err(|error| self.transport_error(label, &error))?;
@@ -578,6 +596,15 @@ impl Client {
             endpoint: label,
             reason: format!("unexpected data: {error}"),
         })
+    }
+
+    /// The instance's headers: `X-API-Key`, and `Authorization` when the URL had credentials.
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let request = request.header("X-API-Key", self.api_key.expose());
+        match &self.authorization {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.clone()),
+            None => request,
+        }
     }
 
     fn transport_error(&self, endpoint: &'static str, error: &reqwest::Error) -> WxautoError {

@@ -168,6 +168,118 @@ fn check_config_no_secrets_validates_without_reading_keys() {
     assert_eq!(check(true).status.code(), Some(1));
 }
 
+#[test]
+fn check_config_checks_the_web_config_file_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        "instances: []\nserver:\n  web_config_file: web.yml\n",
+    )
+    .unwrap();
+    let web = dir.path().join("web.yml");
+    let check = |extra: &[&str]| {
+        let mut command = Command::new(BIN);
+        command
+            .arg("check-config")
+            .args(extra)
+            .arg("--config")
+            .arg(&config);
+        let output = command
+            .env_remove("WXAUTO_SIDECAR_CONFIG")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.code(), out, stderr(&output))
+    };
+    let web_name = web.display().to_string();
+
+    // Valid: TLS with real files, a bcrypt user, headers; relative to the web config's directory.
+    crate::security::write_certificates(dir.path());
+    std::fs::write(&web, crate::security::web_config_text("prometheus", "pw-1")).unwrap();
+    let (code, out, err) = check(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&format!("{web_name}: valid web config")),
+        "{out}"
+    );
+
+    // A missing key file: the web config file, the line, the key and the missing file.
+    std::fs::remove_file(dir.path().join("server.key")).unwrap();
+    let (code, _, err) = check(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    let expected = format!("{web_name}:3:13: tls_server_config.key_file: cannot read ");
+    assert!(err.contains(&expected), "{err}");
+    assert!(err.contains("server.key"), "{err}");
+    assert!(
+        err.contains(&format!("{web_name}: invalid web config")),
+        "{err}"
+    );
+    // `--no-secrets` reads no TLS file (the key is a secret; CI has none of them).
+    let (code, out, err) = check(&["--no-secrets"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("valid web config (TLS files not read)"),
+        "{out}"
+    );
+
+    // An invalid bcrypt hash is an error in both modes, at its line.
+    std::fs::write(
+        &web,
+        "http_server_config:\n  headers:\n    X-Frame-Options: deny\nbasic_auth_users:\n  alice: '$2y$10$tooshort'\n",
+    )
+    .unwrap();
+    for mode in [&[][..], &["--no-secrets"]] {
+        let (code, _, err) = check(mode);
+        assert_eq!(code, Some(1), "{mode:?}: {err}");
+        let expected = format!("{web_name}:5:10: basic_auth_users.alice: not a bcrypt hash");
+        assert!(err.contains(&expected), "{mode:?}: {err}");
+        assert!(!err.contains("tooshort"), "the hash is not quoted: {err}");
+    }
+
+    // Bad YAML and unknown keys: located.
+    std::fs::write(&web, "basic_auth_users:\n  alice: [\n").unwrap();
+    let (code, _, err) = check(&["--no-secrets"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("{web_name}:")), "{err}");
+    assert!(err.contains("invalid YAML"), "{err}");
+    std::fs::write(
+        &web,
+        "tls_server_config:\n  cert_file: a\n  key_file: b\n  min_version: TLS10\n",
+    )
+    .unwrap();
+    let (code, _, err) = check(&["--no-secrets"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{web_name}:4:16: tls_server_config.min_version: unsupported version"
+        )),
+        "{err}"
+    );
+    std::fs::write(&web, "basic_auth_user: {}\n").unwrap();
+    let (code, _, err) = check(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{web_name}:1:1: invalid YAML: unknown field")),
+        "{err}"
+    );
+
+    // `--web.config.file` wins over `server.web_config_file`; a missing file is named.
+    let missing = dir.path().join("nope.yml");
+    let (code, _, err) = check(&["--web.config.file", missing.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{}: cannot read", missing.display())),
+        "{err}"
+    );
+    // An invalid config still fails with exit 1 when its web config is fine.
+    std::fs::write(&web, "").unwrap();
+    std::fs::write(&config, "server:\n  web_config_file: web.yml\n").unwrap();
+    let (code, _, err) = check(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("instances"), "{err}");
+}
+
 #[tokio::test]
 async fn a_relative_config_path_is_reloaded_on_a_file_event() {
     // The quick start's `--config my-config.yaml`, run from the config's directory. The hash

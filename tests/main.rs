@@ -10,6 +10,7 @@ mod cli;
 mod config_notifier_integration;
 mod consistency;
 mod delivery;
+mod fuzz_decoders;
 mod http;
 mod import_mgt;
 mod listener;

@@ -432,7 +432,9 @@ async fn connections_over_the_cap_are_refused_at_once_and_bodies_are_capped() {
 // === web config: TLS, basic auth, headers ===
 
 /// A CA and a server certificate for 127.0.0.1/localhost, as PEM files in `dir`.
-fn write_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+pub(crate) fn write_certificates(
+    dir: &Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params
@@ -456,7 +458,7 @@ fn write_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, st
     (ca_file, cert_file, key_file)
 }
 
-fn web_config_text(user: &str, password: &str) -> String {
+pub(crate) fn web_config_text(user: &str, password: &str) -> String {
     let hash = bcrypt::hash(password, 4).unwrap();
     format!(
         "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  min_version: TLS12\nhttp_server_config:\n  headers:\n    Strict-Transport-Security: max-age=31536000\n    X-Frame-Options: deny\nbasic_auth_users:\n  {user}: '{hash}'\n"

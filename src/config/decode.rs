@@ -96,13 +96,26 @@ pub fn decode(
     decode_with(text, path, env, true)
 }
 
+/// What `check_file_without_secrets` tells of a valid file.
+#[derive(Debug, Clone)]
+pub struct Unresolved {
+    /// Human-readable warnings, never containing secrets.
+    pub warnings: Vec<String>,
+    /// `server.web_config_file`, resolved against the config's directory.
+    pub web_config_file: Option<std::path::PathBuf>,
+}
+
 /// Checks a config file without resolving its secrets (`check-config --no-secrets`, for CI):
 /// syntax, types, ranges and references are checked as for a run, but no environment variable
 /// named by `api_key_env`/`headers_from_env` and no `api_key_file` is read. Returns the
-/// warnings; the config itself is withheld because placeholders stand in for its keys.
-pub fn check_file_without_secrets(path: &Path) -> Result<Vec<String>, ConfigErrors> {
+/// warnings and the web config file; the config itself is withheld because placeholders stand
+/// in for its keys.
+pub fn check_file_without_secrets(path: &Path) -> Result<Unresolved, ConfigErrors> {
     let text = read_file(path)?;
-    decode_with(&text, Some(path), &|_| None, false).map(|loaded| loaded.warnings)
+    decode_with(&text, Some(path), &|_| None, false).map(|loaded| Unresolved {
+        warnings: loaded.warnings,
+        web_config_file: loaded.config.server.web_config_file,
+    })
 }
 
 fn decode_with(
@@ -180,46 +193,83 @@ fn read_file(path: &Path) -> Result<String, ConfigErrors> {
     let bytes = std::fs::read(path)
         .map_err(|err| error(0, 0, format!("cannot read config file: {err}")))?;
     String::from_utf8(bytes).map_err(|err| {
-        let offset = err.utf8_error().valid_up_to();
-        let valid = String::from_utf8_lossy(&err.as_bytes()[..offset]).into_owned();
-        let line = valid.matches('\n').count() + 1;
-        let column = valid
-            .rsplit('\n')
-            .next()
-            .map_or(0, |last| last.chars().count())
-            + 1;
+        let (line, column, offset) = utf8_error_position(&err);
         error(
-            u64::try_from(line).unwrap_or(u64::MAX),
-            u64::try_from(column).unwrap_or(u64::MAX),
+            line,
+            column,
             format!("the file is not valid UTF-8 (invalid byte at offset {offset})"),
         )
     })
 }
 
-/// Parses YAML into the located tree.
-fn parse(text: &str) -> Result<Node, serde_saphyr::Error> {
-    let options = serde_saphyr::options! {
+/// Where UTF-8 decoding failed: (1-based line, 1-based column in characters, byte offset).
+pub(crate) fn utf8_error_position(err: &std::string::FromUtf8Error) -> (u64, u64, usize) {
+    let offset = err.utf8_error().valid_up_to();
+    let valid = String::from_utf8_lossy(&err.as_bytes()[..offset]);
+    let line = valid.matches('\n').count() + 1;
+    let column = valid
+        .rsplit('\n')
+        .next()
+        .map_or(0, |last| last.chars().count())
+        + 1;
+    (
+        u64::try_from(line).unwrap_or(u64::MAX),
+        u64::try_from(column).unwrap_or(u64::MAX),
+        offset,
+    )
+}
+
+/// The deepest nesting of lists and maps accepted. A config needs about 7 levels; the parser
+/// and the located tree recurse once per level, and a reload decodes on a runtime worker thread
+/// (2 MiB of stack), where serde-saphyr's own limit of 64 overflowed the stack of a debug build.
+pub(crate) const MAX_DEPTH: usize = 16;
+
+/// The parser options for our YAML files (the config and the web config).
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_DEPTH;
+    serde_saphyr::options! {
         strict_booleans: true,
         // Duplicates reach the tree and are reported by `Ctx::map` together with every other
         // problem, instead of aborting the parse.
         duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
         // A snippet would quote the source line, which may hold an inline API key.
         with_snippet: false,
-    };
-    serde_saphyr::from_str_with_options(text, options)
+        budget: Some(budget),
+    }
 }
 
-/// The one error reported for text that is not YAML.
-fn syntax_error(file: &str, err: &serde_saphyr::Error) -> ConfigError {
+/// Parses YAML into the located tree.
+fn parse(text: &str) -> Result<Node, serde_saphyr::Error> {
+    serde_saphyr::from_str_with_options(text, yaml_options())
+}
+
+/// A parser error as (line, column, message); 0 for an unknown position. The message names
+/// no value and no position (that goes in the prefix).
+pub(crate) fn yaml_error_parts(err: &serde_saphyr::Error) -> (u64, u64, String) {
     let (line, column) = err
         .location()
         .map_or((0, 0), |location| (location.line(), location.column()));
+    if let serde_saphyr::Error::Budget {
+        breach: serde_saphyr::budget::BudgetBreach::Depth { .. },
+        ..
+    } = err.without_snippet()
+    {
+        let message = format!("lists and maps nested deeper than {MAX_DEPTH} levels");
+        return (line, column, message);
+    }
     let text = err.without_snippet().to_string();
     // The location is reported in the prefix already.
     let message = match text.rfind(" at line ") {
         Some(at) if at > 0 => &text[..at],
         _ => text.as_str(),
     };
+    (line, column, message.to_owned())
+}
+
+/// The one error reported for text that is not YAML.
+fn syntax_error(file: &str, err: &serde_saphyr::Error) -> ConfigError {
+    let (line, column, message) = yaml_error_parts(err);
     ConfigError {
         file: file.to_owned(),
         line,

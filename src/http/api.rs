@@ -121,7 +121,7 @@ async fn statistics(State(state): State<AppState>) -> Response {
 }
 
 async fn errors(State(state): State<AppState>, uri: axum::http::Uri) -> Result<Response, ApiError> {
-    let limit = strict_limit(uri.query().unwrap_or(""), 10)?;
+    let limit = strict_limit(uri.query().unwrap_or(""), 10, ERROR_RING_CAPACITY)?;
     let records = state.monitor.recent_errors(limit);
     let count = records.len();
     Ok(ok(
@@ -131,14 +131,12 @@ async fn errors(State(state): State<AppState>, uri: axum::http::Uri) -> Result<R
 }
 
 /// `limit` parsed strictly: at most once, ASCII digits only (no sign, space or `+`), within
-/// 1..=ERROR_RING_CAPACITY. Other parameters are ignored.
-fn strict_limit(query: &str, default: usize) -> Result<usize, ApiError> {
+/// 1..=`max`. Other parameters are ignored.
+pub(super) fn strict_limit(query: &str, default: usize, max: usize) -> Result<usize, ApiError> {
     let bad = || {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!(
-                "limit must be given at most once, as digits only, from 1 to {ERROR_RING_CAPACITY}"
-            ),
+            format!("limit must be given at most once, as digits only, from 1 to {max}"),
         )
     };
     let mut values = query
@@ -151,13 +149,13 @@ fn strict_limit(query: &str, default: usize) -> Result<usize, ApiError> {
     };
     if values.next().is_some()
         || raw.is_empty()
-        || raw.len() > 6
+        || raw.len() > 9
         || !raw.bytes().all(|b| b.is_ascii_digit())
     {
         return Err(bad());
     }
     match raw.parse::<usize>() {
-        Ok(limit) if (1..=ERROR_RING_CAPACITY).contains(&limit) => Ok(limit),
+        Ok(limit) if (1..=max).contains(&limit) => Ok(limit),
         _ => Err(bad()),
     }
 }
@@ -256,10 +254,21 @@ mod tests {
 
     #[test]
     fn limit_is_parsed_strictly() {
-        assert_eq!(strict_limit("", 10).unwrap(), 10);
-        assert_eq!(strict_limit("other=1", 10).unwrap(), 10);
-        assert_eq!(strict_limit("limit=5", 10).unwrap(), 5);
-        assert_eq!(strict_limit("x=1&limit=7", 10).unwrap(), 7);
+        assert_eq!(strict_limit("", 10, ERROR_RING_CAPACITY).unwrap(), 10);
+        assert_eq!(
+            strict_limit("other=1", 10, ERROR_RING_CAPACITY).unwrap(),
+            10
+        );
+        assert_eq!(strict_limit("limit=5", 10, ERROR_RING_CAPACITY).unwrap(), 5);
+        assert_eq!(
+            strict_limit("x=1&limit=7", 10, ERROR_RING_CAPACITY).unwrap(),
+            7
+        );
+        // The dead-letter list's bounds (`dead::MAX_LIST`); it used to keep the last of
+        // repeated `limit`s.
+        assert_eq!(strict_limit("limit=1000", 100, 1000).unwrap(), 1000);
+        assert!(strict_limit("limit=1001", 100, 1000).is_err());
+        assert!(strict_limit("limit=5&limit=6", 100, 1000).is_err());
         for bad in [
             "limit=+5",
             "limit=5&limit=6",
@@ -271,7 +280,7 @@ mod tests {
             "limit=5.0",
             "limit=99999999999999999999",
         ] {
-            assert!(strict_limit(bad, 10).is_err(), "{bad}");
+            assert!(strict_limit(bad, 10, ERROR_RING_CAPACITY).is_err(), "{bad}");
         }
     }
 }

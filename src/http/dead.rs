@@ -2,18 +2,17 @@
 //! lifecycle-gated `POST /api/v1/messages/dead/retry` and `POST /api/v1/messages/dead/purge`
 //! (body optional: `{"ids": [...]}`, the row ids the list shows; no body means all).
 
-use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::api::{ApiError, ok, require_lifecycle};
+use super::api::{ApiError, ok, require_lifecycle, strict_limit};
 use crate::delivery::{DeadLetter, Delivery};
 use crate::monitor::rfc3339;
 
@@ -39,24 +38,10 @@ fn delivery(state: &AppState) -> Result<&Delivery, ApiError> {
 
 pub(super) async fn list(
     State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
+    uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
-    let limit = match query.get("limit") {
-        None => DEFAULT_LIST,
-        Some(raw) => match raw.parse::<usize>() {
-            Ok(limit)
-                if (1..=MAX_LIST).contains(&limit) && raw.bytes().all(|b| b.is_ascii_digit()) =>
-            {
-                limit
-            }
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("limit must be an integer from 1 to {MAX_LIST}"),
-                ));
-            }
-        },
-    };
+    // The same strict parsing as `/api/v1/errors`: one `limit`, digits only.
+    let limit = strict_limit(uri.query().unwrap_or(""), DEFAULT_LIST, MAX_LIST)?;
     let delivery = delivery(&state)?;
     let letters = delivery
         .dead_letters(limit)

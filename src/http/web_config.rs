@@ -34,6 +34,7 @@ use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
@@ -66,18 +67,26 @@ pub enum WebConfigError {
         source: std::io::Error,
     },
     /// The YAML is malformed or has unknown keys.
-    #[error("{path}: {message}")]
+    #[error("{}{}: {message}", .path.display(), at(*.line, *.column))]
     Parse {
         /// The web config file.
         path: PathBuf,
+        /// 1-based line; 0 when unknown.
+        line: u64,
+        /// 1-based column; 0 when unknown.
+        column: u64,
         /// What the parser said.
         message: String,
     },
-    /// A value is not acceptable.
-    #[error("{path}: {key}: {message}")]
+    /// A value is not acceptable (or a file it names cannot be read).
+    #[error("{}{}: {key}: {message}", .path.display(), at(*.line, *.column))]
     Invalid {
         /// The web config file.
         path: PathBuf,
+        /// 1-based line of the value; 0 when unknown.
+        line: u64,
+        /// 1-based column of the value; 0 when unknown.
+        column: u64,
         /// The key path, e.g. `tls_server_config.min_version`.
         key: String,
         /// What is wrong.
@@ -85,24 +94,36 @@ pub enum WebConfigError {
     },
 }
 
+/// `:line:column`, or nothing for an unknown position.
+fn at(line: u64, column: u64) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}:{column}")
+    }
+}
+
+/// A string value with where it was written.
+type Text = Spanned<String>;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
-    tls_server_config: Option<RawTls>,
+    tls_server_config: Option<Spanned<RawTls>>,
     http_server_config: Option<RawHttp>,
-    basic_auth_users: Option<BTreeMap<String, String>>,
+    basic_auth_users: Option<BTreeMap<String, Text>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTls {
-    cert_file: Option<String>,
-    key_file: Option<String>,
-    client_auth_type: Option<String>,
-    client_ca_file: Option<String>,
-    min_version: Option<String>,
-    max_version: Option<String>,
-    cipher_suites: Option<Vec<String>>,
+    cert_file: Option<Text>,
+    key_file: Option<Text>,
+    client_auth_type: Option<Text>,
+    client_ca_file: Option<Text>,
+    min_version: Option<Text>,
+    max_version: Option<Text>,
+    cipher_suites: Option<Vec<Text>>,
     /// Accepted for compatibility; rustls always prefers the server's order.
     prefer_server_cipher_suites: Option<bool>,
 }
@@ -110,7 +131,7 @@ struct RawTls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHttp {
-    headers: Option<BTreeMap<String, String>>,
+    headers: Option<BTreeMap<String, Text>>,
     /// Accepted for compatibility; this server speaks HTTP/1.1 only.
     http2: Option<bool>,
 }
@@ -358,28 +379,73 @@ fn parse(path: &Path, text: &str) -> Result<RawFile, WebConfigError> {
     if text.trim().is_empty() {
         return Ok(RawFile::default());
     }
-    serde_saphyr::from_str(text).map_err(|error| WebConfigError::Parse {
-        path: path.to_owned(),
-        message: error.to_string(),
+    // The config's parser options (depth limit, no snippets, strict booleans), but a repeated
+    // key is an error: serde would otherwise keep one of them silently.
+    let mut options = crate::config::yaml_options();
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
+    serde_saphyr::from_str_with_options(text, options).map_err(|error| {
+        let (line, column, message) = crate::config::yaml_error_parts(&error);
+        WebConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            message: format!("invalid YAML: {message}"),
+        }
     })
 }
 
-fn read_files(path: &Path) -> Result<(u64, Files), WebConfigError> {
+/// Checks a web config file as `check-config` does. With `read_files` false (`check-config
+/// --no-secrets`) the certificate, key and CA files it names are not read (a private key is a
+/// secret; in CI none of them may exist): only that they are named where required.
+pub fn check_file(path: &Path, read_files: bool) -> Result<(), WebConfigError> {
+    if read_files {
+        let (_, files) = self::read_files(path)?;
+        return build(path, &files).map(drop);
+    }
+    let text = read_text(path)?;
+    let raw = parse(path, &text)?;
+    build_raw(path, raw, None).map(drop)
+}
+
+fn read_text(path: &Path) -> Result<String, WebConfigError> {
     let bytes = read(path)?;
-    let text = String::from_utf8(bytes).map_err(|error| WebConfigError::Parse {
-        path: path.to_owned(),
-        message: format!("not UTF-8 (at byte {})", error.utf8_error().valid_up_to()),
-    })?;
+    String::from_utf8(bytes).map_err(|error| {
+        let (line, column, offset) = crate::config::utf8_error_position(&error);
+        WebConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            message: format!("the file is not valid UTF-8 (invalid byte at offset {offset})"),
+        }
+    })
+}
+
+#[allow(
+    clippy::disallowed_methods,
+    reason = "small files, re-read at most once a second (`WebConfigHandle::current`)"
+)]
+fn read_files(path: &Path) -> Result<(u64, Files), WebConfigError> {
+    let text = read_text(path)?;
     let raw = parse(path, &text)?;
     let mut referenced = HashMap::new();
     let mut parts: Vec<Vec<u8>> = vec![text.clone().into_bytes()];
     if let Some(tls) = &raw.tls_server_config {
-        for file in [&tls.cert_file, &tls.key_file, &tls.client_ca_file]
-            .into_iter()
-            .flatten()
-        {
-            let resolved = resolve(path, file);
-            let bytes = read(&resolved)?;
+        let tls = &tls.value;
+        for (key, file) in [
+            ("cert_file", &tls.cert_file),
+            ("key_file", &tls.key_file),
+            ("client_ca_file", &tls.client_ca_file),
+        ] {
+            let Some(file) = file else { continue };
+            let resolved = resolve(path, &file.value);
+            // Named by the key that names it, where it is written.
+            let bytes = std::fs::read(&resolved).map_err(|error| WebConfigError::Invalid {
+                path: path.to_owned(),
+                line: file.referenced.line(),
+                column: file.referenced.column(),
+                key: format!("tls_server_config.{key}"),
+                message: format!("cannot read {}: {error}", resolved.display()),
+            })?;
             parts.push(bytes.clone());
             referenced.insert(resolved, bytes);
         }
@@ -400,21 +466,41 @@ fn resolve(config: &Path, file: &str) -> PathBuf {
 
 fn build(path: &Path, files: &Files) -> Result<WebConfig, WebConfigError> {
     let raw = parse(path, &files.text)?;
-    let invalid = |key: &str, message: String| WebConfigError::Invalid {
+    build_raw(path, raw, Some(files))
+}
+
+/// An "invalid value" error at `at`.
+type Invalid<'a> = dyn Fn(&str, Location, String) -> WebConfigError + 'a;
+
+/// Validates a parsed file. Without `files` (nothing read), TLS is checked but not built and
+/// the result has no `tls`.
+fn build_raw(
+    path: &Path,
+    raw: RawFile,
+    files: Option<&Files>,
+) -> Result<WebConfig, WebConfigError> {
+    let invalid = |key: &str, at: Location, message: String| WebConfigError::Invalid {
         path: path.to_owned(),
+        line: at.line(),
+        column: at.column(),
         key: key.to_owned(),
         message,
     };
     let mut users = HashMap::new();
     for (user, hash) in raw.basic_auth_users.unwrap_or_default() {
         let key = format!("basic_auth_users.{user}");
+        let (at, hash) = (hash.referenced, hash.value);
         if user.contains(':') {
-            return Err(invalid(&key, "a user name cannot contain ':'".to_owned()));
+            return Err(invalid(
+                &key,
+                at,
+                "a user name cannot contain ':'".to_owned(),
+            ));
         }
         if !(hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$"))
             || bcrypt::verify("", &hash).is_err()
         {
-            return Err(invalid(&key, "not a bcrypt hash".to_owned()));
+            return Err(invalid(&key, at, "not a bcrypt hash".to_owned()));
         }
         users.insert(user, hash);
     }
@@ -423,12 +509,14 @@ fn build(path: &Path, files: &Files) -> Result<WebConfig, WebConfigError> {
         let _ = http.http2;
         for (name, value) in http.headers.unwrap_or_default() {
             let key = format!("http_server_config.headers.{name}");
+            let (at, value) = (value.referenced, value.value);
             let Some(allowed) = ALLOWED_HEADERS
                 .iter()
                 .find(|allowed| allowed.eq_ignore_ascii_case(&name))
             else {
                 return Err(invalid(
                     &key,
+                    at,
                     format!(
                         "not an allowed header; allowed: {}",
                         ALLOWED_HEADERS.join(", ")
@@ -436,12 +524,12 @@ fn build(path: &Path, files: &Files) -> Result<WebConfig, WebConfigError> {
                 ));
             };
             let value = HeaderValue::from_str(&value)
-                .map_err(|_| invalid(&key, "not a valid header value".to_owned()))?;
+                .map_err(|_| invalid(&key, at, "not a valid header value".to_owned()))?;
             headers.push((HeaderName::from_static(lowercase(allowed)), value));
         }
     }
     let tls = match raw.tls_server_config {
-        Some(tls) => Some(Arc::new(tls_config(path, &tls, files, &invalid)?)),
+        Some(tls) => tls_config(path, &tls, files, &invalid)?.map(Arc::new),
         None => None,
     };
     Ok(WebConfig {
@@ -461,53 +549,51 @@ fn lowercase(name: &str) -> &'static str {
     }
 }
 
+/// How clients authenticate with certificates.
+enum ClientAuth<'r> {
+    None,
+    /// Verified against `client_ca_file`; `optional` for `VerifyClientCertIfGiven`.
+    Verify {
+        ca: &'r Text,
+        optional: bool,
+    },
+}
+
+/// Checks `tls_server_config` and, with `files`, builds the rustls config from them.
 fn tls_config(
     path: &Path,
-    tls: &RawTls,
-    files: &Files,
-    invalid: &dyn Fn(&str, String) -> WebConfigError,
-) -> Result<rustls::ServerConfig, WebConfigError> {
+    tls: &Spanned<RawTls>,
+    files: Option<&Files>,
+    invalid: &Invalid<'_>,
+) -> Result<Option<rustls::ServerConfig>, WebConfigError> {
+    let section = tls.referenced;
+    let tls = &tls.value;
     let _ = tls.prefer_server_cipher_suites;
-    let bytes_of = |key: &str, file: &Option<String>| -> Result<&Vec<u8>, WebConfigError> {
-        let file = file
-            .as_deref()
-            .ok_or_else(|| invalid(key, "required when tls_server_config is set".to_owned()))?;
-        files
-            .referenced
-            .get(&resolve(path, file))
-            .ok_or_else(|| invalid(key, "was not read".to_owned()))
+    let named = |key: &str, file: &'_ Option<Text>| -> Result<(), WebConfigError> {
+        match file {
+            Some(_) => Ok(()),
+            None => Err(invalid(
+                key,
+                section,
+                "required when tls_server_config is set".to_owned(),
+            )),
+        }
     };
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(bytes_of("tls_server_config.cert_file", &tls.cert_file)?)
-            .collect::<Result<_, _>>()
-            .map_err(|error| {
-                invalid(
-                    "tls_server_config.cert_file",
-                    format!("not a PEM certificate: {error}"),
-                )
-            })?;
-    if certs.is_empty() {
-        return Err(invalid(
-            "tls_server_config.cert_file",
-            "no certificate in the file".to_owned(),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_slice(bytes_of("tls_server_config.key_file", &tls.key_file)?)
-        .map_err(|error| {
-            invalid(
-                "tls_server_config.key_file",
-                format!("not a PEM private key: {error}"),
-            )
-        })?;
+    named("tls_server_config.cert_file", &tls.cert_file)?;
+    named("tls_server_config.key_file", &tls.key_file)?;
 
     let version =
-        |key: &str, value: &Option<String>, default: &'static rustls::SupportedProtocolVersion| {
-            match value.as_deref() {
+        |key: &str, value: &Option<Text>, default: &'static rustls::SupportedProtocolVersion| {
+            match value
+                .as_ref()
+                .map(|value| (value.value.as_str(), value.referenced))
+            {
                 None => Ok(default),
-                Some("TLS12") => Ok(&rustls::version::TLS12),
-                Some("TLS13") => Ok(&rustls::version::TLS13),
-                Some(other) => Err(invalid(
+                Some(("TLS12", _)) => Ok(&rustls::version::TLS12),
+                Some(("TLS13", _)) => Ok(&rustls::version::TLS13),
+                Some((other, at)) => Err(invalid(
                     key,
+                    at,
                     format!("unsupported version {other:?}; rustls supports TLS12 and TLS13"),
                 )),
             }
@@ -535,8 +621,13 @@ fn tls_config(
             })
             .collect();
     if versions.is_empty() {
+        let at = tls
+            .min_version
+            .as_ref()
+            .map_or(section, |min| min.referenced);
         return Err(invalid(
             "tls_server_config.min_version",
+            at,
             "is above max_version".to_owned(),
         ));
     }
@@ -545,7 +636,7 @@ fn tls_config(
     if let Some(names) = &tls.cipher_suites {
         let mut chosen = Vec::new();
         for name in names {
-            let wanted = name.trim_end_matches("_SHA256");
+            let wanted = name.value.trim_end_matches("_SHA256");
             let Some(suite) = rustls::crypto::ring::ALL_CIPHER_SUITES
                 .iter()
                 .find(|suite| {
@@ -555,7 +646,8 @@ fn tls_config(
             else {
                 return Err(invalid(
                     "tls_server_config.cipher_suites",
-                    format!("{name:?} is not a TLS 1.2 suite rustls supports"),
+                    name.referenced,
+                    format!("{:?} is not a TLS 1.2 suite rustls supports", name.value),
                 ));
             };
             chosen.push(*suite);
@@ -567,45 +659,31 @@ fn tls_config(
     }
     let provider = Arc::new(provider);
 
-    let auth = tls.client_auth_type.as_deref().unwrap_or("NoClientCert");
-    let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match auth {
-        "NoClientCert" => rustls::server::WebPkiClientVerifier::no_client_auth(),
+    let (auth, auth_at) = tls
+        .client_auth_type
+        .as_ref()
+        .map_or(("NoClientCert", section), |auth| {
+            (auth.value.as_str(), auth.referenced)
+        });
+    let client_auth = match auth {
+        "NoClientCert" => ClientAuth::None,
         "VerifyClientCertIfGiven" | "RequireAndVerifyClientCert" => {
-            let ca = bytes_of("tls_server_config.client_ca_file", &tls.client_ca_file)?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(ca) {
-                let cert = cert.map_err(|error| {
-                    invalid(
-                        "tls_server_config.client_ca_file",
-                        format!("not a PEM certificate: {error}"),
-                    )
-                })?;
-                roots.add(cert).map_err(|error| {
-                    invalid(
-                        "tls_server_config.client_ca_file",
-                        format!("unusable CA certificate: {error}"),
-                    )
-                })?;
-            }
-            let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                Arc::clone(&provider),
-            );
-            let builder = if auth == "VerifyClientCertIfGiven" {
-                builder.allow_unauthenticated()
-            } else {
-                builder
-            };
-            builder.build().map_err(|error| {
-                invalid(
+            let Some(ca) = &tls.client_ca_file else {
+                return Err(invalid(
                     "tls_server_config.client_ca_file",
-                    format!("cannot verify clients: {error}"),
-                )
-            })?
+                    auth_at,
+                    format!("required with client_auth_type {auth}"),
+                ));
+            };
+            ClientAuth::Verify {
+                ca,
+                optional: auth == "VerifyClientCertIfGiven",
+            }
         }
         "RequestClientCert" | "RequireAnyClientCert" => {
             return Err(invalid(
                 "tls_server_config.client_auth_type",
+                auth_at,
                 format!(
                     "{auth} (a client certificate that is not verified) is not supported; use VerifyClientCertIfGiven or RequireAndVerifyClientCert"
                 ),
@@ -614,25 +692,119 @@ fn tls_config(
         other => {
             return Err(invalid(
                 "tls_server_config.client_auth_type",
+                auth_at,
                 format!(
                     "unknown value {other:?}; expected NoClientCert, VerifyClientCertIfGiven or RequireAndVerifyClientCert"
                 ),
             ));
         }
     };
+
+    // Everything above is checked without the files (`check-config --no-secrets`).
+    let Some(files) = files else {
+        return Ok(None);
+    };
+    let bytes_of = |key: &str, file: &Option<Text>| -> Result<&Vec<u8>, WebConfigError> {
+        let file = file.as_ref().ok_or_else(|| {
+            invalid(
+                key,
+                section,
+                "required when tls_server_config is set".to_owned(),
+            )
+        })?;
+        files
+            .referenced
+            .get(&resolve(path, &file.value))
+            .ok_or_else(|| invalid(key, file.referenced, "was not read".to_owned()))
+    };
+    let cert_at = tls
+        .cert_file
+        .as_ref()
+        .map_or(section, |file| file.referenced);
+    let key_at = tls
+        .key_file
+        .as_ref()
+        .map_or(section, |file| file.referenced);
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(bytes_of("tls_server_config.cert_file", &tls.cert_file)?)
+            .collect::<Result<_, _>>()
+            .map_err(|error| {
+                invalid(
+                    "tls_server_config.cert_file",
+                    cert_at,
+                    format!("not a PEM certificate: {error}"),
+                )
+            })?;
+    if certs.is_empty() {
+        return Err(invalid(
+            "tls_server_config.cert_file",
+            cert_at,
+            "no certificate in the file".to_owned(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(bytes_of("tls_server_config.key_file", &tls.key_file)?)
+        .map_err(|error| {
+            invalid(
+                "tls_server_config.key_file",
+                key_at,
+                format!("not a PEM private key: {error}"),
+            )
+        })?;
+
+    let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match client_auth {
+        ClientAuth::None => rustls::server::WebPkiClientVerifier::no_client_auth(),
+        ClientAuth::Verify { ca, optional } => {
+            let key = "tls_server_config.client_ca_file";
+            let bytes = bytes_of(key, &tls.client_ca_file)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(bytes) {
+                let cert = cert.map_err(|error| {
+                    invalid(
+                        key,
+                        ca.referenced,
+                        format!("not a PEM certificate: {error}"),
+                    )
+                })?;
+                roots.add(cert).map_err(|error| {
+                    invalid(
+                        key,
+                        ca.referenced,
+                        format!("unusable CA certificate: {error}"),
+                    )
+                })?;
+            }
+            let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::clone(&provider),
+            );
+            let builder = if optional {
+                builder.allow_unauthenticated()
+            } else {
+                builder
+            };
+            builder.build().map_err(|error| {
+                invalid(
+                    key,
+                    ca.referenced,
+                    format!("cannot verify clients: {error}"),
+                )
+            })?
+        }
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&versions)
-        .map_err(|error| invalid("tls_server_config", format!("{error}")))?
+        .map_err(|error| invalid("tls_server_config", section, format!("{error}")))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|error| {
             invalid(
                 "tls_server_config.key_file",
+                key_at,
                 format!("does not match the certificate: {error}"),
             )
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok(Some(config))
 }
 
 #[cfg(test)]
@@ -710,7 +882,11 @@ mod tests {
         let text = include_str!("../../examples/web-config.yml");
         let raw: RawFile = serde_saphyr::from_str(text).unwrap();
         for hash in raw.basic_auth_users.unwrap().values() {
-            assert!(bcrypt::verify("wrong", hash).is_ok(), "{hash}");
+            assert!(
+                bcrypt::verify("wrong", &hash.value).is_ok(),
+                "{}",
+                hash.value
+            );
         }
         assert!(raw.tls_server_config.is_some());
     }

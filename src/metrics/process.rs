@@ -2,6 +2,11 @@
 //!
 //! CPU needs the previous refresh, so the `System` lives across scrapes behind a mutex that is
 //! never held across an await. Only our own pid is refreshed (tens of microseconds).
+//!
+//! Readers (`/metrics`, `/api/v1/status`, `/api/v1/health`) get the last sample, which
+//! `refresh_every` renews once a second on a blocking thread, so no request walks `/proc`; a
+//! sample older than `MAX_AGE` (no refresher running, as in tests and benches) is renewed by the
+//! reader instead.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -33,11 +38,20 @@ pub struct ProcessSample {
     pub cpu_percent: f64,
 }
 
+/// How often `refresh_every` renews the sample.
+pub const REFRESH_PERIOD: Duration = Duration::from_secs(1);
+
+/// A sample older than this is renewed by the reader (the refresher is not running).
+const MAX_AGE: Duration = Duration::from_secs(2);
+
 /// Samples the sidecar's own process.
 #[derive(Debug)]
 pub struct ProcessCollector {
     pid: Pid,
     state: Mutex<SamplerState>,
+    /// The last sample and when it was taken. A lock of its own, so readers never wait for a
+    /// refresh in progress.
+    cached: Mutex<Option<(Instant, ProcessSample)>>,
 }
 
 #[derive(Debug)]
@@ -64,15 +78,53 @@ impl ProcessCollector {
                 last_percent: 0.0,
                 groups: HashMap::new(),
             }),
+            cached: Mutex::new(None),
         }
     }
 
-    /// Refreshes and returns a sample.
+    /// The last sample, renewed here only when it is older than `MAX_AGE` (or there is none).
+    pub fn sample(&self) -> ProcessSample {
+        let cached = *lock(&self.cached);
+        match cached {
+            Some((at, sample)) if at.elapsed() < MAX_AGE => sample,
+            _ => self.refresh(),
+        }
+    }
+
+    /// Renews the sample every `REFRESH_PERIOD` on a blocking thread until `cancel`.
+    pub async fn refresh_every(
+        self: std::sync::Arc<Self>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(REFRESH_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let collector = std::sync::Arc::clone(&self);
+            if tokio::task::spawn_blocking(move || collector.refresh())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Reads `/proc` (or the platform's equivalent) now, stores and returns the sample.
     ///
     /// `cpu_percent` is computed from the accumulated CPU time between this sample and the
     /// previous one, so it is a real figure from the second call on. Samples closer than
     /// 200 ms reuse the last percentage (too short an interval gives noise).
-    pub fn sample(&self) -> ProcessSample {
+    pub fn refresh(&self) -> ProcessSample {
+        let sample = self.read();
+        *lock(&self.cached) = Some((Instant::now(), sample));
+        sample
+    }
+
+    fn read(&self) -> ProcessSample {
         let mut state = match self.state.lock() {
             Ok(state) => state,
             Err(poisoned) => poisoned.into_inner(),
@@ -150,6 +202,13 @@ impl ProcessCollector {
                 )
             },
         )
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
@@ -38,12 +38,13 @@ fn gauge(
     metric.encode(encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?)
 }
 
-fn labelled<'a>(
+/// A gauge family; the label sets are arrays, so a series costs no allocation.
+fn labelled<L: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     unit: Option<Unit>,
-    series: impl IntoIterator<Item = (Vec<(&'static str, &'a str)>, f64)>,
+    series: impl IntoIterator<Item = (L, f64)>,
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
     for (labels, value) in series {
@@ -61,10 +62,7 @@ impl Collector for StateCollector {
             "wxauto_build_info",
             "Build information; always 1.",
             None,
-            [(
-                vec![("version", version), ("revision", super::REVISION)],
-                1.0,
-            )],
+            [([("version", version), ("revision", super::REVISION)], 1.0)],
         )?;
         gauge(
             &mut encoder,
@@ -123,7 +121,7 @@ impl Collector for StateCollector {
             None,
             instances.iter().map(|state| {
                 (
-                    vec![("instance_id", state.instance_id.as_str())],
+                    [("instance_id", state.instance_id.as_str())],
                     f64::from(u8::from(state.connected)),
                 )
             }),
@@ -135,7 +133,7 @@ impl Collector for StateCollector {
             Some(Unit::Seconds),
             instances.iter().map(|state| {
                 (
-                    vec![("instance_id", state.instance_id.as_str())],
+                    [("instance_id", state.instance_id.as_str())],
                     state.last_check_time.unwrap_or(0.0),
                 )
             }),
@@ -150,14 +148,14 @@ impl Collector for StateCollector {
                 let inactive = state.chats.len() - active;
                 [
                     (
-                        vec![
+                        [
                             ("instance_id", state.instance_id.as_str()),
                             ("state", "active"),
                         ],
                         active as f64,
                     ),
                     (
-                        vec![
+                        [
                             ("instance_id", state.instance_id.as_str()),
                             ("state", "inactive"),
                         ],
@@ -180,7 +178,7 @@ impl Collector for StateCollector {
             None,
             Status::ALL.iter().map(|status| {
                 (
-                    vec![("status", status.as_str())],
+                    [("status", status.as_str())],
                     f64::from(u8::from(*status == snap.health.status)),
                 )
             }),
@@ -192,10 +190,10 @@ impl Collector for StateCollector {
             "Points the health score loses per component; 100 minus their sum is the score (floored at 0).",
             None,
             [
-                (vec![("component", "listener")], f64::from(d.listener)),
-                (vec![("component", "clients")], f64::from(d.clients)),
-                (vec![("component", "listeners")], f64::from(d.listeners)),
-                (vec![("component", "error_rate")], f64::from(d.error_rate)),
+                ([("component", "listener")], f64::from(d.listener)),
+                ([("component", "clients")], f64::from(d.clients)),
+                ([("component", "listeners")], f64::from(d.listeners)),
+                ([("component", "error_rate")], f64::from(d.error_rate)),
             ],
         )?;
         gauge(

@@ -68,6 +68,13 @@ impl HealthInfo {
     pub fn is_connected(&self) -> bool {
         self.wechat_status == "connected"
     }
+
+    /// When the server started, in Unix milliseconds (`now_ms` − `uptime`), if it reports its
+    /// uptime. Saturating: an absurd uptime gives the earliest time, never an overflow.
+    pub fn started_ms(&self, now_ms: i64) -> Option<i64> {
+        let uptime_ms = i64::try_from(self.uptime?.saturating_mul(1000)).unwrap_or(i64::MAX);
+        Some(now_ms.saturating_sub(uptime_ms))
+    }
 }
 
 /// One chat's messages from `get-next-new` or `listen/get`.
