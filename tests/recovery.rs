@@ -1,6 +1,7 @@
 //! What outlives the process: the chat table across restarts (quiet chats still time out),
 //! upstream sessions (a reused id after a server restart is a new message), and dead letters an
-//! operator lists, retries and purges with the real `dead` command.
+//! operator lists, retries and purges with the real `dead` command; and a text typed twice on a
+//! server that sends no message ids is two messages, not one deduplicated away.
 
 use std::path::Path;
 use std::process::Command;
@@ -199,6 +200,42 @@ async fn a_reused_id_after_a_server_restart_is_a_new_message() {
         ),
         Some(0.0),
         "the new message was not taken for a duplicate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_text_twice_without_upstream_ids_is_two_messages() {
+    let sim = start_sim("ni").await;
+    let hook = Hook::default();
+    let (url, _hook) = hook.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = write_config(dir.path(), &sim, &url, "");
+    let config = dir.path().join("sidecar.yaml");
+    let sidecar = Binary::start(dir.path(), &config, &env).await;
+    // A server that hands out no message ids: a person types "1", gets an answer, types "1" again.
+    let id_less =
+        serde_json::json!({"type": "friend", "sender": "erin", "content": "1", "id": null});
+    sim.sim.inject_message("erin", id_less.clone());
+    eventually("the first \"1\" is delivered", DEADLINE, || async {
+        (hook.contents().len() == 1).then_some(())
+    })
+    .await;
+    sim.sim.inject_message("erin", id_less);
+    eventually("the second \"1\" is delivered", DEADLINE, || async {
+        (hook.contents().len() == 2).then_some(())
+    })
+    .await;
+    let keys = hook.keys_of("1");
+    assert_eq!(keys.len(), 2);
+    assert_ne!(keys[0], keys[1], "two messages carry two idempotency keys");
+    let metrics = sidecar.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wxauto_messages_dropped_total{instance_id=\"wx-r\",reason=\"duplicate\"}"
+        ),
+        Some(0.0),
+        "the second \"1\" was not taken for a duplicate"
     );
 }
 
