@@ -302,7 +302,22 @@ pub async fn run(
     // The process sample readers get (/metrics, /api/v1/status, /api/v1/health), renewed off
     // the request path.
     tasks.spawn(Arc::clone(&process).refresh_every(background.clone()));
-    crate::shutdown::spawn(shutdown.clone(), control_tx.clone());
+    let hangup = control_tx.clone();
+    crate::shutdown::spawn(
+        shutdown.clone(),
+        Arc::new(move || {
+            // Queued like before (waiting for room), without holding up the signal listener.
+            let control = hangup.clone();
+            tokio::spawn(async move {
+                let _ = control
+                    .send(Control::Reload {
+                        source: ReloadSource::Signal,
+                        respond: None,
+                    })
+                    .await;
+            });
+        }),
+    );
 
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
