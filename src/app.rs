@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config, ConfigDiff, Loaded};
 use crate::delivery::{Delivery, MediaSettings, Routing};
 use crate::http::{self, AppState};
-use crate::message::{LogSink, MessageSink};
+use crate::message::MessageSink;
 use crate::metrics::Metrics;
 use crate::metrics::process::ProcessCollector;
 use crate::monitor::{Monitor, StateCollector, report};
@@ -93,6 +93,9 @@ pub enum RunError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
+    /// The platforms' HTTP client could not be built (no TLS backend).
+    #[error("cannot build the platforms' HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
 }
 
 /// What `run` reports once it is serving.
@@ -160,11 +163,12 @@ pub async fn run(
     let replies = Arc::new(ReplyRouter::default());
     let delivery_stop = CancellationToken::new();
     // One client (one connection pool) for every routing the platforms get, reloads included.
-    let platform_http = platform_client();
-    let delivery = match &options.sink {
-        Some(_) => None,
-        None => Some(
-            start_delivery(
+    let platform_http = platform_client().map_err(RunError::HttpClient)?;
+    // A sink given by the caller (tests) replaces the store and the delivery workers.
+    let (sink, delivery): (Arc<dyn MessageSink>, Option<Delivery>) = match &options.sink {
+        Some(sink) => (Arc::clone(sink), None),
+        None => {
+            let delivery = start_delivery(
                 &config,
                 platform_http.clone(),
                 Arc::clone(&replies),
@@ -172,13 +176,9 @@ pub async fn run(
                 &mut registry,
                 delivery_stop.clone(),
             )
-            .await?,
-        ),
-    };
-    let sink: Arc<dyn MessageSink> = match (&options.sink, &delivery) {
-        (Some(sink), _) => Arc::clone(sink),
-        (None, Some(delivery)) => delivery.sink(),
-        (None, None) => Arc::new(LogSink),
+            .await?;
+            (delivery.sink(), Some(delivery))
+        }
     };
     // Supervised processes start in order before the listener, so a linked wxauto server is
     // on its way up when its instance is first polled.
@@ -280,7 +280,8 @@ pub async fn run(
             },
             on_change.clone(),
             background.clone(),
-        );
+        )
+        .await;
         // The file may have changed between loading it and `spawn` hashing it, which no event
         // or poll would report: reload once. An unchanged file makes this an uncounted no-op.
         on_change();
@@ -301,7 +302,22 @@ pub async fn run(
     // The process sample readers get (/metrics, /api/v1/status, /api/v1/health), renewed off
     // the request path.
     tasks.spawn(Arc::clone(&process).refresh_every(background.clone()));
-    crate::shutdown::spawn(shutdown.clone(), control_tx.clone());
+    let hangup = control_tx.clone();
+    crate::shutdown::spawn(
+        shutdown.clone(),
+        Arc::new(move || {
+            // Queued like before (waiting for room), without holding up the signal listener.
+            let control = hangup.clone();
+            tokio::spawn(async move {
+                let _ = control
+                    .send(Control::Reload {
+                        source: ReloadSource::Signal,
+                        respond: None,
+                    })
+                    .await;
+            });
+        }),
+    );
 
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
@@ -386,11 +402,11 @@ fn watched_files(path: &std::path::Path, config: &Config) -> Vec<PathBuf> {
 }
 
 /// The HTTP client platforms use (timeouts are per request, from each platform's config).
-fn platform_client() -> reqwest::Client {
+/// A failure is an error, not a fallback: `reqwest::Client::default()` would panic on it.
+fn platform_client() -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .user_agent(concat!("wxauto-sidecar/", env!("CARGO_PKG_VERSION")))
         .build()
-        .unwrap_or_default()
 }
 
 async fn start_delivery(
@@ -455,6 +471,10 @@ async fn health_reports(
 }
 
 /// Writes JSON to a temp file beside `path`, then renames it over `path`.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "runs on tokio's blocking pool (the report writer) or at start"
+)]
 pub fn write_atomically(
     path: &std::path::Path,
     document: &serde_json::Value,
@@ -550,6 +570,10 @@ pub struct HttpAccess {
 
 impl HttpAccess {
     /// A client trusting `ca_file` (only it, when given), and the basic-auth password.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "CLI commands (`health`, `dead`), once before their request"
+    )]
     pub fn client(&self) -> Result<(reqwest::Client, Option<crate::secret::Secret>), String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()

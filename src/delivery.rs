@@ -475,10 +475,6 @@ impl MessageSink for DeliverySink {
         self.inner.routing().wants_chat(instance_id, chat)
     }
 
-    fn record_drop(&self, instance_id: &str, reason: &'static str) {
-        self.inner.metrics.dropped(instance_id, reason, 1);
-    }
-
     fn last_stop_clean(&self) -> bool {
         self.inner.last_stop_clean
     }

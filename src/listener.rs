@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +42,8 @@ const RESTART_TOLERANCE_MS: i64 = 5_000;
 /// restart of the actor loses none of them.
 pub type Held = Arc<Mutex<Vec<InboundMessage>>>;
 
-/// Settings an actor takes live, without a restart.
+/// Settings an actor takes live, without a restart. They come over a `watch` channel of their
+/// own, not the command queue: the latest value wins, and a full queue cannot lose them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActorSettings {
     /// `listener:` section.
@@ -63,8 +64,6 @@ pub enum InstanceCommand {
         /// Where the outcome goes.
         respond: oneshot::Sender<Result<(), ReplyError>>,
     },
-    /// New listener settings or fixed chats after a reload.
-    Settings(ActorSettings),
     /// Fetch a media file (`POST /api/file/download`), keeping at most `max_bytes`.
     Download {
         /// The path on the instance's machine.
@@ -190,6 +189,11 @@ impl Chat {
         }
     }
 
+    /// Listened, not fixed, and without a message for `timeout`: due for listen/remove.
+    fn is_idle(&self, now: Instant, timeout: Duration) -> bool {
+        self.active && !self.fixed && now.duration_since(self.last_activity) >= timeout
+    }
+
     fn touch(&mut self, messages: u64) {
         self.last_check = SystemTime::now();
         if messages > 0 {
@@ -204,6 +208,8 @@ impl Chat {
 pub struct InstanceActor {
     instance: InstanceConfig,
     settings: ActorSettings,
+    /// Where new settings come from (the supervisor keeps the sender).
+    settings_updates: watch::Receiver<ActorSettings>,
     client: Client,
     monitor: Arc<Monitor>,
     sink: Arc<dyn MessageSink>,
@@ -235,7 +241,8 @@ pub struct InstanceActor {
 // === impl InstanceActor ===
 
 impl InstanceActor {
-    /// Builds an actor; `commands` is the receiving end of its command channel. `seed` is the
+    /// Builds an actor; `commands` is the receiving end of its command channel and `settings_updates`
+    /// of its settings channel (the current value is the one it starts with). `seed` is the
     /// chat table a predecessor published (after a restart or crash): those chats are re-added
     /// on the first connection and keep their idle timers; without one, the table the store
     /// kept from the previous run is used. `held` holds what a predecessor took and the sink
@@ -244,7 +251,7 @@ impl InstanceActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         instance: InstanceConfig,
-        settings: ActorSettings,
+        mut settings_updates: watch::Receiver<ActorSettings>,
         metrics: Metrics,
         monitor: Arc<Monitor>,
         sink: Arc<dyn MessageSink>,
@@ -253,6 +260,7 @@ impl InstanceActor {
         held: Held,
         recover: bool,
     ) -> Result<Self, reqwest::Error> {
+        let settings = settings_updates.borrow_and_update().clone();
         let client = Client::new(
             &instance.id,
             &instance.base_url,
@@ -273,6 +281,7 @@ impl InstanceActor {
             backoff: Backoff::new(settings.listener.backoff),
             instance,
             settings,
+            settings_updates,
             client,
             monitor,
             sink,
@@ -359,6 +368,9 @@ impl InstanceActor {
         let mut next_probe = Instant::now();
         let mut next_poll = Instant::now();
         self.publish();
+        // Once the supervisor drops the settings sender, only cancellation or the closed
+        // command channel ends the loop.
+        let mut settings_open = true;
         loop {
             let wake = if self.connectivity == Connectivity::Up {
                 next_probe.min(next_poll)
@@ -377,6 +389,16 @@ impl InstanceActor {
                     // Every sender is gone: the supervisor dropped us.
                     None => break,
                 },
+                changed = self.settings_updates.changed(), if settings_open => {
+                    if changed.is_err() {
+                        settings_open = false;
+                        continue;
+                    }
+                    let settings = self.settings_updates.borrow_and_update().clone();
+                    self.apply_settings(settings).await;
+                    self.publish();
+                    continue;
+                }
                 () = sleep_until(wake) => {}
             }
             let now = Instant::now();
@@ -424,7 +446,6 @@ impl InstanceActor {
                 let result = self.send_reply(&reply).await;
                 let _ = respond.send(result);
             }
-            InstanceCommand::Settings(settings) => self.apply_settings(settings).await,
             InstanceCommand::Download {
                 file_path,
                 max_bytes,
@@ -1035,9 +1056,7 @@ impl InstanceActor {
         let mut idle: Vec<String> = self
             .chats
             .iter()
-            .filter(|(_, chat)| {
-                chat.active && !chat.fixed && now.duration_since(chat.last_activity) >= timeout
-            })
+            .filter(|(_, chat)| chat.is_idle(now, timeout))
             .map(|(name, _)| name.clone())
             .collect();
         idle.sort();
@@ -1156,6 +1175,34 @@ fn from_unix_ms(ms: i64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Paused time: the idle timer runs from the last message, not from the add, and a fixed
+    /// or inactive chat never expires.
+    #[tokio::test(start_paused = true)]
+    async fn a_chat_expires_listener_timeout_after_its_last_message() {
+        let timeout = Duration::from_secs(600);
+        let mut chat = Chat::new(false);
+        tokio::time::advance(timeout - Duration::from_millis(1)).await;
+        assert!(!chat.is_idle(Instant::now(), timeout));
+        // A poll without messages does not count as activity.
+        chat.touch(0);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(chat.is_idle(Instant::now(), timeout));
+        // A message restarts the timer.
+        chat.touch(2);
+        assert_eq!(chat.message_count, 2);
+        tokio::time::advance(timeout / 2).await;
+        assert!(!chat.is_idle(Instant::now(), timeout));
+        tokio::time::advance(timeout / 2).await;
+        assert!(chat.is_idle(Instant::now(), timeout));
+
+        let fixed = Chat::new(true);
+        let mut inactive = Chat::new(false);
+        inactive.active = false;
+        tokio::time::advance(timeout * 10).await;
+        assert!(!fixed.is_idle(Instant::now(), timeout));
+        assert!(!inactive.is_idle(Instant::now(), timeout));
+    }
 
     /// Found by the fuzz suite's health property: an uptime near `u64::MAX / 1000` puts the
     /// start time near `i64::MIN`, and `(now - before).abs()` overflowed (a panic in debug

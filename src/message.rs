@@ -119,7 +119,7 @@ pub struct SinkError(pub String);
 
 /// Where the listener hands messages once they are taken from an instance.
 ///
-/// `accept` must only return `Ok` once the messages are durable (or, for the logging sink,
+/// `accept` must only return `Ok` once the messages are durable (or, for a test's sink,
 /// handled): the instance has already forgotten them.
 pub trait MessageSink: Send + Sync + 'static {
     /// Takes a batch of messages from one instance, in arrival order.
@@ -130,12 +130,6 @@ pub trait MessageSink: Send + Sync + 'static {
     fn wants_chat(&self, instance_id: &str, chat: &str) -> bool {
         let _ = (instance_id, chat);
         true
-    }
-
-    /// Counts a message the listener dropped before handing it over (e.g. `echo`), in
-    /// `wxauto_messages_dropped_total`.
-    fn record_drop(&self, instance_id: &str, reason: &'static str) {
-        let _ = (instance_id, reason);
     }
 
     /// Whether the previous run of the sidecar stopped cleanly (nothing can have been in flight
@@ -305,26 +299,5 @@ pub trait ReplySender: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Download, DownloadError>> {
         let _ = (instance_id, file_path, max_bytes);
         Box::pin(async { Err(DownloadError::Unsupported) })
-    }
-}
-
-/// A sink that only logs what it is handed (used when no store is configured, and in tests).
-#[derive(Debug, Default)]
-pub struct LogSink;
-
-impl MessageSink for LogSink {
-    fn accept(&self, messages: Vec<InboundMessage>) -> BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(async move {
-            for message in &messages {
-                // Message content is user data: log ids and sizes at info, never the text.
-                tracing::info!(
-                    instance_id = %message.instance_id,
-                    message_id = %message.message_id,
-                    chars = message.content.chars().count(),
-                    "Message received."
-                );
-            }
-            Ok(())
-        })
     }
 }

@@ -7,8 +7,8 @@
 pub mod process;
 
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -408,9 +408,6 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
             .any(|part| part.trim().starts_with("application/openmetrics-text"))
     })
 }
-
-/// A shared registry.
-pub type SharedRegistry = Arc<Registry>;
 
 #[cfg(test)]
 mod tests {

@@ -80,6 +80,10 @@ pub fn launch_arguments(name: &str, config: &Path) -> Vec<OsString> {
 
 /// The config path to store at install time: absolute (a service starts in
 /// `C:\Windows\System32`), and the file must exist.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the `service install` command, no runtime"
+)]
 pub fn absolute_config(config: &Path) -> Result<PathBuf, ServiceError> {
     let absolute = std::path::absolute(config).map_err(|source| ServiceError::Config {
         path: config.to_path_buf(),

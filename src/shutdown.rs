@@ -1,18 +1,16 @@
 //! Signals: SIGTERM/SIGINT start a graceful shutdown (a second one aborts); SIGHUP reloads.
 
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use std::sync::Arc;
 
-use crate::supervisor::Control;
-#[cfg(unix)]
-use crate::supervisor::ReloadSource;
+use tokio_util::sync::CancellationToken;
 
 /// Exit code when a second signal aborts the graceful shutdown.
 pub const ABORT_EXIT_CODE: i32 = 130;
 
 /// Spawns the signal listener. The first SIGTERM/SIGINT cancels `shutdown`; a second one ends
-/// the process at once. On unix, SIGHUP sends a reload to the supervisor.
-pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
+/// the process at once. On unix, SIGHUP calls `on_hangup` (the caller asks for a reload), like
+/// the watcher's `on_change`: this module knows nothing of the supervisor.
+pub fn spawn(shutdown: CancellationToken, on_hangup: Arc<dyn Fn() + Send + Sync>) {
     // Installed before returning, not in the task: the caller reports ready next, and until a
     // handler is installed SIGHUP's default action ends the process.
     let mut signals = match Signals::new() {
@@ -24,7 +22,7 @@ pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
     };
     // Windows has no SIGHUP, so nothing here sends reloads (the watcher and the API still do).
     #[cfg(not(unix))]
-    drop(control);
+    drop(on_hangup);
     tokio::spawn(async move {
         let mut received = 0u32;
         loop {
@@ -38,18 +36,17 @@ pub fn spawn(shutdown: CancellationToken, control: mpsc::Sender<Control>) {
                         shutdown.cancel();
                     } else {
                         eprintln!("wxauto-sidecar: second signal received; aborting");
+                        #[allow(
+                            clippy::disallowed_methods,
+                            reason = "the second signal must end the process at once, whatever main awaits"
+                        )]
                         std::process::exit(ABORT_EXIT_CODE);
                     }
                 }
                 #[cfg(unix)]
                 Signal::Hangup => {
                     tracing::info!("SIGHUP received; reloading the configuration.");
-                    let _ = control
-                        .send(Control::Reload {
-                            source: ReloadSource::Signal,
-                            respond: None,
-                        })
-                        .await;
+                    on_hangup();
                 }
             }
         }

@@ -206,17 +206,24 @@ impl ReplySender for ReplyRouter {
     }
 }
 
+/// One instance's slot: its running actor, or the backoff before the next attempt at one.
 struct Task {
     generation: u64,
     cancel: CancellationToken,
-    commands: mpsc::Sender<InstanceCommand>,
+    /// The actor's settings channel; `None` while no actor runs (it could not be built).
+    settings: Option<watch::Sender<ActorSettings>>,
     crash_backoff: Backoff,
+    /// No actor runs: it ended unexpectedly or could not be built, and a `RestartTask` is due.
+    waiting: bool,
+    /// The next actor re-reads chat histories (its predecessor died with answers in hand).
+    recover: bool,
 }
 
 /// The supervisor's state; run it with [`Supervisor::run`].
 pub struct Supervisor {
     config: Arc<Config>,
-    loader: ConfigLoader,
+    /// Called on tokio's blocking pool: it reads files, which may hang (a network share).
+    loader: Arc<ConfigLoader>,
     monitor: Arc<Monitor>,
     sink: Arc<dyn MessageSink>,
     replies: Arc<ReplyRouter>,
@@ -231,10 +238,15 @@ pub struct Supervisor {
     /// histories after an unclean stop).
     started_once: HashSet<String>,
     service: CancellationToken,
+    /// `run`'s shutdown token: a reload waiting for a hung file gives up when it fires.
+    shutdown: CancellationToken,
     tracker: TaskTracker,
     running: bool,
     next_generation: u64,
     grace: Duration,
+    /// Actor builds that fail before `InstanceActor::new` is called (tests of the retry).
+    #[cfg(test)]
+    failing_builds: usize,
 }
 
 /// Crash restarts back off from 1 s to 60 s per instance.
@@ -265,7 +277,7 @@ impl Supervisor {
         );
         Self {
             config,
-            loader,
+            loader: Arc::new(loader),
             monitor,
             sink,
             replies,
@@ -276,10 +288,13 @@ impl Supervisor {
             held: HashMap::new(),
             started_once: HashSet::new(),
             service: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             running: false,
             next_generation: 0,
             grace,
+            #[cfg(test)]
+            failing_builds: 0,
         }
     }
 
@@ -296,6 +311,7 @@ impl Supervisor {
         mut control: mpsc::Receiver<Control>,
         shutdown: CancellationToken,
     ) -> bool {
+        self.shutdown = shutdown.clone();
         let empty = ConfigDiff::default();
         for subscriber in &self.subscribers {
             subscriber(&self.config, &empty);
@@ -332,7 +348,7 @@ impl Supervisor {
     async fn handle(&mut self, event: Control) {
         match event {
             Control::Reload { source, respond } => {
-                let result = self.reload(source);
+                let result = self.reload(source).await;
                 if let Some(respond) = respond {
                     let _ = respond.send(result);
                 }
@@ -355,16 +371,17 @@ impl Supervisor {
                 instance_id,
                 generation,
             } => {
-                let crashed = self
+                let due = self
                     .tasks
                     .get(&instance_id)
-                    .is_some_and(|task| task.generation == generation);
-                if crashed
+                    .filter(|task| task.generation == generation && task.waiting);
+                if let Some(task) = due
                     && self.running
                     && let Some(instance) = self.config.instance(&instance_id).cloned()
                 {
-                    // The crashed actor may have died with an answer in hand: re-read.
-                    self.spawn_instance(&instance, true);
+                    // A crashed actor may have died with an answer in hand: re-read.
+                    let recover = task.recover;
+                    self.spawn_instance(&instance, recover);
                 }
             }
         }
@@ -378,6 +395,9 @@ impl Supervisor {
             return;
         }
         self.replies.set(&instance_id, None);
+        task.waiting = true;
+        task.recover = true;
+        task.settings = None;
         let delay = task.crash_backoff.next_delay();
         self.monitor.record_task_restart(
             &instance_id,
@@ -386,6 +406,12 @@ impl Supervisor {
                 humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
             ),
         );
+        self.schedule_restart(instance_id, generation, delay);
+        self.update_task_count();
+    }
+
+    /// Sends `RestartTask` for this incarnation once `delay` has passed.
+    fn schedule_restart(&self, instance_id: String, generation: u64, delay: Duration) {
         let control = self.control.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -396,7 +422,6 @@ impl Supervisor {
                 })
                 .await;
         });
-        self.update_task_count();
     }
 
     fn start_service(&mut self) {
@@ -454,35 +479,14 @@ impl Supervisor {
     /// previous run did not stop cleanly.
     fn spawn_instance(&mut self, instance: &InstanceConfig, crashed: bool) {
         let (commands, receiver) = mpsc::channel(64);
-        let first = self.started_once.insert(instance.id.clone());
+        let (settings, settings_updates) = watch::channel(self.settings_for(&instance.id));
+        let first = !self.started_once.contains(&instance.id);
         let recover = crashed || (first && !self.sink.last_stop_clean());
         let held = Arc::clone(self.held.entry(instance.id.clone()).or_default());
-        let actor = match InstanceActor::new(
-            instance.clone(),
-            self.settings_for(&instance.id),
-            self.monitor.metrics().clone(),
-            Arc::clone(&self.monitor),
-            Arc::clone(&self.sink),
-            receiver,
-            self.monitor.chats_of(&instance.id),
-            held,
-            recover,
-        ) {
-            Ok(actor) => actor,
-            Err(error) => {
-                self.monitor.record_error(
-                    Component::Listener,
-                    ErrorKind::Task,
-                    Some(&instance.id),
-                    &format!("cannot build the HTTP client: {error}"),
-                );
-                return;
-            }
-        };
         self.next_generation += 1;
         let generation = self.next_generation;
         let cancel = self.service.child_token();
-        let crash_backoff = self
+        let mut crash_backoff = self
             .tasks
             .remove(&instance.id)
             .map(|task| {
@@ -490,6 +494,38 @@ impl Supervisor {
                 task.crash_backoff
             })
             .unwrap_or_else(|| Backoff::new(CRASH_BACKOFF));
+        let actor = match self.build_actor(instance, settings_updates, receiver, held, recover) {
+            Ok(actor) => actor,
+            Err(error) => {
+                // Tried again with the crash backoff, like an actor that died: the instance
+                // must not stay stopped until the next reload.
+                let delay = crash_backoff.next_delay();
+                self.monitor.record_error(
+                    Component::Listener,
+                    ErrorKind::Task,
+                    Some(&instance.id),
+                    &format!(
+                        "cannot build the HTTP client: {error}; retrying in {}",
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                    ),
+                );
+                self.tasks.insert(
+                    instance.id.clone(),
+                    Task {
+                        generation,
+                        cancel,
+                        settings: None,
+                        crash_backoff,
+                        waiting: true,
+                        recover,
+                    },
+                );
+                self.schedule_restart(instance.id.clone(), generation, delay);
+                self.update_task_count();
+                return;
+            }
+        };
+        self.started_once.insert(instance.id.clone());
         let span = tracing::info_span!("listener", instance_id = %instance.id);
         let handle = self
             .tracker
@@ -519,17 +555,46 @@ impl Supervisor {
                     .await;
             }
         });
-        self.replies.set(&instance.id, Some(commands.clone()));
+        self.replies.set(&instance.id, Some(commands));
         self.tasks.insert(
             instance.id.clone(),
             Task {
                 generation,
                 cancel,
-                commands,
+                settings: Some(settings),
                 crash_backoff,
+                waiting: false,
+                recover: false,
             },
         );
         self.update_task_count();
+    }
+
+    fn build_actor(
+        &mut self,
+        instance: &InstanceConfig,
+        settings: watch::Receiver<ActorSettings>,
+        commands: mpsc::Receiver<InstanceCommand>,
+        held: Held,
+        recover: bool,
+    ) -> Result<InstanceActor, String> {
+        #[cfg(test)]
+        if self.failing_builds > 0 {
+            self.failing_builds -= 1;
+            return Err("injected failure (test)".to_owned());
+        }
+        InstanceActor::new(
+            instance.clone(),
+            settings,
+            self.monitor.metrics().clone(),
+            Arc::clone(&self.monitor),
+            Arc::clone(&self.sink),
+            commands,
+            self.monitor.chats_of(&instance.id),
+            held,
+            recover,
+        )
+        .map_err(|error| error.to_string())
     }
 
     fn stop_instance(&mut self, instance_id: &str) {
@@ -541,20 +606,37 @@ impl Supervisor {
     }
 
     fn update_task_count(&self) {
+        // A crashed actor in its restart backoff is not live.
         let live = self
             .tasks
             .values()
-            .filter(|task| !task.cancel.is_cancelled())
+            .filter(|task| !task.cancel.is_cancelled() && !task.waiting)
             .count();
         self.monitor.set_tasks(live);
     }
 
+    /// Runs the loader on tokio's blocking pool (it reads files), giving up at shutdown.
+    async fn load(&self) -> Result<Loaded, Vec<String>> {
+        let loader = Arc::clone(&self.loader);
+        let load = tokio::task::spawn_blocking(move || loader());
+        tokio::select! {
+            joined = load => match joined {
+                Ok(result) => {
+                    result.map_err(|errors| errors.errors.iter().map(ToString::to_string).collect())
+                }
+                Err(_) => Err(vec!["the configuration loader panicked".to_owned()]),
+            },
+            () = self.shutdown.cancelled() => {
+                Err(vec!["shutting down: reload abandoned".to_owned()])
+            }
+        }
+    }
+
     /// Loads, validates, diffs and applies. The old config keeps running on any error.
-    fn reload(&mut self, source: ReloadSource) -> Result<ReloadReport, Vec<String>> {
-        let loaded = match (self.loader)() {
+    async fn reload(&mut self, source: ReloadSource) -> Result<ReloadReport, Vec<String>> {
+        let loaded = match self.load().await {
             Ok(loaded) => loaded,
             Err(errors) => {
-                let errors: Vec<String> = errors.errors.iter().map(ToString::to_string).collect();
                 tracing::error!(
                     source = source.as_str(),
                     errors = errors.len(),
@@ -635,13 +717,17 @@ impl Supervisor {
                 if touched.contains(&id.as_str()) {
                     continue;
                 }
-                let settings = self.settings_for(id);
-                if task
-                    .commands
-                    .try_send(InstanceCommand::Settings(settings))
-                    .is_err()
-                {
-                    tracing::warn!(instance_id = %id, "Could not hand new settings to the instance actor.");
+                // Latest wins: an actor busy with a long call takes the newest settings when it
+                // is done. One in its restart backoff gets them when it is built.
+                if let Some(sender) = &task.settings {
+                    let settings = self.settings_for(id);
+                    sender.send_if_modified(|current| {
+                        let changed = *current != settings;
+                        if changed {
+                            *current = settings;
+                        }
+                        changed
+                    });
                 }
             }
         }
@@ -652,6 +738,247 @@ impl Supervisor {
 mod tests {
     use super::*;
     use crate::config::SendMode;
+    use crate::message::{InboundMessage, SinkError, StoredChat, UpstreamSession};
+    use crate::metrics::{Metrics, process::ProcessCollector};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A sink with no store. Its `load_listener` (the first thing an actor does) can panic
+    /// once, or wait for the test to open a gate, so an actor can crash or be kept busy
+    /// without any upstream.
+    #[derive(Default)]
+    struct TestSink {
+        loads: AtomicUsize,
+        panic_once: AtomicBool,
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+    }
+
+    impl MessageSink for TestSink {
+        fn accept(&self, _: Vec<InboundMessage>) -> BoxFuture<'_, Result<(), SinkError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn load_listener(
+            &self,
+            _: &str,
+        ) -> BoxFuture<'_, Result<(Vec<StoredChat>, UpstreamSession), SinkError>> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            if self.panic_once.swap(false, Ordering::SeqCst) {
+                panic!("sink bug (test)");
+            }
+            let gate = self.gate.clone();
+            Box::pin(async move {
+                if let Some(gate) = gate {
+                    let _ = gate.acquire().await;
+                }
+                Ok((Vec::new(), UpstreamSession::default()))
+            })
+        }
+    }
+
+    /// One instance on a port nothing listens on, with these fixed chats.
+    fn config_text(fixed: &[&str]) -> String {
+        let mut text = String::from(
+            "instances:\n  - id: wx-a\n    base_url: http://127.0.0.1:9\n    api_key_env: KEY_A\n",
+        );
+        if !fixed.is_empty() {
+            text.push_str("fixed_listeners:\n");
+            for chat in fixed {
+                text.push_str(&format!("  - chat: {chat}\n    instances: [\"*\"]\n"));
+            }
+        }
+        text
+    }
+
+    struct Harness {
+        monitor: Arc<Monitor>,
+        replies: Arc<ReplyRouter>,
+        control: mpsc::Sender<Control>,
+        text: Arc<Mutex<String>>,
+        shutdown: CancellationToken,
+        run: tokio::task::JoinHandle<bool>,
+    }
+
+    fn start(sink: Arc<TestSink>, fixed: &[&str], failing_builds: usize) -> Harness {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let text = Arc::new(Mutex::new(config_text(fixed)));
+        let decode = |text: &str| {
+            crate::config::decode(text, None, &|name: &str| {
+                (name == "KEY_A").then(|| "key-a-0123456789".to_owned())
+            })
+        };
+        let loaded = decode(&text.lock().unwrap()).expect("valid config");
+        let current = Arc::clone(&text);
+        let loader: ConfigLoader = Box::new(move || decode(&current.lock().unwrap()));
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let monitor = Arc::new(Monitor::new(
+            metrics,
+            Arc::new(ProcessCollector::new()),
+            Duration::from_secs(300),
+        ));
+        let replies = Arc::new(ReplyRouter::default());
+        let config = Arc::new(loaded.config);
+        let (active, _) = watch::channel(Arc::clone(&config));
+        let (control, receiver) = mpsc::channel(64);
+        let mut supervisor = Supervisor::new(
+            config,
+            loader,
+            Arc::clone(&monitor),
+            sink,
+            Arc::clone(&replies),
+            active,
+            control.clone(),
+            Duration::from_secs(5),
+        );
+        supervisor.failing_builds = failing_builds;
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(supervisor.run(receiver, shutdown.clone()));
+        Harness {
+            monitor,
+            replies,
+            control,
+            text,
+            shutdown,
+            run,
+        }
+    }
+
+    /// Polls `check` every 10 ms of (paused) time until it holds; false after `limit`.
+    async fn within(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if check() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        check()
+    }
+
+    fn restarts(monitor: &Monitor) -> usize {
+        monitor
+            .recent_errors(100)
+            .iter()
+            .filter(|error| error.error_message.contains("ended unexpectedly"))
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_task_in_its_restart_backoff_is_not_counted_live() {
+        let sink = Arc::new(TestSink::default());
+        sink.panic_once.store(true, Ordering::SeqCst);
+        let harness = start(Arc::clone(&sink), &[], 0);
+        // The first actor panics at once; the restart waits 0.5 to 1 s (jittered).
+        assert!(
+            within(Duration::from_millis(400), || restarts(&harness.monitor)
+                == 1)
+            .await,
+            "the crash was not recorded"
+        );
+        assert_eq!(
+            harness.monitor.snapshot().tasks,
+            0,
+            "a crashed task in its backoff counted as live"
+        );
+        assert!(
+            within(Duration::from_secs(2), || sink.loads.load(Ordering::SeqCst)
+                == 2)
+            .await,
+            "the task was not restarted"
+        );
+        assert_eq!(harness.monitor.snapshot().tasks, 1);
+        harness.shutdown.cancel();
+        assert!(harness.run.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_actor_that_cannot_be_built_is_retried_with_backoff() {
+        let sink = Arc::new(TestSink::default());
+        let harness = start(Arc::clone(&sink), &[], 2);
+        let failures = |monitor: &Monitor| {
+            monitor
+                .recent_errors(100)
+                .iter()
+                .filter(|error| error.error_message.contains("cannot build the HTTP client"))
+                .count()
+        };
+        assert!(
+            within(Duration::from_millis(100), || failures(&harness.monitor)
+                == 1)
+            .await
+        );
+        assert_eq!(harness.monitor.snapshot().tasks, 0);
+        assert_eq!(sink.loads.load(Ordering::SeqCst), 0);
+        // The second try (after 0.5 to 1 s) fails too, the third (1 to 2 s later) builds it.
+        assert!(
+            within(Duration::from_secs(4), || sink.loads.load(Ordering::SeqCst)
+                == 1)
+            .await,
+            "the instance stayed stopped after a failed build"
+        );
+        assert_eq!(failures(&harness.monitor), 2);
+        assert_eq!(harness.monitor.snapshot().tasks, 1);
+        harness.shutdown.cancel();
+        assert!(harness.run.await.unwrap());
+    }
+
+    /// The actor's command queue is full (it is stuck in a long call) when a reload changes
+    /// its fixed chats: the new settings still reach it once it is free.
+    #[tokio::test(start_paused = true)]
+    async fn settings_reach_an_actor_whose_command_queue_is_full() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sink = Arc::new(TestSink {
+            gate: Some(Arc::clone(&gate)),
+            ..TestSink::default()
+        });
+        let harness = start(Arc::clone(&sink), &["alice"], 0);
+        assert!(
+            within(Duration::from_secs(1), || sink.loads.load(Ordering::SeqCst)
+                == 1)
+            .await
+        );
+        // More replies than the queue holds; each waits an hour for its answer.
+        let mut pending = Vec::new();
+        for _ in 0..70 {
+            let replies = Arc::clone(&harness.replies);
+            pending.push(tokio::spawn(async move {
+                replies
+                    .send_reply(reply("wx-a"), Duration::from_secs(3600))
+                    .await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        *harness.text.lock().unwrap() = config_text(&["alice", "bob"]);
+        let (respond, answer) = oneshot::channel();
+        harness
+            .control
+            .send(Control::Reload {
+                source: ReloadSource::Http,
+                respond: Some(respond),
+            })
+            .await
+            .unwrap();
+        let report = answer.await.unwrap().expect("reload");
+        assert!(report.changed, "{report:?}");
+        gate.add_permits(1);
+        let has_bob = || {
+            harness
+                .monitor
+                .chats_of("wx-a")
+                .iter()
+                .any(|(chat, state)| chat == "bob" && state.fixed)
+        };
+        assert!(
+            within(Duration::from_secs(10), has_bob).await,
+            "the new fixed chat never reached the actor: {:?}",
+            harness.monitor.chats_of("wx-a")
+        );
+        for reply in pending {
+            assert!(reply.await.unwrap().is_err(), "the instance is down");
+        }
+        harness.shutdown.cancel();
+        harness.run.await.unwrap();
+    }
 
     fn reply(instance_id: &str) -> Reply {
         Reply {

@@ -1,7 +1,5 @@
 //! The supervised listener against real simulators: draining, chats, recovery, faults.
 
-use std::time::Duration;
-
 use wxauto_sidecar::simulator::{Fault, ListenAction};
 
 use crate::util::*;
@@ -301,7 +299,8 @@ async fn the_cap_counts_active_chats_and_keeps_messages() {
         (sidecar.sink.contents().len() == 3).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A few more polls, each of which could have added the third chat.
+    keeps_polling(&sim, 3).await;
     assert_eq!(
         sim.sim.snapshot().listened.len(),
         2,

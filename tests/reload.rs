@@ -25,9 +25,6 @@ const FIXED_ALL: &str = "fixed_listeners:\n  - chat: 文件传输助手\n    ins
 const LIFECYCLE_ON: &str = "server:\n  enable_lifecycle: true\n";
 const ROUTING: &str = "platforms:\n  - id: faq\n    type: keyword\n    keywords:\n      - keywords: [\"hi\"]\n        replies: [\"hello\"]\nrules:\n  - id: everything\n    instance: \"*\"\n    chat: \"*\"\n    platform: faq\n    priority: 1\n";
 
-/// The simulator's key for the message poll, counted per request.
-const POLL_CALL: &str = "GET /api/message/get-next-new";
-
 /// A temp dir the binary runs in, and the config file path inside `conf/` (so the binary's
 /// own stderr file and `data/` do not live in the watched directory).
 struct Files {
@@ -90,15 +87,6 @@ fn adds(sim: &Sim, chat: &str) -> usize {
         .count()
 }
 
-fn polls(sim: &Sim) -> u64 {
-    sim.sim
-        .snapshot()
-        .calls
-        .get(POLL_CALL)
-        .copied()
-        .unwrap_or(0)
-}
-
 /// Whether `text` holds `file:<line>:<col>:` with non-zero numbers.
 fn has_location(text: &str, file: &str) -> bool {
     text.match_indices(&format!("{file}:")).any(|(at, found)| {
@@ -131,15 +119,6 @@ async fn wait_up(binary: &Binary, sim: &Sim, id: &str) {
         DEADLINE,
         || async { (adds(sim, FIXED_CHAT) >= 1).then_some(()) },
     )
-    .await;
-}
-
-/// Waits until the simulator has served `more` further message polls.
-async fn keeps_polling(sim: &Sim, more: u64) {
-    let before = polls(sim);
-    eventually("the instance keeps polling", DEADLINE, || async {
-        (polls(sim) >= before + more).then_some(())
-    })
     .await;
 }
 

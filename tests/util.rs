@@ -391,3 +391,26 @@ impl Drop for Binary {
         }
     }
 }
+
+/// The simulator's key for the message poll, counted per request.
+pub const POLL_CALL: &str = "GET /api/message/get-next-new";
+
+/// Message polls the simulator has served.
+pub fn polls(sim: &Sim) -> u64 {
+    sim.sim
+        .snapshot()
+        .calls
+        .get(POLL_CALL)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Waits until the simulator has served `more` further message polls: an event to wait for
+/// before asserting that something did not happen, instead of a sleep.
+pub async fn keeps_polling(sim: &Sim, more: u64) {
+    let before = polls(sim);
+    eventually("the instance keeps polling", DEADLINE, || async {
+        (polls(sim) >= before + more).then_some(())
+    })
+    .await;
+}

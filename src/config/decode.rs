@@ -176,6 +176,10 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
 }
 
 /// The file's text; a read failure or invalid UTF-8 is one located error.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the decoder is synchronous; reloads run it on tokio's blocking pool"
+)]
 fn read_file(path: &Path) -> Result<String, ConfigErrors> {
     let error = |line: u64, column: u64, message: String| ConfigErrors {
         errors: vec![ConfigError {

@@ -79,8 +79,9 @@ impl WatchHandle {
 /// different content, and once after the watcher had to be recreated. It may be called when
 /// nothing changed (spurious events, touch): the caller compares `Config.source.hash`.
 ///
-/// The files are hashed once before this returns, so any change after it is caught.
-pub fn spawn(
+/// The files are hashed once (on tokio's blocking pool) before this returns, so any change
+/// after it is caught.
+pub async fn spawn(
     files: Vec<PathBuf>,
     options: WatchOptions,
     on_change: Arc<dyn Fn() + Send + Sync>,
@@ -99,7 +100,9 @@ pub fn spawn(
         },
         ..Tuning::default()
     };
-    spawn_with(files, options, tuning, on_change, cancel).0
+    spawn_with(files, options, tuning, on_change, cancel)
+        .await
+        .0
 }
 
 /// Where filesystem events come from.
@@ -139,7 +142,7 @@ impl Default for Tuning {
 type EventSender = mpsc::UnboundedSender<notify::Result<Event>>;
 
 /// `spawn`, with internal knobs; also returns the event sender so tests can inject events.
-fn spawn_with(
+async fn spawn_with(
     files: Vec<PathBuf>,
     options: WatchOptions,
     tuning: Tuning,
@@ -148,9 +151,10 @@ fn spawn_with(
 ) -> (WatchHandle, EventSender) {
     let (files_tx, files_rx) = watch::channel(files.clone());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    // Hashed here, not in the task, so that a change made right after `spawn` returns is a
-    // change. This reads the (small) files on the caller's thread once, as loading them did.
-    let last_hash = hash_files_now(&files);
+    // Hashed before returning, not in the task, so that a change made right after `spawn`
+    // returns is a change. Should the blocking pool fail, 0 makes the first check signal: a
+    // reload of unchanged files is a no-op.
+    let last_hash = hash_files(&files).await.unwrap_or(0);
     let task = Task {
         targets: Targets::new(&files),
         files,
@@ -484,6 +488,10 @@ async fn hash_files(files: &[PathBuf]) -> Option<u64> {
 
 /// A content hash of `files`: paths, and each file's bytes or "absent". Symlinks are followed,
 /// so a ConfigMap `..data` swap changes it.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "runs on tokio's blocking pool (`hash_files`)"
+)]
 fn hash_files_now(files: &[PathBuf]) -> u64 {
     let mut parts: Vec<Vec<u8>> = Vec::with_capacity(files.len() * 3);
     for file in files {

@@ -138,6 +138,10 @@ impl FileLog {
         }
     }
 
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "one line appended to a local log file per media outcome"
+    )]
     fn write_inner(&self, line: &str) -> io::Result<()> {
         let mut state = self
             .state
@@ -170,6 +174,10 @@ impl FileLog {
     }
 }
 
+#[allow(
+    clippy::disallowed_methods,
+    reason = "from `write_inner`, at a day change"
+)]
 fn modified_date(path: &Path) -> Option<NaiveDate> {
     let modified = fs::metadata(path).ok()?.modified().ok()?;
     Some(DateTime::<Local>::from(modified).date_naive())
@@ -411,6 +419,7 @@ pub(crate) fn content_type(name: &str) -> &'static str {
 
 /// Writes `bytes` to `dir/name`, or `dir/<stem>_1.<ext>`, `_2`, ... when the name is taken;
 /// returns the path and the hex SHA-256.
+#[allow(clippy::disallowed_methods, reason = "runs on tokio's blocking pool")]
 pub(crate) fn save(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<(PathBuf, String)> {
     fs::create_dir_all(dir)?;
     let (stem, ext) = match name.rsplit_once('.') {
@@ -451,6 +460,7 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Deletes the files in `dir` last modified more than `retention_days` before `now`; returns
 /// how many. Subdirectories and other entries are left alone.
+#[allow(clippy::disallowed_methods, reason = "runs on tokio's blocking pool")]
 pub(crate) fn prune_dir(dir: &Path, retention_days: u32, now: SystemTime) -> io::Result<u64> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,

@@ -1318,6 +1318,7 @@ impl Job {
 
 // === helpers ===
 
+#[allow(clippy::disallowed_methods, reason = "runs on the store's own thread")]
 fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {

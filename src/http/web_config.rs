@@ -364,6 +364,10 @@ struct Files {
     referenced: HashMap<PathBuf, Vec<u8>>,
 }
 
+#[allow(
+    clippy::disallowed_methods,
+    reason = "small files, re-read at most once a second (`WebConfigHandle::current`)"
+)]
 fn read(path: &Path) -> Result<Vec<u8>, WebConfigError> {
     std::fs::read(path).map_err(|source| WebConfigError::Read {
         path: path.to_owned(),
@@ -416,6 +420,10 @@ fn read_text(path: &Path) -> Result<String, WebConfigError> {
     })
 }
 
+#[allow(
+    clippy::disallowed_methods,
+    reason = "small files, re-read at most once a second (`WebConfigHandle::current`)"
+)]
 fn read_files(path: &Path) -> Result<(u64, Files), WebConfigError> {
     let text = read_text(path)?;
     let raw = parse(path, &text)?;

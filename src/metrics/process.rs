@@ -219,6 +219,10 @@ impl Default for ProcessCollector {
 }
 
 #[cfg(target_os = "linux")]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "/proc is in memory; callers sample on the blocking pool"
+)]
 fn fds() -> (Option<u64>, Option<u64>) {
     let open = std::fs::read_dir("/proc/self/fd")
         .ok()

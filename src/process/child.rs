@@ -543,6 +543,10 @@ fn candidates(dir: &Path, name: &str) -> Vec<PathBuf> {
 }
 
 #[cfg(unix)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a PATH lookup before a spawn, as `Command::spawn` itself does"
+)]
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path)

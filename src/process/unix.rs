@@ -115,6 +115,10 @@ impl Members {
 
 /// Every pid whose `/proc/<pid>/stat` names `pgid` as its process group and is not a zombie.
 #[cfg(target_os = "linux")]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "/proc is in memory; read per stop and per scrape of a group"
+)]
 fn group_pids_linux(pgid: i32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();

@@ -127,6 +127,10 @@ pub(super) fn env_secret(
 
 /// Reads a key file, strips the trailing newline, and remembers the file for the hash and the
 /// watcher.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the decoder is synchronous; reloads run it on tokio's blocking pool"
+)]
 fn read_key_file(ctx: &mut Ctx<'_>, node: &Node, path: &str, file: &Path) -> Option<String> {
     let bytes = match std::fs::read(file) {
         Ok(bytes) => bytes,

@@ -197,14 +197,14 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn start(backend: Backend, options: WatchOptions) -> Self {
+    async fn start(backend: Backend, options: WatchOptions) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("config.yaml");
         std::fs::write(&file, "version: 0\n").expect("write");
-        Self::start_on(dir, vec![file.clone()], file, backend, options)
+        Self::start_on(dir, vec![file.clone()], file, backend, options).await
     }
 
-    fn start_on(
+    async fn start_on(
         dir: tempfile::TempDir,
         files: Vec<PathBuf>,
         file: PathBuf,
@@ -222,7 +222,7 @@ impl Fixture {
             recreate_delay: Duration::from_millis(50),
             poll_watcher_interval: Duration::from_millis(50),
         };
-        let (handle, events) = spawn_with(files, options, tuning, on_change, cancel.clone());
+        let (handle, events) = spawn_with(files, options, tuning, on_change, cancel.clone()).await;
         Self {
             dir,
             file,
@@ -235,7 +235,7 @@ impl Fixture {
     }
 
     /// Event-driven tests: a short debounce, and a poll too slow to interfere.
-    fn events_only() -> Self {
+    async fn events_only() -> Self {
         Self::start(
             Backend::Native,
             WatchOptions {
@@ -244,6 +244,7 @@ impl Fixture {
                 poll_only: false,
             },
         )
+        .await
     }
 
     fn count(&self) -> usize {
@@ -322,7 +323,7 @@ impl Drop for Fixture {
 async fn a_change_before_the_watch_is_armed_is_signalled() {
     // A current-thread runtime: the watcher task has not run yet when the file changes, so no
     // event reports the change and the poll is an hour away.
-    let mut fixture = Fixture::events_only();
+    let mut fixture = Fixture::events_only().await;
     let content = fixture.next_content();
     std::fs::write(&fixture.file, content).expect("write");
     assert!(fixture.signalled_after(0).await, "the change was missed");
@@ -330,7 +331,7 @@ async fn a_change_before_the_watch_is_armed_is_signalled() {
 
 #[tokio::test]
 async fn in_place_write_is_signalled() {
-    let mut fixture = Fixture::events_only();
+    let mut fixture = Fixture::events_only().await;
     let baseline = fixture.arm().await;
     // Truncate and write through the same inode.
     let content = fixture.next_content();
@@ -363,7 +364,8 @@ async fn a_relative_config_path_is_watched_by_events() {
         relative,
         Backend::Native,
         options,
-    );
+    )
+    .await;
     let baseline = fixture.arm().await;
     let tmp = fixture.dir.path().join(".config.yaml.tmp");
     std::fs::write(&tmp, fixture.next_content()).expect("write tmp");
@@ -377,7 +379,7 @@ async fn a_relative_config_path_is_watched_by_events() {
 
 #[tokio::test]
 async fn rename_over_is_signalled_and_the_watch_survives() {
-    let mut fixture = Fixture::events_only();
+    let mut fixture = Fixture::events_only().await;
     let baseline = fixture.arm().await;
     // What vim, VS Code and `mv tmp config.yaml` do: a new inode takes the name.
     let tmp = fixture.dir.path().join(".config.yaml.tmp");
@@ -390,7 +392,7 @@ async fn rename_over_is_signalled_and_the_watch_survives() {
 
 #[tokio::test]
 async fn delete_then_create_is_signalled_and_the_watch_survives() {
-    let mut fixture = Fixture::events_only();
+    let mut fixture = Fixture::events_only().await;
     let baseline = fixture.arm().await;
     std::fs::remove_file(&fixture.file).expect("remove");
     assert!(
@@ -425,7 +427,8 @@ async fn configmap_data_swap_is_signalled() {
         poll_interval: Duration::from_secs(3600),
         poll_only: false,
     };
-    let mut fixture = Fixture::start_on(dir, vec![file.clone()], file, Backend::Native, options);
+    let mut fixture =
+        Fixture::start_on(dir, vec![file.clone()], file, Backend::Native, options).await;
 
     // Arm through the symlink: writes land in ..2026_x, which is not watched, so arm by
     // touching a `..` entry of the watched directory instead.
@@ -460,7 +463,7 @@ async fn configmap_data_swap_is_signalled() {
 
 #[tokio::test]
 async fn a_burst_of_writes_is_debounced() {
-    let mut fixture = Fixture::events_only();
+    let mut fixture = Fixture::events_only().await;
     let baseline = fixture.arm().await;
     for _ in 0..20 {
         let content = fixture.next_content();
@@ -482,7 +485,8 @@ async fn hash_poll_sees_changes_without_any_events() {
             poll_interval: Duration::from_millis(50),
             poll_only: false,
         },
-    );
+    )
+    .await;
     let content = fixture.next_content();
     std::fs::write(&fixture.file, content).expect("write");
     assert!(fixture.signalled_after(0).await, "no signal for a change");
@@ -504,7 +508,8 @@ async fn poll_watcher_backend_sees_changes() {
             poll_interval: Duration::from_secs(3600),
             poll_only: false,
         },
-    );
+    )
+    .await;
     let baseline = fixture.arm().await;
     let tmp = fixture.dir.path().join("tmp");
     std::fs::write(&tmp, fixture.next_content()).expect("write");
@@ -514,7 +519,7 @@ async fn poll_watcher_backend_sees_changes() {
 
 #[tokio::test]
 async fn set_files_retargets_the_watch() {
-    let mut fixture = Fixture::events_only();
+    let mut fixture = Fixture::events_only().await;
     fixture.arm().await;
     let other = tempfile::tempdir().expect("tempdir");
     let key = other.path().join("api.key");
@@ -553,7 +558,8 @@ async fn a_watcher_error_recreates_it_and_signals_once() {
             poll_interval: Duration::from_secs(3600),
             poll_only: false,
         },
-    );
+    )
+    .await;
     // Errors in a row, as a failing watcher reports them: one recreation, one signal.
     for _ in 0..3 {
         fixture
@@ -568,7 +574,7 @@ async fn a_watcher_error_recreates_it_and_signals_once() {
 
 #[tokio::test]
 async fn cancel_stops_the_task() {
-    let fixture = Fixture::events_only();
+    let fixture = Fixture::events_only().await;
     fixture.cancel.cancel();
     // The task drops its receiver when it ends; then sending fails.
     let deadline = Instant::now() + DEADLINE;
@@ -576,4 +582,68 @@ async fn cancel_stops_the_task() {
         assert!(Instant::now() < deadline, "the watcher task did not stop");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Paused time: a burst of events signals once, `debounce` after its last event; a burst that
+/// never goes quiet signals `MAX_DEBOUNCE_FACTOR` debounce periods after its first event.
+#[tokio::test(start_paused = true)]
+async fn debounce_waits_for_quiet_and_caps_a_burst_that_never_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, "version: 0\n").expect("write");
+    let signals = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let record = Arc::clone(&signals);
+    let on_change: Arc<dyn Fn() + Send + Sync> =
+        Arc::new(move || record.lock().unwrap().push(Instant::now()));
+    let debounce = Duration::from_secs(1);
+    let options = WatchOptions {
+        debounce,
+        poll_interval: Duration::from_secs(3600),
+        poll_only: false,
+    };
+    let tuning = Tuning {
+        backend: Backend::Off,
+        recreate_delay: Duration::from_secs(3600),
+        poll_watcher_interval: Duration::from_secs(3600),
+    };
+    let cancel = CancellationToken::new();
+    let (_handle, events) = spawn_with(
+        vec![file.clone()],
+        options,
+        tuning,
+        on_change,
+        cancel.clone(),
+    )
+    .await;
+    let modified = || Ok(Event::new(EventKind::Modify(ModifyKind::Any)).add_path(file.clone()));
+    let taken = || std::mem::take(&mut *signals.lock().unwrap());
+
+    // Three events 600 ms apart: each one moves the signal to a debounce after it.
+    let start = Instant::now();
+    for _ in 0..3 {
+        events.send(modified()).expect("task alive");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(taken().is_empty(), "signalled inside the burst");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let at: Vec<Duration> = taken().iter().map(|at| *at - start).collect();
+    assert_eq!(
+        at,
+        [Duration::from_millis(2200)],
+        "one signal, a debounce after the last event"
+    );
+
+    // Events every 600 ms for 12 s: quiet never comes, the cap does.
+    let start = Instant::now();
+    for _ in 0..20 {
+        events.send(modified()).expect("task alive");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let at: Vec<Duration> = taken().iter().map(|at| *at - start).collect();
+    assert_eq!(
+        at.first(),
+        Some(&(debounce * MAX_DEBOUNCE_FACTOR)),
+        "the burst was not capped: {at:?}"
+    );
+    cancel.cancel();
 }
