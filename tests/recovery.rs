@@ -106,15 +106,43 @@ fn write_config(dir: &Path, sim: &Sim, hook_url: &str, extra: &str) -> Vec<(Stri
     vec![("RECOVERY_KEY".to_owned(), sim.key.clone())]
 }
 
+/// One simulator, the hook and a config for them in a temporary directory: what every test here
+/// starts from. The sidecar itself is started (and restarted) with `start`.
+struct Setup {
+    sim: Sim,
+    hook: Hook,
+    _hook_server: tokio_util::sync::DropGuard,
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Setup {
+    async fn new(name: &str, extra: &str) -> Self {
+        let sim = start_sim(name).await;
+        let hook = Hook::default();
+        let (url, hook_server) = hook.start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let env = write_config(dir.path(), &sim, &url, extra);
+        Self {
+            sim,
+            hook,
+            _hook_server: hook_server,
+            dir,
+            env,
+        }
+    }
+
+    async fn start(&self) -> Binary {
+        let config = self.dir.path().join("sidecar.yaml");
+        Binary::start(self.dir.path(), &config, &self.env).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chat_table_survives_a_restart_and_quiet_chats_still_time_out() {
-    let sim = start_sim("ct").await;
-    let hook = Hook::default();
-    let (url, _hook) = hook.start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let env = write_config(dir.path(), &sim, &url, "  listener_timeout: 3s\n");
-    let config = dir.path().join("sidecar.yaml");
-    let first = Binary::start(dir.path(), &config, &env).await;
+    let setup = Setup::new("ct", "  listener_timeout: 3s\n").await;
+    let (sim, hook) = (&setup.sim, &setup.hook);
+    let first = setup.start().await;
     sim.sim.inject("carol", "carol", "hello");
     eventually("carol is listened", DEADLINE, || async {
         sim.sim
@@ -126,7 +154,7 @@ async fn the_chat_table_survives_a_restart_and_quiet_chats_still_time_out() {
     .await;
     // Killed: no shutdown path runs. Its successor knows carol only from the store.
     drop(first);
-    let second = Binary::start(dir.path(), &config, &env).await;
+    let second = setup.start().await;
     let listens = |action: ListenAction| {
         sim.sim
             .snapshot()
@@ -163,13 +191,9 @@ async fn the_chat_table_survives_a_restart_and_quiet_chats_still_time_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_id_after_a_server_restart_is_a_new_message() {
-    let sim = start_sim("ep").await;
-    let hook = Hook::default();
-    let (url, _hook) = hook.start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let env = write_config(dir.path(), &sim, &url, "");
-    let config = dir.path().join("sidecar.yaml");
-    let sidecar = Binary::start(dir.path(), &config, &env).await;
+    let setup = Setup::new("ep", "").await;
+    let (sim, hook) = (&setup.sim, &setup.hook);
+    let sidecar = setup.start().await;
     sim.sim.inject("dave", "dave", "before");
     eventually("the first message is delivered", DEADLINE, || async {
         (hook.contents().len() == 1).then_some(())
@@ -205,13 +229,9 @@ async fn a_reused_id_after_a_server_restart_is_a_new_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_text_twice_without_upstream_ids_is_two_messages() {
-    let sim = start_sim("ni").await;
-    let hook = Hook::default();
-    let (url, _hook) = hook.start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let env = write_config(dir.path(), &sim, &url, "");
-    let config = dir.path().join("sidecar.yaml");
-    let sidecar = Binary::start(dir.path(), &config, &env).await;
+    let setup = Setup::new("ni", "").await;
+    let (sim, hook) = (&setup.sim, &setup.hook);
+    let sidecar = setup.start().await;
     // A server that hands out no message ids: a person types "1", gets an answer, types "1" again.
     let id_less =
         serde_json::json!({"type": "friend", "sender": "erin", "content": "1", "id": null});
@@ -255,14 +275,10 @@ fn dead(url: &str, args: &[&str]) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_retried_and_purged_with_the_cli() {
-    let sim = start_sim("dl").await;
-    let hook = Hook::default();
+    let setup = Setup::new("dl", "").await;
+    let (sim, hook) = (&setup.sim, &setup.hook);
     hook.refuse.store(true, Ordering::SeqCst);
-    let (url, _hook) = hook.start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let env = write_config(dir.path(), &sim, &url, "");
-    let config = dir.path().join("sidecar.yaml");
-    let sidecar = Binary::start(dir.path(), &config, &env).await;
+    let sidecar = setup.start().await;
     let base = sidecar.url("");
     let dead_count = || async { metric_value(&sidecar.metrics().await, "wxauto_messages_dead") };
     sim.sim.inject("erin", "erin", "refused once");
@@ -342,14 +358,10 @@ async fn dead_letters_are_listed_retried_and_purged_with_the_cli() {
 /// once, without spending an attempt or recording a failed reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_to_a_chat_whose_listener_vanished_relistens_and_goes_out() {
-    let sim = start_sim("hl").await;
-    let hook = Hook::default();
+    let setup = Setup::new("hl", "").await;
+    let (sim, hook) = (&setup.sim, &setup.hook);
     hook.reply.store(true, Ordering::SeqCst);
-    let (url, _hook) = hook.start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let env = write_config(dir.path(), &sim, &url, "");
-    let config = dir.path().join("sidecar.yaml");
-    let sidecar = Binary::start(dir.path(), &config, &env).await;
+    let sidecar = setup.start().await;
     sim.sim.inject("gus", "gus", "question");
     eventually("the platform has the message", DEADLINE, || async {
         (hook.contents().len() == 1).then_some(())
