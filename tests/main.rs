@@ -2,6 +2,8 @@
 
 // Tests set up files with std::fs; clippy.toml's guard is for the async code of the crate.
 #![allow(clippy::disallowed_methods)]
+// Some helpers serve only the unix-only tests (signals, process groups); on Windows they are unused.
+#![cfg_attr(not(unix), allow(dead_code, unused_imports))]
 
 mod util;
 
