@@ -604,6 +604,14 @@ impl Monitor {
 
     /// Records a failed reload; the errors are also logged and put in the ring.
     pub fn record_reload_failure(&self, errors: &[String]) {
+        // The state first, then the counter: a scrape that sees the failure counted never sees
+        // the configuration still marked as successfully loaded (once the state is read after
+        // the counter).
+        {
+            let mut inner = self.lock();
+            inner.reload.last_reload_successful = false;
+            inner.reload.failures += 1;
+        }
         self.metrics.config_reload_failures.inc();
         let summary = match errors {
             [] => "configuration reload failed".to_owned(),
@@ -617,9 +625,6 @@ impl Monitor {
             tracing::error!(component = "config", "Invalid configuration: {error}");
         }
         self.record_error(Component::Config, ErrorKind::Reload, None, &summary);
-        let mut inner = self.lock();
-        inner.reload.last_reload_successful = false;
-        inner.reload.failures += 1;
     }
 
     /// The newest `limit` errors, oldest first.
