@@ -320,7 +320,18 @@ impl InstanceActor {
             for chat in &stored {
                 let entry = Chat::from_stored(chat);
                 let fixed = self.settings.fixed_chats.contains(&chat.chat);
-                let slot = self.chats.entry(chat.chat.clone()).or_insert(entry);
+                // A fixed chat already has a fresh placeholder from the settings: the stored
+                // row replaces it, or its baseline would be read again and messages taken (and
+                // lost in flight) before this start would lie behind the new baseline.
+                let slot = self
+                    .chats
+                    .entry(chat.chat.clone())
+                    .and_modify(|existing| {
+                        if !existing.announced {
+                            *existing = Chat::from_stored(chat);
+                        }
+                    })
+                    .or_insert(entry);
                 slot.fixed = fixed;
                 if fixed {
                     slot.active = true;
