@@ -616,9 +616,8 @@ impl InstanceActor {
         self.session = session;
     }
 
-    /// Re-reads every active chat's history and stores what was taken but never stored (an
-    /// answer in flight when the sidecar or this instance's actor died).
-    async fn recover(&mut self) -> Result<(), WxautoError> {
+    /// The listened chats, in name order (recovery and re-adds walk them the same way).
+    fn active_chat_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .chats
             .iter()
@@ -626,6 +625,13 @@ impl InstanceActor {
             .map(|(name, _)| name.clone())
             .collect();
         names.sort();
+        names
+    }
+
+    /// Re-reads every active chat's history and stores what was taken but never stored (an
+    /// answer in flight when the sidecar or this instance's actor died).
+    async fn recover(&mut self) -> Result<(), WxautoError> {
+        let names = self.active_chat_names();
         let mut recovered = 0u64;
         for name in names {
             if self.stopping.is_cancelled() || self.history_missing {
@@ -716,13 +722,7 @@ impl InstanceActor {
     /// Re-adds every active chat after (re)connecting: upstream forgets its listeners when
     /// WeChat restarts, so the sidecar's table is the source of truth.
     async fn restore_chats(&mut self) -> Result<(), WxautoError> {
-        let mut names: Vec<String> = self
-            .chats
-            .iter()
-            .filter(|(_, chat)| chat.active)
-            .map(|(name, _)| name.clone())
-            .collect();
-        names.sort();
+        let names = self.active_chat_names();
         for name in names {
             if self.stopping.is_cancelled() {
                 break;

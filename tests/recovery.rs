@@ -53,6 +53,14 @@ impl Hook {
             .collect()
     }
 
+    /// Waits until the hook has received `count` deliveries.
+    async fn wait_for(&self, count: usize, what: &str) {
+        eventually(what, DEADLINE, || async {
+            (self.contents().len() == count).then_some(())
+        })
+        .await;
+    }
+
     fn keys_of(&self, content: &str) -> Vec<String> {
         self.hits
             .lock()
@@ -195,18 +203,12 @@ async fn a_reused_id_after_a_server_restart_is_a_new_message() {
     let (sim, hook) = (&setup.sim, &setup.hook);
     let sidecar = setup.start().await;
     sim.sim.inject("dave", "dave", "before");
-    eventually("the first message is delivered", DEADLINE, || async {
-        (hook.contents().len() == 1).then_some(())
-    })
-    .await;
+    hook.wait_for(1, "the first message is delivered").await;
     // The wxauto server restarts: its runtime ids start over, so the next message gets the id
     // the first one had.
     sim.sim.restart();
     sim.sim.inject("dave", "dave", "after");
-    eventually("the second message is delivered", DEADLINE, || async {
-        (hook.contents().len() == 2).then_some(())
-    })
-    .await;
+    hook.wait_for(2, "the second message is delivered").await;
     let before = hook.keys_of("before");
     let after = hook.keys_of("after");
     assert_eq!(before.len(), 1);
@@ -236,15 +238,9 @@ async fn the_same_text_twice_without_upstream_ids_is_two_messages() {
     let id_less =
         serde_json::json!({"type": "friend", "sender": "erin", "content": "1", "id": null});
     sim.sim.inject_message("erin", id_less.clone());
-    eventually("the first \"1\" is delivered", DEADLINE, || async {
-        (hook.contents().len() == 1).then_some(())
-    })
-    .await;
+    hook.wait_for(1, "the first \"1\" is delivered").await;
     sim.sim.inject_message("erin", id_less);
-    eventually("the second \"1\" is delivered", DEADLINE, || async {
-        (hook.contents().len() == 2).then_some(())
-    })
-    .await;
+    hook.wait_for(2, "the second \"1\" is delivered").await;
     let keys = hook.keys_of("1");
     assert_eq!(keys.len(), 2);
     assert_ne!(keys[0], keys[1], "two messages carry two idempotency keys");
@@ -363,10 +359,7 @@ async fn a_reply_to_a_chat_whose_listener_vanished_relistens_and_goes_out() {
     hook.reply.store(true, Ordering::SeqCst);
     let sidecar = setup.start().await;
     sim.sim.inject("gus", "gus", "question");
-    eventually("the platform has the message", DEADLINE, || async {
-        (hook.contents().len() == 1).then_some(())
-    })
-    .await;
+    hook.wait_for(1, "the platform has the message").await;
     // Someone (a WeChat window closed by hand, a server hiccup) removes the listener upstream.
     let removed = reqwest::Client::new()
         .post(format!("http://{}/api/message/listen/remove", sim.addr))
