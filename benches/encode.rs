@@ -8,9 +8,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus_client::registry::Registry;
 use wxauto_sidecar::metrics::process::ProcessCollector;
-use wxauto_sidecar::metrics::{self, Metrics};
+use wxauto_sidecar::metrics::{self, ApiOutcome, Metrics, Registry};
 use wxauto_sidecar::monitor::health::{self, HealthInputs};
 use wxauto_sidecar::monitor::{
     ChatState, Component, Connectivity, ErrorKind, InstanceState, Monitor, StateCollector,
@@ -51,14 +50,24 @@ fn main() {
         "the fixture is not what the benchmark claims to measure"
     );
 
-    plan.run("encode_text", 1, || metrics::encode(&full.registry, false));
-    plan.run("encode_openmetrics", 1, || {
+    let per_series = Some(series);
+    plan.run("encode_text", 1, per_series, || {
+        metrics::encode(&full.registry, false)
+    });
+    plan.run("encode_openmetrics", 1, per_series, || {
         metrics::encode(&full.registry, true)
     });
-    plan.run("encode_text_without_process_collector", 1, || {
-        metrics::encode(&without_process.registry, false)
+    plan.run(
+        "encode_text_without_process_collector",
+        1,
+        per_series,
+        || metrics::encode(&without_process.registry, false),
+    );
+    // What `/metrics` runs: the pooled buffer, reused once the body is dropped.
+    plan.run("encode_pooled_text", 1, per_series, || {
+        metrics::encode_pooled(&full.registry, false)
     });
-    plan.run("monitor_snapshot", 10, || full.monitor.snapshot());
+    plan.run("monitor_snapshot", 10, None, || full.monitor.snapshot());
     let inputs = HealthInputs {
         running: true,
         listener_errors: 7,
@@ -69,7 +78,7 @@ fn main() {
         window_errors: 12,
         window_messages: 5000,
     };
-    plan.run("health_compute", 10_000, || {
+    plan.run("health_compute", 10_000, None, || {
         health::compute(black_box(&inputs))
     });
 }
@@ -93,7 +102,7 @@ impl Fixture {
         if with_process {
             registry.register_collector(Box::new(Arc::clone(&process)));
         }
-        registry.register_collector(Box::new(StateCollector::new(Arc::clone(&monitor))));
+        registry.register_source(Box::new(StateCollector::new(Arc::clone(&monitor))));
         monitor.listener_started();
         monitor.set_tasks(INSTANCES);
         monitor.record_reload_success(0x1234_5678, false);
@@ -125,10 +134,14 @@ impl Fixture {
                 for call in 0..CALLS_PER_ENDPOINT {
                     // 1 ms .. ~1 s, so most buckets hold something.
                     let elapsed = Duration::from_micros(1000 << (call % 11));
-                    let outcome = if call % 10 == 9 { "error" } else { "success" };
+                    let outcome = if call % 10 == 9 {
+                        ApiOutcome::Error
+                    } else {
+                        ApiOutcome::Success
+                    };
                     monitor
                         .metrics()
-                        .observe_api_call(&id, endpoint.label(), outcome, elapsed);
+                        .observe_api_call(&id, endpoint as usize, outcome, elapsed);
                 }
             }
             monitor.record_messages(&id, 25);
@@ -148,8 +161,9 @@ struct Plan {
 }
 
 impl Plan {
-    /// Times `samples` samples of `batch` calls each and prints the per-call statistics.
-    fn run<T>(&self, name: &str, batch: u32, mut f: impl FnMut() -> T) {
+    /// Times `samples` samples of `batch` calls each and prints the per-call statistics, and
+    /// the median per series when a call encodes `series` series.
+    fn run<T>(&self, name: &str, batch: u32, series: Option<usize>, mut f: impl FnMut() -> T) {
         let warm_until = Instant::now() + self.warmup;
         while Instant::now() < warm_until {
             black_box(f());
@@ -165,8 +179,15 @@ impl Plan {
         per_call.sort_by(f64::total_cmp);
         let mean = per_call.iter().sum::<f64>() / per_call.len() as f64;
         let at = |q: f64| per_call[((per_call.len() - 1) as f64 * q).round() as usize];
+        let per_series = series.map_or(String::new(), |series| {
+            format!(
+                " median_ns_per_series={:.0} min_ns_per_series={:.0}",
+                at(0.5) * 1000.0 / series as f64,
+                at(0.0) * 1000.0 / series as f64
+            )
+        });
         println!(
-            "bench name={name} samples={} batch={batch} mean_us={mean:.3} median_us={:.3} p90_us={:.3} min_us={:.3} max_us={:.3}",
+            "bench name={name} samples={} batch={batch} mean_us={mean:.3} median_us={:.3} p90_us={:.3} min_us={:.3} max_us={:.3}{per_series}",
             per_call.len(),
             at(0.5),
             at(0.9),

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use wxauto_sidecar::config::{self, Config};
 use wxauto_sidecar::delivery::{Delivery, ErrorSink, MediaSettings, Routing};
 use wxauto_sidecar::message::{BoxFuture, InboundMessage, Reply, ReplyError, ReplySender};
+use wxauto_sidecar::metrics::Registry;
 use wxauto_sidecar::monitor::{Component, ErrorKind};
 
 struct NoReplies;

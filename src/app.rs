@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -17,8 +16,8 @@ use crate::config::{self, Config, ConfigDiff, Loaded};
 use crate::delivery::{Delivery, MediaSettings, Routing};
 use crate::http::{self, AppState};
 use crate::message::MessageSink;
-use crate::metrics::Metrics;
 use crate::metrics::process::ProcessCollector;
+use crate::metrics::{Metrics, Registry};
 use crate::monitor::{Monitor, StateCollector, report};
 use crate::process::Processes;
 use crate::process::collector::ProcessMetrics;
@@ -128,7 +127,7 @@ pub async fn run(
         config.health.window,
     ));
     registry.register_collector(Box::new(Arc::clone(&process)));
-    registry.register_collector(Box::new(StateCollector::new(Arc::clone(&monitor))));
+    registry.register_source(Box::new(StateCollector::new(Arc::clone(&monitor))));
     registry.register_collector(Box::new(ProcessMetrics::new(
         Arc::clone(monitor.processes()),
         Arc::clone(&process),

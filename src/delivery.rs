@@ -16,7 +16,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,6 +25,7 @@ use crate::message::{
     BoxFuture, ChatHistory, InboundMessage, MessageSink, ReplySender, SinkError, StoredChat,
     UpstreamSession,
 };
+use crate::metrics::Registry;
 use crate::monitor::{Component, ErrorKind};
 
 use self::metrics::DeliveryMetrics;

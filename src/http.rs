@@ -27,13 +27,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::config::Config;
 use crate::delivery::StoreCounts;
 use crate::message::BoxFuture;
+use crate::metrics::Registry;
 use crate::monitor::report::ChatCounts;
 use crate::monitor::{Monitor, Snapshot};
 use crate::supervisor::{Control, ReloadReport, ReloadSource};

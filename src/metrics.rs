@@ -1,24 +1,35 @@
-//! The Prometheus registry and the event-driven metric families (counters and histograms).
+//! The scrape registry, the event-driven metric families (counters and histograms) and the
+//! scrape encoder.
+//!
+//! The per-instance families (the API request counter and duration histogram, the counters
+//! labelled by `instance_id`) are held as atomics per instance (`series::Table`) and written by
+//! the hand-written encoder of `text.rs`, straight into a pooled buffer; they are most of a
+//! scrape's series. The few remaining families (process metrics, error and reload counters,
+//! store gauges) stay on prometheus-client's `Registry`, which this `Registry` wraps.
 //!
 //! Gauges that mirror live state (client up, listeners, health) are not here: they are built
 //! at scrape time by `monitor::StateCollector`, so they never go stale and removed instances
 //! vanish by construction. Process metrics come from `metrics::process`.
 
 pub mod process;
+pub mod series;
+pub mod text;
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Metric;
 
-use crate::wxauto::Endpoint;
+use self::series::{AtomicHistogram, Presence, Table};
+use self::text::{Bounds, Descriptor, Encoder};
 
 /// `Content-Type` of the Prometheus text format 0.0.4.
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -26,31 +37,51 @@ pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const CONTENT_TYPE_OPENMETRICS: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Families written by hand at scrape time (see `text::Encoder`), after the prometheus-client
+/// part of the registry, in the order they were registered.
+pub trait Source: std::fmt::Debug + Send + Sync {
+    /// Writes this source's families.
+    fn encode(&self, encoder: &mut Encoder<'_>);
+}
+
+/// Everything a scrape shows: prometheus-client's registry for the small families and the
+/// hand-written sources for the large ones.
+#[derive(Debug, Default)]
+pub struct Registry {
+    client: prometheus_client::registry::Registry,
+    sources: Vec<Box<dyn Source>>,
+}
+
+impl Registry {
+    /// Registers a prometheus-client metric (`Registry::register`; the help gets its period).
+    pub fn register(&mut self, name: &str, help: &str, metric: impl Metric) {
+        self.client.register(name, help, metric);
+    }
+
+    /// Registers a prometheus-client collector.
+    pub fn register_collector(&mut self, collector: Box<dyn Collector>) {
+        self.client.register_collector(collector);
+    }
+
+    /// A prometheus-client sub-registry whose names get `prefix_`.
+    pub fn sub_registry_with_prefix(
+        &mut self,
+        prefix: &str,
+    ) -> &mut prometheus_client::registry::Registry {
+        self.client.sub_registry_with_prefix(prefix)
+    }
+
+    /// Registers hand-written families.
+    pub fn register_source(&mut self, source: Box<dyn Source>) {
+        self.sources.push(source);
+    }
+}
+
 /// Labels of per-instance counters.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct InstanceLabels {
     /// The configured instance id.
     pub instance_id: String,
-}
-
-/// Labels of `wxauto_api_requests_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ApiLabels {
-    /// The configured instance id.
-    pub instance_id: String,
-    /// `Endpoint::label`.
-    pub endpoint: &'static str,
-    /// success, error, timeout.
-    pub outcome: &'static str,
-}
-
-/// Labels of `wxauto_api_request_duration_seconds`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabels {
-    /// The configured instance id.
-    pub instance_id: String,
-    /// `Endpoint::label`.
-    pub endpoint: &'static str,
 }
 
 /// Labels of `wxauto_errors_total`.
@@ -63,7 +94,7 @@ pub struct ErrorLabels {
 }
 
 /// Labels of counters with a closed `reason`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct ReasonLabels {
     /// The configured instance id.
     pub instance_id: String,
@@ -71,35 +102,37 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+/// The `endpoint` label of the API families, one per upstream endpoint the sidecar calls, in
+/// the order of `wxauto::Endpoint` (whose `label()` is this list, indexed by the variant).
+pub const API_ENDPOINTS: [&str; 10] = [
+    "health",
+    "initialize",
+    "get_next_new",
+    "listen_add",
+    "listen_get",
+    "listen_remove",
+    "send",
+    "send_typing",
+    "file_download",
+    "get_all_messages",
+];
 
-/// Every event-driven metric family. Cheap to clone (the families are `Arc`s inside).
-#[derive(Clone, Debug)]
-pub struct Metrics {
-    api_requests: Family<ApiLabels, Counter>,
-    api_duration: HistogramFamily<EndpointLabels>,
-    /// `wxauto_client_errors_total{instance_id}`.
-    pub client_errors: Family<InstanceLabels, Counter>,
-    /// `wxauto_errors_total{component,kind}`.
-    pub errors: Family<ErrorLabels, Counter>,
-    /// `wxauto_listeners_added_total{instance_id}`.
-    pub listeners_added: Family<InstanceLabels, Counter>,
-    /// `wxauto_listeners_removed_total{instance_id,reason}`.
-    pub listeners_removed: Family<ReasonLabels, Counter>,
-    /// `wxauto_messages_processed_total{instance_id}`.
-    pub messages_processed: Family<InstanceLabels, Counter>,
-    /// `wxauto_messages_recovered_total{instance_id}`: messages found by re-reading a chat's
-    /// history after an unclean stop or an actor crash.
-    pub messages_recovered: Family<InstanceLabels, Counter>,
-    /// `wxauto_listener_restarts_total`.
-    pub listener_restarts: Counter,
-    /// `wxauto_listener_task_restarts_total{instance_id}`: one actor restarted after a crash.
-    pub task_restarts: Family<InstanceLabels, Counter>,
-    /// `wxauto_config_reloads_total`.
-    pub config_reloads: Counter,
-    /// `wxauto_config_reload_failures_total`.
-    pub config_reload_failures: Counter,
+/// The closed set of `wxauto_api_requests_total` outcomes.
+pub const API_OUTCOMES: [&str; 3] = ["success", "error", "timeout"];
+
+/// How an upstream call ended (`wxauto_api_requests_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiOutcome {
+    /// An answer that decoded.
+    Success = 0,
+    /// Any failure but a timeout.
+    Error = 1,
+    /// No answer in time.
+    Timeout = 2,
 }
+
+/// The closed set of `wxauto_listeners_removed_total` reasons.
+pub const REMOVE_REASONS: [&str; 3] = ["timeout", "manual", "config"];
 
 /// Upper bounds of `wxauto_api_request_duration_seconds`: 5 ms to 20.48 s, ×4 apart (7 bounds,
 /// plus `+Inf`). The histogram is per instance and endpoint, so it is most of a sidecar's
@@ -107,83 +140,228 @@ pub struct Metrics {
 /// which these are a subset of).
 pub const API_DURATION_BOUNDS: [f64; 7] = [0.005, 0.02, 0.08, 0.32, 1.28, 5.12, 20.48];
 
-fn api_histogram() -> Histogram {
-    // Upstream calls are local-network UI automation: milliseconds when polling, seconds when
-    // a send drives the WeChat window.
-    Histogram::new(API_DURATION_BOUNDS)
+const ENDPOINTS: usize = API_ENDPOINTS.len();
+const OUTCOMES: usize = API_OUTCOMES.len();
+/// `API_DURATION_BOUNDS` and `+Inf`.
+const API_BUCKETS: usize = API_DURATION_BOUNDS.len() + 1;
+
+/// The counters labelled by `instance_id` alone, then `wxauto_listeners_removed_total` by
+/// reason: the slots of `InstanceSeries::counters`.
+const CLIENT_ERRORS: usize = 0;
+const LISTENERS_ADDED: usize = 1;
+const MESSAGES_PROCESSED: usize = 2;
+const MESSAGES_RECOVERED: usize = 3;
+const TASK_RESTARTS: usize = 4;
+const INSTANCE_COUNTERS: usize = 5;
+const LISTENERS_REMOVED: usize = INSTANCE_COUNTERS;
+const COUNTERS: usize = INSTANCE_COUNTERS + REMOVE_REASONS.len();
+
+/// Presence bits of an instance's series: the request counters (endpoint × outcome), the
+/// histograms (per endpoint), then the `counters` slots.
+const REQUESTS_BIT: u32 = 0;
+const DURATION_BIT: u32 = REQUESTS_BIT + (ENDPOINTS * OUTCOMES) as u32;
+const COUNTERS_BIT: u32 = DURATION_BIT + ENDPOINTS as u32;
+const _: () = assert!(COUNTERS_BIT as usize + COUNTERS <= 64);
+
+/// The series `init_instance` creates at 0: every request counter and every counter slot (the
+/// histograms appear with their first observation).
+const INIT_MASK: u64 =
+    ((1 << (ENDPOINTS * OUTCOMES)) - 1) << REQUESTS_BIT | ((1 << COUNTERS) - 1) << COUNTERS_BIT;
+
+/// Every series of one instance.
+#[derive(Debug)]
+struct InstanceSeries {
+    present: Presence,
+    /// `wxauto_api_requests_total`, index `endpoint * OUTCOMES + outcome`.
+    requests: [AtomicU64; ENDPOINTS * OUTCOMES],
+    /// `wxauto_api_request_duration_seconds` per endpoint.
+    durations: [AtomicHistogram<API_BUCKETS>; ENDPOINTS],
+    /// The per-instance counters, then `wxauto_listeners_removed_total` per reason.
+    counters: [AtomicU64; COUNTERS],
 }
+
+impl Default for InstanceSeries {
+    fn default() -> Self {
+        Self {
+            present: Presence::default(),
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            durations: std::array::from_fn(|_| AtomicHistogram::default()),
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+/// The state behind `Metrics` and its source.
+#[derive(Debug)]
+struct Shared {
+    instances: Table<InstanceSeries>,
+    bounds: Bounds,
+}
+
+/// A per-instance counter family (`InstanceLabels` or `ReasonLabels`), shaped like
+/// prometheus-client's `Family::get_or_create_owned` so the recorders read the same.
+#[derive(Clone, Debug)]
+pub struct InstanceCounter {
+    shared: Arc<Shared>,
+    /// The first `InstanceSeries::counters` slot of this family.
+    slot: usize,
+}
+
+impl InstanceCounter {
+    /// The series of `labels.instance_id`, created at 0 if missing.
+    pub fn get_or_create_owned(&self, labels: &InstanceLabels) -> CounterHandle {
+        self.handle(&labels.instance_id, self.slot)
+    }
+
+    fn handle(&self, instance_id: &str, slot: usize) -> CounterHandle {
+        let series = self.shared.instances.get_or_create(instance_id);
+        series.present.add(1 << (COUNTERS_BIT + slot as u32));
+        CounterHandle { series, slot }
+    }
+}
+
+/// `wxauto_listeners_removed_total{instance_id,reason}`.
+#[derive(Clone, Debug)]
+pub struct ReasonCounter(InstanceCounter);
+
+impl ReasonCounter {
+    /// The series of these labels, created at 0 if missing. `reason` is one of
+    /// `REMOVE_REASONS`.
+    pub fn get_or_create_owned(&self, labels: &ReasonLabels) -> CounterHandle {
+        let reason = REMOVE_REASONS.iter().position(|r| *r == labels.reason);
+        debug_assert!(reason.is_some(), "unknown reason {}", labels.reason);
+        self.0
+            .handle(&labels.instance_id, self.0.slot + reason.unwrap_or(0))
+    }
+}
+
+/// One counter series of an instance.
+#[derive(Debug)]
+pub struct CounterHandle {
+    series: Arc<InstanceSeries>,
+    slot: usize,
+}
+
+impl CounterHandle {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+
+    /// Adds `n`.
+    pub fn inc_by(&self, n: u64) {
+        self.series.counters[self.slot].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The value.
+    pub fn get(&self) -> u64 {
+        self.series.counters[self.slot].load(Ordering::Relaxed)
+    }
+}
+
+/// Every event-driven metric family. Cheap to clone (the families are `Arc`s inside).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    shared: Arc<Shared>,
+    /// `wxauto_client_errors_total{instance_id}`.
+    pub client_errors: InstanceCounter,
+    /// `wxauto_errors_total{component,kind}`.
+    pub errors: Family<ErrorLabels, Counter>,
+    /// `wxauto_listeners_added_total{instance_id}`.
+    pub listeners_added: InstanceCounter,
+    /// `wxauto_listeners_removed_total{instance_id,reason}`.
+    pub listeners_removed: ReasonCounter,
+    /// `wxauto_messages_processed_total{instance_id}`.
+    pub messages_processed: InstanceCounter,
+    /// `wxauto_messages_recovered_total{instance_id}`: messages found by re-reading a chat's
+    /// history after an unclean stop or an actor crash.
+    pub messages_recovered: InstanceCounter,
+    /// `wxauto_listener_restarts_total`.
+    pub listener_restarts: Counter,
+    /// `wxauto_listener_task_restarts_total{instance_id}`: one actor restarted after a crash.
+    pub task_restarts: InstanceCounter,
+    /// `wxauto_config_reloads_total`.
+    pub config_reloads: Counter,
+    /// `wxauto_config_reload_failures_total`.
+    pub config_reload_failures: Counter,
+}
+
+static API_REQUESTS: Descriptor = Descriptor::counter(
+    "wxauto_api_requests",
+    "Calls to wxauto instances by endpoint and outcome (success, error, timeout).",
+);
+static API_DURATION: Descriptor = Descriptor::histogram(
+    "wxauto_api_request_duration_seconds",
+    "Duration of calls to wxauto instances.",
+    Some("seconds"),
+);
+/// The families of the `counters` slots below `LISTENERS_REMOVED`, by slot.
+static INSTANCE_COUNTER_FAMILIES: [Descriptor; INSTANCE_COUNTERS] = [
+    Descriptor::counter(
+        "wxauto_client_errors",
+        "Errors recorded for a wxauto instance (one per transition to down, plus refused requests).",
+    ),
+    Descriptor::counter(
+        "wxauto_listeners_added",
+        "Chats added as listeners (new or reactivated).",
+    ),
+    Descriptor::counter(
+        "wxauto_messages_processed",
+        "Messages received from an instance that passed the filters.",
+    ),
+    Descriptor::counter(
+        "wxauto_messages_recovered",
+        "Messages taken from an instance but not stored when the sidecar or an actor died, \
+         found again in the chat's history.",
+    ),
+    Descriptor::counter(
+        "wxauto_listener_task_restarts",
+        "Restarts of one instance actor after it failed or panicked.",
+    ),
+];
+static LISTENERS_REMOVED_FAMILY: Descriptor = Descriptor::counter(
+    "wxauto_listeners_removed",
+    "Chats removed as listeners, by reason (timeout, manual, config).",
+);
 
 // === impl Metrics ===
 
 impl Metrics {
-    /// Creates the families and registers them (the `wxauto_` prefix is added here).
+    /// Creates the families and registers them.
     pub fn register(registry: &mut Registry) -> Self {
+        let shared = Arc::new(Shared {
+            instances: Table::default(),
+            bounds: Bounds::new(&API_DURATION_BOUNDS),
+        });
+        let counter = |slot| InstanceCounter {
+            shared: Arc::clone(&shared),
+            slot,
+        };
         let metrics = Self {
-            api_requests: Family::default(),
-            api_duration: Family::new_with_constructor(api_histogram),
-            client_errors: Family::default(),
+            client_errors: counter(CLIENT_ERRORS),
             errors: Family::default(),
-            listeners_added: Family::default(),
-            listeners_removed: Family::default(),
-            messages_processed: Family::default(),
-            messages_recovered: Family::default(),
+            listeners_added: counter(LISTENERS_ADDED),
+            listeners_removed: ReasonCounter(counter(LISTENERS_REMOVED)),
+            messages_processed: counter(MESSAGES_PROCESSED),
+            messages_recovered: counter(MESSAGES_RECOVERED),
             listener_restarts: Counter::default(),
-            task_restarts: Family::default(),
+            task_restarts: counter(TASK_RESTARTS),
             config_reloads: Counter::default(),
             config_reload_failures: Counter::default(),
+            shared: Arc::clone(&shared),
         };
+        registry.register_source(Box::new(InstanceFamilies(shared)));
+        // The small families stay with prometheus-client (the `wxauto_` prefix is added here).
         let wx = registry.sub_registry_with_prefix("wxauto");
-        wx.register(
-            "api_requests",
-            "Calls to wxauto instances by endpoint and outcome (success, error, timeout)",
-            metrics.api_requests.clone(),
-        );
-        wx.register_with_unit(
-            "api_request_duration",
-            "Duration of calls to wxauto instances",
-            Unit::Seconds,
-            metrics.api_duration.clone(),
-        );
-        wx.register(
-            "client_errors",
-            "Errors recorded for a wxauto instance (one per transition to down, plus refused requests)",
-            metrics.client_errors.clone(),
-        );
         wx.register(
             "errors",
             "Every recorded error, by component (listener, client, delivery, config) and kind",
             metrics.errors.clone(),
         );
         wx.register(
-            "listeners_added",
-            "Chats added as listeners (new or reactivated)",
-            metrics.listeners_added.clone(),
-        );
-        wx.register(
-            "listeners_removed",
-            "Chats removed as listeners, by reason (timeout, manual, config)",
-            metrics.listeners_removed.clone(),
-        );
-        wx.register(
-            "messages_processed",
-            "Messages received from an instance that passed the filters",
-            metrics.messages_processed.clone(),
-        );
-        wx.register(
-            "messages_recovered",
-            "Messages taken from an instance but not stored when the sidecar or an actor died, \
-             found again in the chat's history",
-            metrics.messages_recovered.clone(),
-        );
-        wx.register(
             "listener_restarts",
             "Restarts of the listener service (API restart, crash recovery)",
             metrics.listener_restarts.clone(),
-        );
-        wx.register(
-            "listener_task_restarts",
-            "Restarts of one instance actor after it failed or panicked",
-            metrics.task_restarts.clone(),
         );
         wx.register(
             "config_reloads",
@@ -198,112 +376,123 @@ impl Metrics {
         metrics
     }
 
-    /// Records one upstream call.
+    /// Records one upstream call. `endpoint` indexes `API_ENDPOINTS` (`wxauto::Endpoint as
+    /// usize`).
     pub fn observe_api_call(
         &self,
         instance_id: &str,
-        endpoint: &'static str,
-        outcome: &'static str,
+        endpoint: usize,
+        outcome: ApiOutcome,
         elapsed: Duration,
     ) {
-        self.api_requests
-            .get_or_create_owned(&ApiLabels {
-                instance_id: instance_id.to_owned(),
-                endpoint,
-                outcome,
-            })
-            .inc();
-        self.api_duration
-            .get_or_create_owned(&EndpointLabels {
-                instance_id: instance_id.to_owned(),
-                endpoint,
-            })
-            .observe(elapsed.as_secs_f64());
+        if endpoint >= ENDPOINTS {
+            debug_assert!(false, "endpoint index {endpoint} out of range");
+            return;
+        }
+        let series = self.shared.instances.get_or_create(instance_id);
+        let request = endpoint * OUTCOMES + outcome as usize;
+        series
+            .present
+            .add(1 << (REQUESTS_BIT + request as u32) | 1 << (DURATION_BIT + endpoint as u32));
+        series.requests[request].fetch_add(1, Ordering::Relaxed);
+        let seconds = elapsed.as_secs_f64();
+        series.durations[endpoint].observe(self.shared.bounds.bucket(seconds), seconds);
     }
 
     /// Creates every series of an instance at 0, so ratios work from the first scrape.
     pub fn init_instance(&self, instance_id: &str) {
-        for labels in api_label_sets(instance_id) {
-            self.api_requests.get_or_create_owned(&labels);
-        }
-        let labels = InstanceLabels {
-            instance_id: instance_id.to_owned(),
-        };
-        for family in self.instance_counters() {
-            family.get_or_create_owned(&labels);
-        }
-        for labels in remove_label_sets(instance_id) {
-            self.listeners_removed.get_or_create_owned(&labels);
-        }
+        self.shared
+            .instances
+            .get_or_create(instance_id)
+            .present
+            .add(INIT_MASK);
     }
 
     /// Drops every series of a removed instance.
     pub fn remove_instance(&self, instance_id: &str) {
-        for labels in api_label_sets(instance_id) {
-            self.api_requests.remove(&labels);
-        }
-        for endpoint in Endpoint::ALL {
-            self.api_duration.remove(&EndpointLabels {
-                instance_id: instance_id.to_owned(),
-                endpoint: endpoint.label(),
-            });
-        }
-        let labels = InstanceLabels {
-            instance_id: instance_id.to_owned(),
-        };
-        for family in self.instance_counters() {
-            family.remove(&labels);
-        }
-        for labels in remove_label_sets(instance_id) {
-            self.listeners_removed.remove(&labels);
-        }
-    }
-
-    /// The counter families labelled by `instance_id` alone.
-    fn instance_counters(&self) -> [&Family<InstanceLabels, Counter>; 5] {
-        [
-            &self.client_errors,
-            &self.listeners_added,
-            &self.messages_processed,
-            &self.messages_recovered,
-            &self.task_restarts,
-        ]
+        self.shared.instances.remove(instance_id);
     }
 
     /// Total upstream calls made so far (the statistics' `api_calls_made`).
     pub fn api_calls_made(&self, instance_ids: &[String]) -> u64 {
         instance_ids
             .iter()
-            .flat_map(|id| api_label_sets(id))
-            .filter_map(|labels| self.api_requests.get(&labels).map(|counter| counter.get()))
+            .filter_map(|id| self.shared.instances.get(id))
+            .map(|series| {
+                series
+                    .requests
+                    .iter()
+                    .map(|count| count.load(Ordering::Relaxed))
+                    .sum::<u64>()
+            })
             .sum()
     }
 }
 
-/// The closed set of `wxauto_api_requests_total` outcomes.
-pub const API_OUTCOMES: [&str; 3] = ["success", "error", "timeout"];
+/// The hand-written per-instance families, walked in instance id order.
+#[derive(Debug)]
+struct InstanceFamilies(Arc<Shared>);
 
-/// Every `wxauto_api_requests_total` label set of one instance.
-fn api_label_sets(instance_id: &str) -> impl Iterator<Item = ApiLabels> + '_ {
-    Endpoint::ALL.into_iter().flat_map(move |endpoint| {
-        API_OUTCOMES.into_iter().map(move |outcome| ApiLabels {
-            instance_id: instance_id.to_owned(),
-            endpoint: endpoint.label(),
-            outcome,
-        })
-    })
+impl Source for InstanceFamilies {
+    fn encode(&self, encoder: &mut Encoder<'_>) {
+        let instances = self.0.instances.read();
+        encoder.family(&API_REQUESTS);
+        for (id, series) in instances.iter() {
+            for (e, endpoint) in API_ENDPOINTS.into_iter().enumerate() {
+                for (o, outcome) in API_OUTCOMES.into_iter().enumerate() {
+                    let request = e * OUTCOMES + o;
+                    if series.present.has(REQUESTS_BIT + request as u32) {
+                        encoder.counter(
+                            &[
+                                ("instance_id", id.as_str()),
+                                ("endpoint", endpoint),
+                                ("outcome", outcome),
+                            ],
+                            series.requests[request].load(Ordering::Relaxed),
+                        );
+                    }
+                }
+            }
+        }
+        encoder.family(&API_DURATION);
+        for (id, series) in instances.iter() {
+            for (e, endpoint) in API_ENDPOINTS.into_iter().enumerate() {
+                if series.present.has(DURATION_BIT + e as u32) {
+                    let (buckets, sum) = series.durations[e].load();
+                    encoder.histogram(
+                        &[("instance_id", id.as_str()), ("endpoint", endpoint)],
+                        &self.0.bounds,
+                        &buckets,
+                        sum,
+                    );
+                }
+            }
+        }
+        for (slot, family) in INSTANCE_COUNTER_FAMILIES.iter().enumerate() {
+            encoder.family(family);
+            for (id, series) in instances.iter() {
+                if series.present.has(COUNTERS_BIT + slot as u32) {
+                    encoder.counter(
+                        &[("instance_id", id.as_str())],
+                        series.counters[slot].load(Ordering::Relaxed),
+                    );
+                }
+            }
+        }
+        encoder.family(&LISTENERS_REMOVED_FAMILY);
+        for (id, series) in instances.iter() {
+            for (r, reason) in REMOVE_REASONS.into_iter().enumerate() {
+                let slot = LISTENERS_REMOVED + r;
+                if series.present.has(COUNTERS_BIT + slot as u32) {
+                    encoder.counter(
+                        &[("instance_id", id.as_str()), ("reason", reason)],
+                        series.counters[slot].load(Ordering::Relaxed),
+                    );
+                }
+            }
+        }
+    }
 }
-
-/// Every `wxauto_listeners_removed_total` label set of one instance.
-fn remove_label_sets(instance_id: &str) -> impl Iterator<Item = ReasonLabels> + '_ {
-    REMOVE_REASONS.into_iter().map(move |reason| ReasonLabels {
-        instance_id: instance_id.to_owned(),
-        reason,
-    })
-}
-
-/// The closed set of `wxauto_listeners_removed_total` reasons.
-pub const REMOVE_REASONS: [&str; 3] = ["timeout", "manual", "config"];
 
 /// Encodes the registry in the negotiated format. Returns the body and its content type.
 pub fn encode(registry: &Registry, openmetrics: bool) -> (String, &'static str) {
@@ -386,13 +575,21 @@ impl Drop for PooledBody {
 }
 
 fn encode_into(body: &mut String, registry: &Registry, openmetrics: bool) -> &'static str {
+    // Writing into a String cannot fail; an encoder error would be a bug in a collector,
+    // and a partial body is still better than none for a scrape.
     if openmetrics {
-        // Writing into a String cannot fail; an encoder error would be a bug in a collector,
-        // and a partial body is still better than none for a scrape.
-        let _ = prometheus_client::encoding::text::encode(body, registry);
+        let _ = prometheus_client::encoding::text::encode_registry(body, &registry.client);
+    } else {
+        let _ = prometheus_client::encoding::prometheus_text::encode(body, &registry.client);
+    }
+    let mut encoder = Encoder::new(body, openmetrics);
+    for source in &registry.sources {
+        source.encode(&mut encoder);
+    }
+    encoder.finish();
+    if openmetrics {
         CONTENT_TYPE_OPENMETRICS
     } else {
-        let _ = prometheus_client::encoding::prometheus_text::encode(body, registry);
         if !body.ends_with('\n') {
             let _ = writeln!(body);
         }
@@ -410,92 +607,4 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_instance_starts_at_zero_and_leaves_no_series_behind() {
-        let mut registry = Registry::default();
-        let metrics = Metrics::register(&mut registry);
-        metrics.init_instance("wx-a");
-        metrics.init_instance("wx-b");
-        metrics.observe_api_call("wx-a", "health", "success", Duration::from_millis(3));
-        let (text, _) = encode(&registry, false);
-        assert!(text.contains(
-            "wxauto_api_requests_total{instance_id=\"wx-a\",endpoint=\"send\",outcome=\"timeout\"} 0"
-        ));
-        assert!(
-            text.contains(
-                "wxauto_listeners_removed_total{instance_id=\"wx-a\",reason=\"config\"} 0"
-            )
-        );
-        assert!(text.contains("wxauto_api_request_duration_seconds_bucket{instance_id=\"wx-a\""));
-        assert_eq!(
-            metrics.api_calls_made(&["wx-a".to_owned(), "wx-b".to_owned()]),
-            1
-        );
-
-        metrics.remove_instance("wx-a");
-        let (text, _) = encode(&registry, false);
-        assert!(
-            !text.contains("\"wx-a\""),
-            "series of a removed instance remain"
-        );
-        assert!(text.contains("instance_id=\"wx-b\""));
-        // HELP lines end with exactly one period (the registry appends it).
-        assert!(
-            text.lines()
-                .filter(|line| line.starts_with("# HELP"))
-                .all(|line| !line.ends_with(".."))
-        );
-    }
-
-    #[test]
-    fn a_called_endpoint_costs_ten_histogram_series_per_instance() {
-        let mut registry = Registry::default();
-        let metrics = Metrics::register(&mut registry);
-        metrics.init_instance("wx-a");
-        metrics.observe_api_call("wx-a", "health", "success", Duration::from_millis(30));
-        let (text, _) = encode(&registry, false);
-        let histogram: Vec<&str> = text
-            .lines()
-            .filter(|line| line.starts_with("wxauto_api_request_duration_seconds"))
-            .collect();
-        // 7 bounds, +Inf, _sum and _count.
-        assert_eq!(histogram.len(), 10, "{histogram:#?}");
-        assert!(histogram.contains(
-            &"wxauto_api_request_duration_seconds_bucket{instance_id=\"wx-a\",endpoint=\"health\",le=\"0.08\"} 1"
-        ));
-        assert!(histogram.contains(
-            &"wxauto_api_request_duration_seconds_bucket{instance_id=\"wx-a\",endpoint=\"health\",le=\"0.02\"} 0"
-        ));
-    }
-
-    #[test]
-    fn pooled_scrapes_encode_the_same_body_and_reuse_buffers() {
-        let mut registry = Registry::default();
-        let metrics = Metrics::register(&mut registry);
-        for n in 0..20 {
-            metrics.init_instance(&format!("wx-{n}"));
-        }
-        let (plain, plain_type) = encode(&registry, false);
-        let (first, first_type) = encode_pooled(&registry, false);
-        assert_eq!(first.as_ref(), plain.as_bytes());
-        assert_eq!(first_type, plain_type);
-        drop(first);
-        // The buffer went back to the pool: the next scrape starts from it, cleared.
-        let (second, _) = encode_pooled(&registry, true);
-        let (openmetrics, _) = encode(&registry, true);
-        assert_eq!(second.as_ref(), openmetrics.as_bytes());
-    }
-
-    #[test]
-    fn accept_header_negotiation() {
-        assert!(wants_openmetrics(Some(
-            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
-        )));
-        assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
-        assert!(!wants_openmetrics(Some("*/*")));
-        assert!(!wants_openmetrics(None));
-    }
-}
+pub(crate) mod tests;

@@ -657,6 +657,18 @@ impl Monitor {
 
     /// A consistent copy of the state, with the health score computed from it.
     pub fn snapshot(&self) -> Snapshot {
+        self.with_snapshot(|mut snap, instances| {
+            snap.instances = instances.clone();
+            snap
+        })
+    }
+
+    /// `f` of a snapshot without its `instances` and of the instances themselves, borrowed:
+    /// a scrape reads them without copying every chat. `f` runs under the monitor's lock.
+    pub fn with_snapshot<R>(
+        &self,
+        f: impl FnOnce(Snapshot, &BTreeMap<String, InstanceState>) -> R,
+    ) -> R {
         let now = SystemTime::now();
         let mut inner = self.lock();
         let window = inner.window;
@@ -695,12 +707,12 @@ impl Monitor {
                 .unwrap_or(0.0),
             _ => 0.0,
         };
-        Snapshot {
+        let snapshot = Snapshot {
             running: inner.running,
             listener_start_time: inner.listener_start.map(unix_seconds),
             uptime_seconds,
             tasks: inner.tasks,
-            instances: inner.instances.clone(),
+            instances: BTreeMap::new(),
             total_errors: inner.total_errors,
             window_errors,
             window_listener_errors,
@@ -711,7 +723,8 @@ impl Monitor {
             health: health::compute(&inputs),
             error_ratio: health::error_ratio(window_errors, window_messages),
             now: unix_seconds(now),
-        }
+        };
+        f(snapshot, &inner.instances)
     }
 }
 

@@ -810,7 +810,7 @@ mod tests {
         let loaded = decode(&text.lock().unwrap()).expect("valid config");
         let current = Arc::clone(&text);
         let loader: ConfigLoader = Box::new(move || decode(&current.lock().unwrap()));
-        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let metrics = Metrics::register(&mut crate::metrics::Registry::default());
         let monitor = Arc::new(Monitor::new(
             metrics,
             Arc::new(ProcessCollector::new()),

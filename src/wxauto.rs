@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::message::Download;
-use crate::metrics::Metrics;
+use crate::metrics::{ApiOutcome, Metrics};
 use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
@@ -51,6 +51,9 @@ pub enum Endpoint {
     GetAllMessages,
 }
 
+// One metric label per endpoint (`label` indexes the list by the variant).
+const _: () = assert!(Endpoint::ALL.len() == crate::metrics::API_ENDPOINTS.len());
+
 impl Endpoint {
     /// Every endpoint, for pre-initialising label sets.
     pub const ALL: [Endpoint; 10] = [
@@ -66,20 +69,9 @@ impl Endpoint {
         Self::GetAllMessages,
     ];
 
-    /// The metric label.
+    /// The metric label (`metrics::API_ENDPOINTS`, which lists them in this order).
     pub fn label(self) -> &'static str {
-        match self {
-            Self::Health => "health",
-            Self::Initialize => "initialize",
-            Self::GetNextNew => "get_next_new",
-            Self::ListenAdd => "listen_add",
-            Self::ListenGet => "listen_get",
-            Self::ListenRemove => "listen_remove",
-            Self::Send => "send",
-            Self::SendTyping => "send_typing",
-            Self::FileDownload => "file_download",
-            Self::GetAllMessages => "get_all_messages",
-        }
+        crate::metrics::API_ENDPOINTS[self as usize]
     }
 
     fn path(self) -> &'static str {
@@ -158,6 +150,15 @@ pub enum WxautoError {
         /// What was wrong.
         reason: String,
     },
+}
+
+/// The `outcome` label of a call's result.
+fn api_outcome<T>(result: &Result<T, WxautoError>) -> ApiOutcome {
+    match result {
+        Ok(_) => ApiOutcome::Success,
+        Err(WxautoError::Timeout { .. }) => ApiOutcome::Timeout,
+        Err(_) => ApiOutcome::Error,
+    }
 }
 
 fn code_suffix(code: Option<i64>) -> String {
@@ -382,15 +383,10 @@ impl Client {
     ) -> Result<Download, WxautoError> {
         let started = Instant::now();
         let result = self.download_inner(file_path, max_bytes).await;
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(WxautoError::Timeout { .. }) => "timeout",
-            Err(_) => "error",
-        };
         self.metrics.observe_api_call(
             &self.instance_id,
-            Endpoint::FileDownload.label(),
-            outcome,
+            Endpoint::FileDownload as usize,
+            api_outcome(&result),
             started.elapsed(),
         );
         result
@@ -500,15 +496,10 @@ impl Client {
     ) -> Result<T, WxautoError> {
         let started = Instant::now();
         let result = self.call_inner(endpoint, body, query).await;
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(WxautoError::Timeout { .. }) => "timeout",
-            Err(_) => "error",
-        };
         self.metrics.observe_api_call(
             &self.instance_id,
-            endpoint.label(),
-            outcome,
+            endpoint as usize,
+            api_outcome(&result),
             started.elapsed(),
         );
         result
@@ -648,9 +639,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_endpoint_indexes_its_own_metric_label() {
+        for (index, endpoint) in Endpoint::ALL.into_iter().enumerate() {
+            assert_eq!(endpoint as usize, index, "{endpoint:?}");
+        }
+        assert_eq!(Endpoint::Health.label(), "health");
+        assert_eq!(Endpoint::SendTyping.label(), "send_typing");
+        assert_eq!(Endpoint::GetAllMessages.label(), "get_all_messages");
+    }
+
+    #[test]
     fn a_key_echoed_across_the_cut_is_still_redacted() {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut registry = prometheus_client::registry::Registry::default();
+        let mut registry = crate::metrics::Registry::default();
         let metrics = Metrics::register(&mut registry);
         let key = "k3y-0123456789abcdef";
         let client = Client::new(
@@ -759,7 +760,7 @@ mod tests {
     #[tokio::test]
     async fn downloads_are_bytes_capped_or_classified_errors() {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut registry = prometheus_client::registry::Registry::default();
+        let mut registry = crate::metrics::Registry::default();
         let metrics = Metrics::register(&mut registry);
         let key = "k3y-secret-0001";
         let client = |base: &str| {
@@ -812,11 +813,7 @@ mod tests {
             ),
             "{missing:?}"
         );
-        let text = {
-            let mut text = String::new();
-            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-            text
-        };
+        let text = { crate::metrics::encode(&registry, true).0 };
         assert!(
             text.contains(r#"endpoint="file_download",outcome="error""#),
             "counted under its own endpoint label"

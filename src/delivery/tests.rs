@@ -11,7 +11,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use chrono::{TimeZone, Utc};
-use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +21,7 @@ use crate::config::{
     SendMode, WebhookPlatform,
 };
 use crate::message::{Download, DownloadError, Reply, ReplyError};
+use crate::metrics::Registry;
 use crate::secret::Secret;
 
 // === test doubles: HTTP server ===
@@ -393,9 +393,7 @@ impl Harness {
     }
 
     fn metrics(&self) -> String {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
-        text
+        crate::metrics::encode(&self.registry, true).0
     }
 
     async fn stop(self) {
