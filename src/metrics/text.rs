@@ -72,9 +72,9 @@ impl Descriptor {
 #[derive(Debug, Clone)]
 pub struct Bounds {
     values: &'static [f64],
-    /// `le` as client_golang writes it (whole numbers without `.0`), for 0.0.4.
+    /// `le="…"` as client_golang writes it (whole numbers without `.0`), for 0.0.4.
     text: Vec<String>,
-    /// `le` as `dtoa` writes it (`1.0`), for OpenMetrics.
+    /// `le="…"` as `dtoa` writes it (`1.0`), for OpenMetrics.
     openmetrics: Vec<String>,
 }
 
@@ -83,10 +83,13 @@ impl Bounds {
     pub fn new(values: &'static [f64]) -> Self {
         Self {
             values,
-            text: values.iter().map(|&v| go_float(v)).collect(),
+            text: values
+                .iter()
+                .map(|&v| format!("le=\"{}\"", go_float(v)))
+                .collect(),
             openmetrics: values
                 .iter()
-                .map(|&v| dtoa::Buffer::new().format(v).to_owned())
+                .map(|&v| format!("le=\"{}\"", dtoa::Buffer::new().format(v)))
                 .collect(),
         }
     }
@@ -137,6 +140,9 @@ pub struct Encoder<'a> {
     header_pending: bool,
     ints: itoa::Buffer,
     floats: dtoa::Buffer,
+    /// A histogram series' labels, rendered once for its lines (reused, so one allocation
+    /// per scrape at most).
+    labels: String,
 }
 
 /// A placeholder family before the first `family` call.
@@ -157,6 +163,7 @@ impl<'a> Encoder<'a> {
             header_pending: false,
             ints: itoa::Buffer::new(),
             floats: dtoa::Buffer::new(),
+            labels: String::new(),
         }
     }
 
@@ -179,7 +186,7 @@ impl<'a> Encoder<'a> {
         if self.family.kind == Kind::Counter {
             self.out.push_str("_total");
         }
-        self.labels(None, labels, None);
+        self.labels(labels);
         self.value(value);
     }
 
@@ -205,33 +212,68 @@ impl<'a> Encoder<'a> {
         debug_assert_eq!(buckets.len(), bounds.values.len() + 1);
         self.header();
         let count: u64 = buckets.iter().sum();
+        // The labels are the same on every line of the series: render them once.
+        let mut rendered = std::mem::take(&mut self.labels);
+        rendered.clear();
+        for (i, (key, value)) in labels.iter().enumerate() {
+            if i > 0 {
+                rendered.push(',');
+            }
+            rendered.push_str(key);
+            rendered.push_str("=\"");
+            push_label_value(&mut rendered, value);
+            rendered.push('"');
+        }
+        let mut cumulative = 0;
         if self.openmetrics {
-            self.suffixed("_sum", None, labels, None);
-            self.value(Value::Float(sum));
-            self.suffixed("_count", None, labels, None);
-            self.value(Value::Int(count));
-            let mut cumulative = 0;
+            self.summary_line("_sum", &rendered, Value::Float(sum));
+            self.summary_line("_count", &rendered, Value::Int(count));
             for (le, n) in bounds.openmetrics.iter().zip(buckets) {
                 cumulative += n;
-                self.suffixed("_bucket", Some(le), labels, None);
-                self.value(Value::Int(cumulative));
+                self.bucket_line(le, &rendered, Value::Int(cumulative));
             }
-            self.suffixed("_bucket", Some("+Inf"), labels, None);
-            self.value(Value::Int(count));
+            self.bucket_line("le=\"+Inf\"", &rendered, Value::Int(count));
         } else {
-            let mut cumulative = 0;
             for (le, n) in bounds.text.iter().zip(buckets) {
                 cumulative += n;
-                self.suffixed("_bucket", None, labels, Some(le));
-                self.value(Value::Int(cumulative));
+                self.bucket_line(le, &rendered, Value::Int(cumulative));
             }
-            self.suffixed("_bucket", None, labels, Some("+Inf"));
-            self.value(Value::Int(count));
-            self.suffixed("_sum", None, labels, None);
-            self.value(Value::Float(sum));
-            self.suffixed("_count", None, labels, None);
-            self.value(Value::Int(count));
+            self.bucket_line("le=\"+Inf\"", &rendered, Value::Int(count));
+            self.summary_line("_sum", &rendered, Value::Float(sum));
+            self.summary_line("_count", &rendered, Value::Int(count));
         }
+        self.labels = rendered;
+    }
+
+    /// `<name>_bucket{..}`: `le` first in OpenMetrics, last in 0.0.4 (as prometheus-client).
+    fn bucket_line(&mut self, le: &str, rendered: &str, value: Value) {
+        self.out.push_str(self.family.name);
+        self.out.push_str("_bucket{");
+        if rendered.is_empty() {
+            self.out.push_str(le);
+        } else if self.openmetrics {
+            self.out.push_str(le);
+            self.out.push(',');
+            self.out.push_str(rendered);
+        } else {
+            self.out.push_str(rendered);
+            self.out.push(',');
+            self.out.push_str(le);
+        }
+        self.out.push('}');
+        self.value(value);
+    }
+
+    /// `<name>_sum` or `<name>_count` with the series' labels.
+    fn summary_line(&mut self, suffix: &str, rendered: &str, value: Value) {
+        self.out.push_str(self.family.name);
+        self.out.push_str(suffix);
+        if !rendered.is_empty() {
+            self.out.push('{');
+            self.out.push_str(rendered);
+            self.out.push('}');
+        }
+        self.value(value);
     }
 
     /// `# EOF`, the end of an OpenMetrics exposition (nothing in 0.0.4).
@@ -239,18 +281,6 @@ impl<'a> Encoder<'a> {
         if self.openmetrics {
             self.out.push_str("# EOF\n");
         }
-    }
-
-    fn suffixed(
-        &mut self,
-        suffix: &str,
-        le_first: Option<&str>,
-        labels: &[(&str, &str)],
-        le_last: Option<&str>,
-    ) {
-        self.out.push_str(self.family.name);
-        self.out.push_str(suffix);
-        self.labels(le_first, labels, le_last);
     }
 
     fn header(&mut self) {
@@ -286,35 +316,19 @@ impl<'a> Encoder<'a> {
         }
     }
 
-    /// `{le="..",k="v",..}` (or `le` last); nothing when there are no labels at all.
-    fn labels(&mut self, le_first: Option<&str>, labels: &[(&str, &str)], le_last: Option<&str>) {
-        if labels.is_empty() && le_first.is_none() && le_last.is_none() {
+    /// `{k="v",..}`; nothing without labels.
+    fn labels(&mut self, labels: &[(&str, &str)]) {
+        if labels.is_empty() {
             return;
         }
         self.out.push('{');
-        let mut first = true;
-        if let Some(le) = le_first {
-            self.out.push_str("le=\"");
-            self.out.push_str(le);
-            self.out.push('"');
-            first = false;
-        }
-        for (key, value) in labels {
-            if !first {
+        for (i, (key, value)) in labels.iter().enumerate() {
+            if i > 0 {
                 self.out.push(',');
             }
-            first = false;
             self.out.push_str(key);
             self.out.push_str("=\"");
             push_label_value(self.out, value);
-            self.out.push('"');
-        }
-        if let Some(le) = le_last {
-            if !first {
-                self.out.push(',');
-            }
-            self.out.push_str("le=\"");
-            self.out.push_str(le);
             self.out.push('"');
         }
         self.out.push('}');
