@@ -7,6 +7,8 @@
 //!
 //! - `secret`: `Secret`, redaction of every registered secret from text.
 //! - `backoff`: jittered exponential backoff.
+//! - `event`: the error vocabulary (`Component`, `ErrorKind`, the `ErrorSink` trait).
+//! - `clock`: unix seconds, RFC 3339 and uptime texts.
 //! - `config`: YAML → validated `Config` (`decode/`), config diffs, the file watcher.
 //! - `message`: the seam between listener and delivery (`InboundMessage`, `MessageSink`,
 //!   `ReplySender`).
@@ -35,9 +37,11 @@
 
 pub mod app;
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod dead_cli;
 pub mod delivery;
+pub mod event;
 pub mod http;
 pub mod import_mgt;
 pub mod listener;

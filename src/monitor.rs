@@ -11,11 +11,12 @@ mod window;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::clock::{rfc3339, unix_seconds};
+use crate::event::{Component, ErrorKind};
 use crate::metrics::process::{ProcessCollector, ProcessSample};
 use crate::metrics::{ErrorLabels, InstanceLabels, Metrics, ReasonLabels};
 
@@ -28,88 +29,6 @@ pub const ERROR_RING_CAPACITY: usize = 100;
 
 /// The git revision the binary was built from (`git rev-parse --short HEAD`), or `unknown`.
 pub const REVISION: &str = env!("WXAUTO_REVISION");
-
-/// The seed's service name for the listener.
-pub const SERVICE_NAME: &str = "message_listener";
-
-/// Which part of the sidecar an error belongs to (the `component` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Component {
-    /// The listener service itself (task crashes, sink failures).
-    Listener,
-    /// A wxauto instance client.
-    Client,
-    /// Message delivery to platforms and replies.
-    Delivery,
-    /// Configuration loading and reloading.
-    Config,
-}
-
-impl Component {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Listener => "listener",
-            Self::Client => "client",
-            Self::Delivery => "delivery",
-            Self::Config => "config",
-        }
-    }
-}
-
-/// The closed set of error kinds (the `kind` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ErrorKind {
-    /// A request timed out.
-    Timeout,
-    /// Could not connect.
-    Connect,
-    /// An unexpected HTTP status.
-    HttpStatus,
-    /// The envelope's `code` was not 0.
-    ApiCode,
-    /// The answer could not be decoded.
-    Decode,
-    /// The API key was rejected.
-    Auth,
-    /// A configuration reload failed.
-    Reload,
-    /// The message store failed.
-    Storage,
-    /// A supervised task panicked or failed.
-    Task,
-    /// WeChat itself is offline on an instance.
-    Offline,
-}
-
-impl ErrorKind {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Timeout => "timeout",
-            Self::Connect => "connect",
-            Self::HttpStatus => "http_status",
-            Self::ApiCode => "api_code",
-            Self::Decode => "decode",
-            Self::Auth => "auth",
-            Self::Reload => "reload",
-            Self::Storage => "storage",
-            Self::Task => "task",
-            Self::Offline => "offline",
-        }
-    }
-}
-
-impl Component {
-    /// The seed's `service_name` for errors of this component.
-    pub fn service_name(self) -> &'static str {
-        match self {
-            Self::Listener | Self::Client => SERVICE_NAME,
-            Self::Delivery => "message_delivery",
-            Self::Config => "config",
-        }
-    }
-}
 
 /// One entry of the error ring.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -298,18 +217,6 @@ struct Inner {
     totals: Totals,
     instances: BTreeMap<String, InstanceState>,
     reload: ReloadState,
-}
-
-/// Unix seconds of a `SystemTime`.
-pub fn unix_seconds(time: SystemTime) -> f64 {
-    time.duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// RFC 3339 in UTC with milliseconds.
-pub fn rfc3339(time: SystemTime) -> String {
-    DateTime::<Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 // === impl Monitor ===
@@ -715,27 +622,7 @@ impl Monitor {
     }
 }
 
-/// `1d 2h 3m 4s`-style uptime, like the seed's `uptime_formatted`.
-pub fn format_uptime(seconds: f64) -> String {
-    let total = seconds.max(0.0) as u64;
-    let (days, hours, minutes, secs) = (
-        total / 86_400,
-        total % 86_400 / 3600,
-        total % 3600 / 60,
-        total % 60,
-    );
-    if days > 0 {
-        format!("{days}d {hours}h {minutes}m {secs}s")
-    } else if hours > 0 {
-        format!("{hours}h {minutes}m {secs}s")
-    } else if minutes > 0 {
-        format!("{minutes}m {secs}s")
-    } else {
-        format!("{secs}s")
-    }
-}
-
-impl crate::delivery::ErrorSink for Monitor {
+impl crate::event::ErrorSink for Monitor {
     fn record_error(
         &self,
         component: Component,

@@ -16,11 +16,12 @@ use crate::backoff::Backoff;
 use crate::config::{
     BackoffConfig, Config, ConfigDiff, ConfigErrors, InstanceChange, InstanceConfig, Loaded,
 };
+use crate::event::{Component, ErrorKind};
 use crate::listener::{ActorSettings, Held, InstanceActor, InstanceCommand};
 use crate::message::{
     BoxFuture, Download, DownloadError, MessageSink, Reply, ReplyError, ReplySender, ReplyTicket,
 };
-use crate::monitor::{Component, ErrorKind, Monitor};
+use crate::monitor::Monitor;
 
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

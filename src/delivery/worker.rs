@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::BackoffConfig;
+use crate::event::ErrorKind;
 use crate::message::{Reply, ReplyError};
-use crate::monitor::ErrorKind;
 
 use super::Inner;
 use super::media::{self, Prepared};
