@@ -22,6 +22,7 @@ use crate::metrics::process::ProcessCollector;
 use crate::monitor::{Monitor, StateCollector, report};
 use crate::process::Processes;
 use crate::process::collector::ProcessMetrics;
+use crate::shutdown::Deadline;
 use crate::simulator::{SimConfig, Simulator};
 use crate::supervisor::{ConfigLoader, Control, ReloadSource, ReplyRouter, Supervisor};
 
@@ -106,6 +107,13 @@ pub struct Started {
 }
 
 /// Serves `loaded` until `shutdown` fires. `on_started` is called once the socket is bound.
+///
+/// Three stages: `bind` (registry, monitor, web config, the socket), `wire` (delivery,
+/// supervised processes, the supervisor and its config subscribers, the watcher) and `serve`
+/// (the tasks, HTTP, and the stop). The stop has one `Deadline`, `grace` after it begins, that
+/// the supervisor's actors, the deliveries and the HTTP drain share: however many of them
+/// hang, the graceful part of the stop takes at most `grace` (the supervised processes are
+/// stopped after it, each within its own `stop_timeout`).
 pub async fn run(
     loaded: Loaded,
     loader: ConfigLoader,
@@ -113,6 +121,25 @@ pub async fn run(
     shutdown: CancellationToken,
     on_started: impl FnOnce(Started) + Send,
 ) -> Result<(), RunError> {
+    let bound = bind(loaded, &options).await?;
+    let wired = wire(bound, loader, &options).await?;
+    serve(wired, &options, shutdown, on_started).await
+}
+
+/// What `bind` made: the recorder, the registry and the bound socket.
+struct Bound {
+    config: Arc<Config>,
+    registry: Registry,
+    process: Arc<ProcessCollector>,
+    monitor: Arc<Monitor>,
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    web_config: Option<Arc<http::web_config::WebConfigHandle>>,
+}
+
+/// Stage 1: the registry and the monitor, the web config, then the socket (so a port in use
+/// fails before anything is started).
+async fn bind(loaded: Loaded, options: &RunOptions) -> Result<Bound, RunError> {
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
@@ -135,7 +162,6 @@ pub async fn run(
     )));
 
     let addr = options.listen.unwrap_or(config.server.listen);
-    let http_limits = config.server.limits;
     let web_failures = prometheus_client::metrics::counter::Counter::default();
     registry.register(
         "wxauto_web_config_reload_failures",
@@ -157,7 +183,44 @@ pub async fn run(
         .await
         .map_err(|source| RunError::Bind { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
+    Ok(Bound {
+        config,
+        registry,
+        process,
+        monitor,
+        listener,
+        addr,
+        web_config,
+    })
+}
 
+/// What `wire` made: every part, connected, nothing but the watcher and delivery running yet.
+struct Wired {
+    bound: Bound,
+    supervisor: Supervisor,
+    control_tx: mpsc::Sender<Control>,
+    control_rx: mpsc::Receiver<Control>,
+    active_rx: watch::Receiver<Arc<Config>>,
+    delivery: Option<Delivery>,
+    delivery_stop: CancellationToken,
+    processes: Processes,
+    message_counts: Option<http::MessageCounts>,
+    /// The supervisor and the background tasks (watcher, health reports, sampler).
+    tasks: tokio_util::task::TaskTracker,
+    background: CancellationToken,
+    /// The one deadline of the stop.
+    deadline: Deadline,
+}
+
+/// Stage 2: delivery (or the caller's sink), the supervised processes, the supervisor with
+/// its config subscribers, and the watcher.
+async fn wire(
+    mut bound: Bound,
+    loader: ConfigLoader,
+    options: &RunOptions,
+) -> Result<Wired, RunError> {
+    let config = Arc::clone(&bound.config);
+    let monitor = Arc::clone(&bound.monitor);
     let (control_tx, control_rx) = mpsc::channel(64);
     let (active_tx, active_rx) = watch::channel(Arc::clone(&config));
     let replies = Arc::new(ReplyRouter::default());
@@ -173,7 +236,7 @@ pub async fn run(
                 platform_http.clone(),
                 Arc::clone(&replies),
                 Arc::clone(&monitor),
-                &mut registry,
+                &mut bound.registry,
                 delivery_stop.clone(),
             )
             .await?;
@@ -184,10 +247,11 @@ pub async fn run(
     // on its way up when its instance is first polled.
     let processes = Processes::start(
         Arc::clone(monitor.processes()),
-        Arc::clone(&process),
+        Arc::clone(&bound.process),
         &config.processes,
     )
     .await;
+    let deadline = Deadline::new(options.grace);
     let mut supervisor = Supervisor::new(
         Arc::clone(&config),
         loader,
@@ -196,7 +260,7 @@ pub async fn run(
         replies,
         active_tx,
         control_tx.clone(),
-        options.grace,
+        deadline.clone(),
     );
 
     if let Some(delivery) = &delivery {
@@ -290,7 +354,53 @@ pub async fn run(
             handle.set_files(watched_files(&path, config));
         }));
     }
+    Ok(Wired {
+        bound,
+        supervisor,
+        control_tx,
+        control_rx,
+        active_rx,
+        delivery,
+        delivery_stop,
+        processes,
+        message_counts,
+        tasks,
+        background,
+        deadline,
+    })
+}
 
+/// Stage 3: starts the supervisor, the background tasks, the signal listener and HTTP; once
+/// `shutdown` fires, stops them all by one deadline.
+async fn serve(
+    wired: Wired,
+    options: &RunOptions,
+    shutdown: CancellationToken,
+    on_started: impl FnOnce(Started) + Send,
+) -> Result<(), RunError> {
+    let Wired {
+        bound,
+        supervisor,
+        control_tx,
+        control_rx,
+        active_rx,
+        delivery,
+        delivery_stop,
+        processes,
+        message_counts,
+        tasks,
+        background,
+        deadline,
+    } = wired;
+    let Bound {
+        config,
+        registry,
+        process,
+        monitor,
+        listener,
+        addr,
+        web_config,
+    } = bound;
     let supervisor_stop = CancellationToken::new();
     let supervisor_task = tasks.spawn(supervisor.run(control_rx, supervisor_stop.clone()));
     tasks.spawn(health_reports(
@@ -345,20 +455,20 @@ pub async fn run(
         listener,
         http::router(state),
         http_stop.clone(),
-        options.grace,
-        http_limits,
+        deadline.clone(),
+        config.server.limits,
         web_config,
     ));
 
     shutdown.cancelled().await;
     tracing::info!("Shutting down.");
+    // One clock for every stage below: each waits only for what is left of the grace.
+    deadline.start();
     ready.store(false, Ordering::SeqCst);
     supervisor_stop.cancel();
     background.cancel();
     tasks.close();
-    let mut clean = tokio::time::timeout(options.grace, tasks.wait())
-        .await
-        .is_ok();
+    let mut clean = deadline.bound(tasks.wait()).await.is_some();
     if !clean {
         tracing::warn!("Shutdown grace period elapsed; stopping anyway.");
     }
@@ -367,10 +477,7 @@ pub async fn run(
     if let Some(delivery) = &delivery {
         // The actors have handed over what they held; let in-flight deliveries finish.
         delivery_stop.cancel();
-        if tokio::time::timeout(options.grace, delivery.shutdown())
-            .await
-            .is_err()
-        {
+        if deadline.bound(delivery.shutdown()).await.is_none() {
             tracing::warn!(
                 "Deliveries did not finish within the grace period; they will resume at the next start."
             );
@@ -386,6 +493,7 @@ pub async fn run(
     }
     // Every supervised process group is stopped (signal, stop_timeout, kill) before exit.
     processes.shutdown().await;
+    // HTTP drains until the same deadline (answers in flight; readiness already says no).
     http_stop.cancel();
     match server.await {
         Ok(Ok(())) => Ok(()),

@@ -22,6 +22,7 @@ use crate::message::{
     BoxFuture, Download, DownloadError, MessageSink, Reply, ReplyError, ReplySender, ReplyTicket,
 };
 use crate::monitor::Monitor;
+use crate::shutdown::Deadline;
 
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,10 +245,21 @@ pub struct Supervisor {
     tracker: TaskTracker,
     running: bool,
     next_generation: u64,
-    grace: Duration,
+    /// The shutdown deadline shared with delivery and HTTP; its grace also bounds the stop of a
+    /// listener restart.
+    deadline: Deadline,
     /// Actor builds that fail before `InstanceActor::new` is called (tests of the retry).
     #[cfg(test)]
     failing_builds: usize,
+}
+
+/// Why the listener service stops.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// A restart (`/api/v1/restart`): the stop gets the whole grace period.
+    Restart,
+    /// The sidecar's shutdown: by the deadline shared with delivery and HTTP.
+    Shutdown,
 }
 
 /// Crash restarts back off from 1 s to 60 s per instance.
@@ -269,7 +281,7 @@ impl Supervisor {
         replies: Arc<ReplyRouter>,
         active: watch::Sender<Arc<Config>>,
         control: mpsc::Sender<Control>,
-        grace: Duration,
+        deadline: Deadline,
     ) -> Self {
         replies.set_enabled(
             config
@@ -293,7 +305,7 @@ impl Supervisor {
             tracker: TaskTracker::new(),
             running: false,
             next_generation: 0,
-            grace,
+            deadline,
             #[cfg(test)]
             failing_builds: 0,
         }
@@ -304,7 +316,7 @@ impl Supervisor {
         self.subscribers.push(subscriber);
     }
 
-    /// Runs until `shutdown` fires, then stops every task within the grace period. Returns
+    /// Runs until `shutdown` fires, then stops every task by the shared deadline. Returns
     /// whether the stop was clean: every actor stopped in time and none holds messages the
     /// sink did not accept (only then may the next start skip re-reading chat histories).
     pub async fn run(
@@ -330,7 +342,7 @@ impl Supervisor {
                 },
             }
         }
-        let stopped = self.stop_service().await;
+        let stopped = self.stop_service(Stop::Shutdown).await;
         let holding: usize = self
             .held
             .values()
@@ -356,7 +368,7 @@ impl Supervisor {
             }
             Control::Restart { respond } => {
                 tracing::info!("Restarting the listener service.");
-                self.stop_service().await;
+                self.stop_service(Stop::Restart).await;
                 self.monitor.metrics().listener_restarts.inc();
                 self.start_service();
                 if let Some(respond) = respond {
@@ -444,19 +456,27 @@ impl Supervisor {
         );
     }
 
-    /// Stops every actor; false if some did not stop within the grace period.
-    async fn stop_service(&mut self) -> bool {
+    /// Stops every actor; false if some did not stop in time: within the grace period for a
+    /// restart, by the shared deadline at shutdown.
+    async fn stop_service(&mut self, stop: Stop) -> bool {
         self.running = false;
         self.service.cancel();
         self.tracker.close();
         for (id, _) in self.tasks.drain() {
             self.replies.set(&id, None);
         }
-        let stopped = tokio::time::timeout(self.grace, self.tracker.wait())
-            .await
-            .is_ok();
+        let grace = self.deadline.grace();
+        let stopped = match stop {
+            Stop::Restart => tokio::time::timeout(grace, self.tracker.wait())
+                .await
+                .is_ok(),
+            Stop::Shutdown => self.deadline.bound(self.tracker.wait()).await.is_some(),
+        };
         if !stopped {
-            tracing::warn!(grace = ?self.grace, "Instance tasks did not stop within the grace period.");
+            tracing::warn!(
+                ?grace,
+                "Instance tasks did not stop within the grace period."
+            );
         }
         self.monitor.listener_stopped();
         self.update_task_count();
@@ -829,7 +849,7 @@ mod tests {
             Arc::clone(&replies),
             active,
             control.clone(),
-            Duration::from_secs(5),
+            Deadline::new(Duration::from_secs(5)),
         );
         supervisor.failing_builds = failing_builds;
         let shutdown = CancellationToken::new();
