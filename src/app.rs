@@ -1,7 +1,7 @@
 //! Wires config, registry, monitor, supervisor, watcher, health reports and HTTP; owns shutdown.
 //!
-//! `run` serves a loaded config until the shutdown token fires; `demo` builds three simulated
-//! instances and a built-in config and then calls `run`.
+//! `run` serves a loaded config until the shutdown token fires; `builtin_loader` is the loader
+//! of a config text that has no file (the demo's, tests').
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +23,6 @@ use crate::monitor::{Monitor, StateCollector, report};
 use crate::process::Processes;
 use crate::process::collector::ProcessMetrics;
 use crate::shutdown::Deadline;
-use crate::simulator::{SimConfig, Simulator};
 use crate::supervisor::{ConfigLoader, Control, ReloadSource, ReplyRouter, Supervisor};
 
 /// How long shutdown waits for tasks and connections.
@@ -598,56 +597,6 @@ pub fn write_atomically(
     std::fs::rename(&tmp, path)
 }
 
-/// The simulated instances of the demo: `(id, key, flaky)`.
-const DEMO_INSTANCES: [(&str, &str, bool); 3] = [
-    ("wx-main", "demo-key-main", false),
-    ("wx-sales", "demo-key-sales", false),
-    ("wx-flaky", "demo-key-flaky", true),
-];
-
-/// Starts three simulators on loopback and returns the demo config text and the env lookup.
-pub async fn start_demo_instances(
-    cancel: &CancellationToken,
-) -> std::io::Result<(String, Vec<(String, String)>)> {
-    let mut instances = String::new();
-    let mut env = Vec::new();
-    for (id, key, flaky) in DEMO_INSTANCES {
-        let simulator = Simulator::new(SimConfig {
-            api_key: key.to_owned(),
-            name: id.to_owned(),
-            flaky,
-            ..SimConfig::default()
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        simulator.spawn_chatter(Duration::from_millis(1500), cancel.clone());
-        tokio::spawn(simulator.serve(listener, cancel.clone()));
-        let var = format!("DEMO_KEY_{}", id.replace('-', "_").to_uppercase());
-        instances.push_str(&format!(
-            "  - id: {id}\n    base_url: http://{addr}\n    api_key_env: {var}\n"
-        ));
-        env.push((var, key.to_owned()));
-        eprintln!("  simulated wxauto instance {id:<9} http://{addr}  (control: /_sim/state)");
-    }
-    let text = format!(
-        "# Built-in demo configuration.\n\
-         server:\n  listen: {listen}\n  enable_lifecycle: true\n\
-         listener:\n  poll_interval: 1s\n  health_check_interval: 5s\n  listener_timeout: 2m\n  \
-         request_timeout: 3s\n  backoff: {{ initial: 1s, max: 10s }}\n\
-         instances:\n{instances}\
-         fixed_listeners:\n  - chat: 文件传输助手\n    instances: [\"*\"]\n\
-         platforms:\n  - id: faq\n    type: keyword\n    keywords:\n      \
-         - keywords: [\"你好\", \"在吗\"]\n        match_type: contains\n        \
-         replies: [\"您好，我是自动回复演示。\"]\n      \
-         - keywords: [\"订单\"]\n        match_type: contains\n        \
-         replies: [\"演示：您的订单已发货。\"]\n\
-         rules:\n  - id: everything-to-faq\n    instance: \"*\"\n    chat: \"*\"\n    platform: faq\n\
-         health:\n  window: 10m\n  report_interval: 10s\n",
-        listen = config::DEFAULT_LISTEN,
-    );
-    Ok((text, env))
-}
-
 /// Builds a loader that decodes a fixed text with a fixed environment (demo and tests).
 pub fn builtin_loader(text: String, env: Vec<(String, String)>) -> ConfigLoader {
     Box::new(move || {
@@ -658,129 +607,4 @@ pub fn builtin_loader(text: String, env: Vec<(String, String)>) -> ConfigLoader 
         };
         config::decode(&text, None, &lookup)
     })
-}
-
-/// `wxauto-sidecar health --url`: prints a short report; returns the exit code.
-pub async fn health_command(url: &str) -> i32 {
-    health_command_with(url, &HttpAccess::default()).await
-}
-
-/// How the CLI reaches a sidecar behind a web config: `--ca-file`, `--user`/`--password-file`.
-#[derive(Debug, Clone, Default)]
-pub struct HttpAccess {
-    /// The CA of the sidecar's certificate (PEM).
-    pub ca_file: Option<std::path::PathBuf>,
-    /// Basic-auth user.
-    pub user: Option<String>,
-    /// The file holding the basic-auth password.
-    pub password_file: Option<std::path::PathBuf>,
-}
-
-impl HttpAccess {
-    /// A client trusting `ca_file` (only it, when given), and the basic-auth password.
-    #[allow(
-        clippy::disallowed_methods,
-        reason = "CLI commands (`health`, `dead`), once before their request"
-    )]
-    pub fn client(&self) -> Result<(reqwest::Client, Option<crate::secret::Secret>), String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .no_proxy();
-        if let Some(path) = &self.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|error| format!("{}: not a PEM certificate: {error}", path.display()))?;
-            builder = builder.tls_certs_only(certs);
-        }
-        let password = match &self.password_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-                Some(crate::secret::Secret::new(
-                    text.trim_end_matches(['\r', '\n']),
-                ))
-            }
-            None => None,
-        };
-        let client = builder
-            .build()
-            .map_err(|error| format!("cannot build an HTTP client: {error}"))?;
-        Ok((client, password))
-    }
-
-    /// `request` with basic auth when a user is given.
-    pub fn authorize(
-        &self,
-        request: reqwest::RequestBuilder,
-        password: Option<&crate::secret::Secret>,
-    ) -> reqwest::RequestBuilder {
-        match (&self.user, password) {
-            (Some(user), Some(password)) => request.basic_auth(user, Some(password.expose())),
-            _ => request,
-        }
-    }
-}
-
-/// `health` with TLS and basic-auth options.
-pub async fn health_command_with(url: &str, access: &HttpAccess) -> i32 {
-    let url = format!("{}/api/v1/health", url.trim_end_matches('/'));
-    let (client, password) = match access.client() {
-        Ok(client) => client,
-        Err(error) => {
-            eprintln!("critical: {error}");
-            return 2;
-        }
-    };
-    let request = access.authorize(client.get(&url), password.as_ref());
-    let body: serde_json::Value = match request.send().await {
-        Ok(response) => match response.json().await {
-            Ok(body) => body,
-            Err(error) => {
-                println!("critical: {url} did not answer with JSON: {error}");
-                return 2;
-            }
-        },
-        Err(error) => {
-            println!("critical: {url} is unreachable: {error}");
-            return 2;
-        }
-    };
-    let data = &body["data"];
-    let Some(score) = data["health_score"].as_u64() else {
-        println!("critical: {url} answered without a health_score");
-        return 2;
-    };
-    let status = data["overall_status"].as_str().unwrap_or("critical");
-    let deductions = &data["deductions"];
-    let lost: Vec<String> = ["listener", "clients", "listeners", "error_rate"]
-        .iter()
-        .filter_map(|name| {
-            let points = deductions[*name].as_u64().unwrap_or(0);
-            (points > 0).then(|| format!("{name} -{points}"))
-        })
-        .collect();
-    let clients = &data["api_clients_summary"];
-    let chats = &data["listeners_summary"];
-    println!(
-        "{status}: score {score}/100 (lost: {}); clients {}/{} connected; listeners {}/{} active; listener {}",
-        if lost.is_empty() {
-            "none".to_owned()
-        } else {
-            lost.join(", ")
-        },
-        clients["connected_count"],
-        clients["total_count"],
-        chats["active_count"],
-        chats["total_count"],
-        data["message_listener"]["status"]
-            .as_str()
-            .unwrap_or("unknown"),
-    );
-    match status {
-        "healthy" => 0,
-        "warning" => 1,
-        _ => 2,
-    }
 }

@@ -3,16 +3,21 @@
 //! per stage.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
 use axum::routing::post;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use wxauto_sidecar::app::{self, RunOptions};
-use wxauto_sidecar::simulator::Fault;
+use wxauto_sidecar::simulator::{SimConfig, Simulator};
 
-use crate::util::{DEADLINE, eventually, start_sim};
+use crate::util::DEADLINE;
+
+const KEY: &str = "key-hung-stop-0123456789";
 
 const GRACE: Duration = Duration::from_secs(3);
 
@@ -22,7 +27,32 @@ const GRACE: Duration = Duration::from_secs(3);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_with_every_stage_hung_takes_the_grace_once() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = start_sim("hung-stop").await;
+    // The upstream: a simulator behind a switch that, once on, holds every request forever.
+    let sim = Simulator::new(SimConfig {
+        api_key: KEY.to_owned(),
+        name: "hung-stop".to_owned(),
+        flaky: false,
+        ..SimConfig::default()
+    });
+    let hang = Arc::new(AtomicBool::new(false));
+    let hung = Arc::new(Notify::new());
+    let upstream = {
+        let (hang, hung) = (Arc::clone(&hang), Arc::clone(&hung));
+        sim.router()
+            .layer(middleware::from_fn(move |request: Request, next: Next| {
+                let (hang, hung) = (Arc::clone(&hang), Arc::clone(&hung));
+                async move {
+                    if hang.load(Ordering::SeqCst) {
+                        hung.notify_one();
+                        return std::future::pending().await;
+                    }
+                    next.run(request).await
+                }
+            }))
+    };
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_addr = sim_listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(sim_listener, upstream).await });
     // A webhook that takes the message and never answers.
     let arrived = Arc::new(Notify::new());
     let hook = {
@@ -50,10 +80,10 @@ async fn a_stop_with_every_stage_hung_takes_the_grace_once() {
          platforms:\n  - id: hook\n    type: webhook\n    url: http://{hook_addr}/hook\n    timeout: 60s\n\
          rules:\n  - id: everything\n    chat: \"*\"\n    platform: hook\n\
          storage:\n  path: {store}\n",
-        sim = sim.addr,
+        sim = sim_addr,
         store = dir.path().join("store.db").display(),
     );
-    let loader = app::builtin_loader(text, vec![("HUNG_STOP_KEY".to_owned(), sim.key.clone())]);
+    let loader = app::builtin_loader(text, vec![("HUNG_STOP_KEY".to_owned(), KEY.to_owned())]);
     let loaded = loader().expect("test config must be valid");
     let options = RunOptions {
         listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -74,18 +104,15 @@ async fn a_stop_with_every_stage_hung_takes_the_grace_once() {
 
     // Delivery hangs: a worker is inside the webhook call.
     let hook_called = arrived.notified();
-    sim.sim.inject("hung-chat", "alice", "hello");
+    sim.inject("hung-chat", "alice", "hello");
     tokio::time::timeout(DEADLINE, hook_called)
         .await
         .expect("the webhook was not called");
-    // The listener hangs: its next upstream call never answers (the call is counted when the
-    // simulator receives it, before the fault holds it).
-    let calls = sim.sim.snapshot().calls.len();
-    sim.sim.set_fault(Fault::Hang);
-    eventually("a hung upstream call", DEADLINE, || async {
-        (sim.sim.snapshot().calls.len() > calls).then_some(())
-    })
-    .await;
+    // The listener hangs: its next upstream call never answers.
+    hang.store(true, Ordering::SeqCst);
+    tokio::time::timeout(DEADLINE, hung.notified())
+        .await
+        .expect("no upstream call after the switch");
 
     let began = Instant::now();
     shutdown.cancel();
