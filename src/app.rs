@@ -19,11 +19,16 @@ use crate::http::{self, AppState};
 use crate::message::MessageSink;
 use crate::metrics::Metrics;
 use crate::metrics::process::ProcessCollector;
-use crate::monitor::{Monitor, StateCollector, report};
+use crate::monitor::{Monitor, StateCollector};
 use crate::process::Processes;
 use crate::process::collector::ProcessMetrics;
 use crate::shutdown::Deadline;
 use crate::supervisor::{ConfigLoader, Control, ReloadSource, ReplyRouter, Supervisor};
+
+mod health_report;
+
+use health_report::health_reports;
+pub use health_report::write_atomically;
 
 /// How long shutdown waits for tasks and connections.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -539,62 +544,6 @@ async fn start_delivery(
     .map_err(RunError::Store)?;
     tracing::info!(path = %config.storage.path.display(), "Message store open.");
     Ok(delivery)
-}
-
-/// The periodic health check: write the report file atomically and log one summary line.
-async fn health_reports(
-    monitor: Arc<Monitor>,
-    config: watch::Receiver<Arc<Config>>,
-    message_counts: Option<http::MessageCounts>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let (interval, path) = {
-            let config = config.borrow();
-            (
-                config.health.report_interval,
-                config.health.report_file.clone(),
-            )
-        };
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        // The same document as GET /api/v1/health, store counts included.
-        let snap = monitor.snapshot();
-        let counts = http::store_counts(message_counts.as_ref(), &snap).await;
-        let document = monitor.health_document(&snap, &counts);
-        tracing::info!(
-            score = snap.health.score,
-            status = snap.health.status.as_str(),
-            lost = %report::lost_points(&snap),
-            "Health check."
-        );
-        let result = tokio::task::spawn_blocking(move || write_atomically(&path, &document)).await;
-        if let Ok(Err(error)) = result {
-            tracing::warn!("Cannot write the health report: {error}");
-        }
-    }
-}
-
-/// Writes JSON to a temp file beside `path`, then renames it over `path`.
-#[allow(
-    clippy::disallowed_methods,
-    reason = "runs on tokio's blocking pool (the report writer) or at start"
-)]
-pub fn write_atomically(
-    path: &std::path::Path,
-    document: &serde_json::Value,
-) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let text = serde_json::to_vec_pretty(document).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Builds a loader that decodes a fixed text with a fixed environment (demo and tests).

@@ -21,7 +21,7 @@
 //! - `supervisor`: the control loop that owns every actor; `ReplyRouter`.
 //! - `http`: the endpoints, the accept loop, the web config, the status page.
 //! - `logging`: stderr and daily log files, text or JSON.
-//! - `shutdown`: signals (graceful stop, abort, SIGHUP reload).
+//! - `shutdown`: signals (graceful stop, abort, SIGHUP reload); the one stop `Deadline`.
 //! - `app`: wiring of all of the above (bind → wire → serve); owns shutdown.
 //! - `cli`: the `health` command and `HttpAccess` (TLS and basic auth for `health`, `dead`).
 //! - `dead_cli`: the `dead` command (dead letters of a running sidecar).
