@@ -1054,7 +1054,7 @@ impl Store {
 
     /// Row counts by state (kept by triggers: O(1), whatever the backlog).
     pub(crate) async fn counts(&self) -> Result<StoreCounts, StoreError> {
-        self.read(|conn| counts_blocking(conn)).await
+        self.read(counts_blocking).await
     }
 
     /// The Dify conversation of a chat on a platform.

@@ -24,9 +24,12 @@ const MAX_BATCH: usize = 256;
 /// its savepoint is kept and how to answer once the batch's commit is known.
 type Op = Box<dyn FnOnce(Result<&Connection, &str>) -> Outcome + Send>;
 
+/// Tells one caller the result of its write, given the batch's commit result.
+type Answer = Box<dyn FnOnce(Result<(), &str>) + Send>;
+
 struct Outcome {
     keep: bool,
-    answer: Box<dyn FnOnce(Result<(), &str>) + Send>,
+    answer: Answer,
 }
 
 /// The sending side; cheap to clone. The thread ends when the last clone is dropped.
@@ -94,7 +97,7 @@ fn run(mut conn: Connection, queue: &mpsc::Receiver<Op>, gauges: &StoreGauges) {
         let answers = commit_batch(&mut conn, batch);
         let committed = answers.0.is_ok();
         for answer in answers.1 {
-            answer(answers.0.as_ref().map(|()| ()).map_err(String::as_str));
+            answer(answers.0.as_ref().copied().map_err(String::as_str));
         }
         if committed {
             refresh_gauges(&conn, gauges);
@@ -103,10 +106,7 @@ fn run(mut conn: Connection, queue: &mpsc::Receiver<Op>, gauges: &StoreGauges) {
 }
 
 /// Runs one batch in one transaction; the commit's result and the answers to send with it.
-type Answers = (
-    Result<(), String>,
-    Vec<Box<dyn FnOnce(Result<(), &str>) + Send>>,
-);
+type Answers = (Result<(), String>, Vec<Answer>);
 
 fn commit_batch(conn: &mut Connection, batch: Vec<Op>) -> Answers {
     let mut answers = Vec::with_capacity(batch.len());
