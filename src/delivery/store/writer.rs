@@ -7,10 +7,18 @@
 //! `storage.synchronous: full` an answer means the change is durable. Nothing waits to fill a
 //! batch: writes that arrive while a commit runs simply go into the next one, so an idle store
 //! commits a lone write at once and a busy one commits many per fsync.
+//!
+//! Checkpoints (copying the WAL back into the database file, with its fsyncs) never run on
+//! this thread: the write connection has SQLite's automatic checkpoint turned off, and a
+//! second thread with its own connection runs a `PASSIVE` checkpoint after commits, at most
+//! once per `CHECKPOINT_PAUSE`. A passive checkpoint takes no lock that writers wait for, so
+//! a commit is never held up by one (with the automatic checkpoint, every thousandth page
+//! written made one commit wait for the whole copy and its fsyncs).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::oneshot;
@@ -19,6 +27,9 @@ use super::{StoreError, StoreGauges, counts_blocking, oldest_open_blocking, to_i
 
 /// Most writes committed together; bounds how long one commit keeps the others waiting.
 const MAX_BATCH: usize = 256;
+
+/// Least time between two checkpoints: the WAL grows by at most what this much writing adds.
+const CHECKPOINT_PAUSE: Duration = Duration::from_millis(250);
 
 /// One queued write: runs on the connection (or is told why it cannot), and says whether
 /// its savepoint is kept and how to answer once the batch's commit is known.
@@ -36,17 +47,40 @@ struct Outcome {
 #[derive(Clone)]
 pub(super) struct Writer {
     ops: mpsc::Sender<Op>,
+    /// Checkpoints completed so far (tests watch it).
+    checkpoints: Arc<AtomicU64>,
 }
 
 impl Writer {
-    /// Starts the writer thread on `conn` (already migrated).
-    pub(super) fn start(conn: Connection, gauges: StoreGauges) -> Result<Self, StoreError> {
+    /// Starts the writer thread on `conn` (already migrated, automatic checkpoints off) and
+    /// the checkpoint thread on `checkpointer`, a second connection to the same file.
+    pub(super) fn start(
+        conn: Connection,
+        checkpointer: Connection,
+        gauges: StoreGauges,
+    ) -> Result<Self, StoreError> {
         let (ops, queue) = mpsc::channel::<Op>();
+        // One slot: a commit while a checkpoint is due adds nothing.
+        let (wake, woken) = mpsc::sync_channel::<()>(1);
+        let checkpoints = Arc::new(AtomicU64::new(0));
+        let done = Arc::clone(&checkpoints);
+        std::thread::Builder::new()
+            .name("store-checkpoint".to_owned())
+            .spawn(move || checkpoint_loop(&checkpointer, &woken, &done))
+            .map_err(|err| {
+                StoreError::Task(format!("cannot start the store checkpointer: {err}"))
+            })?;
         std::thread::Builder::new()
             .name("store-writer".to_owned())
-            .spawn(move || run(conn, &queue, &gauges))
+            .spawn(move || run(conn, &queue, &gauges, &wake))
             .map_err(|err| StoreError::Task(format!("cannot start the store writer: {err}")))?;
-        Ok(Self { ops })
+        Ok(Self { ops, checkpoints })
+    }
+
+    /// Checkpoints completed since the store was opened.
+    #[cfg(test)]
+    pub(super) fn checkpoints(&self) -> u64 {
+        self.checkpoints.load(Ordering::Relaxed)
     }
 
     /// Runs `f` in the next batch and answers once that batch is committed.
@@ -85,7 +119,12 @@ impl Writer {
     }
 }
 
-fn run(mut conn: Connection, queue: &mpsc::Receiver<Op>, gauges: &StoreGauges) {
+fn run(
+    mut conn: Connection,
+    queue: &mpsc::Receiver<Op>,
+    gauges: &StoreGauges,
+    wake: &mpsc::SyncSender<()>,
+) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -101,7 +140,25 @@ fn run(mut conn: Connection, queue: &mpsc::Receiver<Op>, gauges: &StoreGauges) {
         }
         if committed {
             refresh_gauges(&conn, gauges);
+            // Full means a checkpoint is already due; the checkpointer sees this commit too.
+            let _ = wake.try_send(());
         }
+    }
+}
+
+/// Runs a passive checkpoint after commits, at most once per `CHECKPOINT_PAUSE`; ends with
+/// the writer (its end of the channel dropped).
+fn checkpoint_loop(conn: &Connection, woken: &mpsc::Receiver<()>, done: &AtomicU64) {
+    while woken.recv().is_ok() {
+        // (busy, frames in the WAL, frames checkpointed); a passive checkpoint that meets a
+        // reader still copies what it can, and the next one takes the rest.
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => {
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => tracing::warn!(error = %err, "Could not checkpoint the message store."),
+        }
+        std::thread::sleep(CHECKPOINT_PAUSE);
     }
 }
 
