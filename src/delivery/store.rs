@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -27,9 +27,11 @@ const HISTORY_TAIL: usize = 50;
 const CLEAN_STOP: &str = "clean_stop";
 
 mod media;
+mod reader;
 mod writer;
 
 pub(crate) use self::media::MediaRow;
+use self::reader::Reader;
 use self::writer::Writer;
 
 /// How long a writer waits for the database lock before failing.
@@ -383,8 +385,8 @@ pub(crate) struct Job {
 pub(crate) struct Store {
     /// Every write goes through here (group commit, `writer.rs`).
     writer: Writer,
-    /// Reads only; never waits for the writer's transaction (WAL).
-    reader: Arc<Mutex<Connection>>,
+    /// Reads only, on a thread of their own; never wait for the writer's transaction (WAL).
+    reader: Reader,
 }
 
 /// The gauges kept in sync with the store after every write.
@@ -446,28 +448,19 @@ impl Store {
         .map_err(|err| StoreError::Task(err.to_string()))??;
         let store = Self {
             writer: Writer::start(write, checkpoint, gauges)?,
-            reader: Arc::new(Mutex::new(read)),
+            reader: Reader::start(read)?,
         };
         store.write(|_| Ok(())).await?;
         Ok(store)
     }
 
-    /// Runs a read-only `f` on the read connection in the blocking pool. WAL lets it run
-    /// beside the writer's transaction; it sees every write that was answered before it.
+    /// Runs a read-only `f` on the read connection's thread (`reader.rs`).
     async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let conn = Arc::clone(&self.reader);
-        tokio::task::spawn_blocking(move || {
-            let conn = conn
-                .lock()
-                .map_err(|_| StoreError::Task("message store lock poisoned".to_owned()))?;
-            f(&conn)
-        })
-        .await
-        .map_err(|err| StoreError::Task(err.to_string()))?
+        self.reader.read(f).await
     }
 
     /// Runs a write in the writer's next batch (atomic on its own: a savepoint); answers once

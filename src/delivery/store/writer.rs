@@ -48,6 +48,7 @@ struct Outcome {
 pub(super) struct Writer {
     ops: mpsc::Sender<Op>,
     /// Checkpoints completed so far (tests watch it).
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the store's tests"))]
     checkpoints: Arc<AtomicU64>,
 }
 
