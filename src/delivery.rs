@@ -144,9 +144,9 @@ impl Delivery {
             tracker: TaskTracker::new(),
             cancel: cancel.child_token(),
         });
-        for index in 0..delivery.workers.max(1) {
-            inner.tracker.spawn(worker::run(Arc::clone(&inner), index));
-        }
+        inner
+            .tracker
+            .spawn(worker::run(Arc::clone(&inner), delivery.workers.max(1)));
         inner.tracker.spawn(prune_loop(Arc::clone(&inner)));
         inner.tracker.close();
         tracing::info!(

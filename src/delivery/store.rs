@@ -1,13 +1,16 @@
-//! The durable message store: SQLite (WAL, `synchronous=FULL`), a versioned schema, and every
+//! The durable message store: SQLite (WAL, `storage.synchronous`), a versioned schema, and every
 //! state transition of a message, each one a single committed statement or transaction.
 //!
-//! All access goes through one `Connection` behind a `std::sync::Mutex`, used only from the
-//! blocking pool (`spawn_blocking`), so the async runtime never waits on disk.
+//! Writes go to one thread that owns the write connection and commits them in groups
+//! (`writer.rs`): every write that arrives while a commit runs goes into the next transaction,
+//! each in its own savepoint, and is answered only once that transaction is committed. Reads
+//! use a second, read-only connection from the blocking pool; WAL lets them run beside the
+//! writer. The async runtime never waits on disk.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -24,8 +27,12 @@ const HISTORY_TAIL: usize = 50;
 const CLEAN_STOP: &str = "clean_stop";
 
 mod media;
+mod reader;
+mod writer;
 
 pub(crate) use self::media::MediaRow;
+use self::reader::Reader;
+use self::writer::Writer;
 
 /// How long a writer waits for the database lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
@@ -307,6 +314,9 @@ pub enum StoreError {
     /// WAL could not be enabled (e.g. an in-memory or read-only database).
     #[error("the message store refused WAL journaling (journal_mode is {0})")]
     NoWal(String),
+    /// The commit of a batch of writes failed (the write was rolled back).
+    #[error("message store commit failed: {0}")]
+    Commit(String),
     /// A statement failed.
     #[error("message store query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -373,8 +383,10 @@ pub(crate) struct Job {
 /// The SQLite store; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Store {
-    conn: Arc<Mutex<Connection>>,
-    gauges: StoreGauges,
+    /// Every write goes through here (group commit, `writer.rs`).
+    writer: Writer,
+    /// Reads only, on a thread of their own; never wait for the writer's transaction (WAL).
+    reader: Reader,
 }
 
 /// The gauges kept in sync with the store after every write.
@@ -418,68 +430,55 @@ pub struct DeadLetter {
 // === impl Store ===
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database, and sets the gauges.
+    /// Opens (creating if needed) and migrates the database, starts the writer thread, opens
+    /// the read connection and sets the gauges.
     pub(crate) async fn open(
         path: &Path,
         synchronous: Synchronous,
         gauges: StoreGauges,
     ) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
-        let conn = tokio::task::spawn_blocking(move || open_blocking(&path, synchronous))
-            .await
-            .map_err(|err| StoreError::Task(err.to_string()))??;
+        let (write, checkpoint, read) = tokio::task::spawn_blocking(move || {
+            let write = open_blocking(&path, synchronous)?;
+            let checkpoint = open_checkpointer(&path, synchronous)?;
+            let read = open_reader(&path)?;
+            Ok::<_, StoreError>((write, checkpoint, read))
+        })
+        .await
+        .map_err(|err| StoreError::Task(err.to_string()))??;
         let store = Self {
-            conn: Arc::new(Mutex::new(conn)),
-            gauges,
+            writer: Writer::start(write, checkpoint, gauges)?,
+            reader: Reader::start(read)?,
         };
         store.write(|_| Ok(())).await?;
         Ok(store)
     }
 
-    /// Runs `f` on the connection in the blocking pool.
-    async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    /// Runs a read-only `f` on the read connection's thread (`reader.rs`).
+    async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| StoreError::Task("message store lock poisoned".to_owned()))?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(|err| StoreError::Task(err.to_string()))?
+        self.reader.read(f).await
     }
 
-    /// Runs a write and then refreshes the pending and dead gauges from the committed state.
+    /// Runs a write in the writer's next batch (atomic on its own: a savepoint); answers once
+    /// the batch is committed, after which the gauges show it.
     async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let gauges = self.gauges.clone();
-        self.call(move |conn| {
-            let res = f(conn)?;
-            let counts = counts_blocking(conn)?;
-            gauges.pending.set(to_i64(counts.undelivered()));
-            gauges.dead.set(to_i64(counts.dead));
-            gauges
-                .oldest_open_ms
-                .store(oldest_open_blocking(conn)?.unwrap_or(0), Ordering::Relaxed);
-            Ok(res)
-        })
-        .await
+        self.writer.write(f).await
     }
 
     /// Whether the previous run stopped cleanly, then marks this run as running (a kill from
     /// now on leaves the marker cleared). A new store counts as clean; an older store without
     /// a marker counts as clean only when it holds no messages.
     pub(crate) async fn begin_run(&self) -> Result<bool, StoreError> {
-        self.call(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let marker: Option<String> = tx
+        self.write(|conn| {
+            let marker: Option<String> = conn
                 .query_row(
                     "SELECT value FROM meta WHERE key = ?1",
                     params![CLEAN_STOP],
@@ -488,16 +487,15 @@ impl Store {
                 .optional()?;
             let clean = match marker.as_deref() {
                 Some(value) => value == "1",
-                None => !tx.query_row("SELECT EXISTS (SELECT 1 FROM messages)", [], |row| {
+                None => !conn.query_row("SELECT EXISTS (SELECT 1 FROM messages)", [], |row| {
                     row.get::<_, bool>(0)
                 })?,
             };
-            tx.execute(
+            conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?1, '0') \
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 params![CLEAN_STOP],
             )?;
-            tx.commit()?;
             Ok(clean)
         })
         .await
@@ -505,7 +503,7 @@ impl Store {
 
     /// Marks the run as stopped cleanly: nothing taken from an instance was left unstored.
     pub(crate) async fn mark_clean_stop(&self) -> Result<(), StoreError> {
-        self.call(|conn| {
+        self.write(|conn| {
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?1, '1') \
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -521,7 +519,7 @@ impl Store {
         &self,
         instance_id: String,
     ) -> Result<(Vec<StoredChat>, UpstreamSession), StoreError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT chat, active, fixed, added_ms, last_message_ms, message_count, \
                  error_count, baseline_id FROM chats WHERE instance_id = ?1 ORDER BY chat",
@@ -564,14 +562,13 @@ impl Store {
         instance_id: String,
         chats: Vec<StoredChat>,
     ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
+        self.write(move |conn| {
+            conn.execute(
                 "DELETE FROM chats WHERE instance_id = ?1",
                 params![instance_id],
             )?;
             {
-                let mut stmt = tx.prepare_cached(
+                let mut stmt = conn.prepare_cached(
                     "INSERT INTO chats (instance_id, chat, active, fixed, added_ms, \
                      last_message_ms, message_count, error_count, baseline_id) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -590,7 +587,6 @@ impl Store {
                     ])?;
                 }
             }
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -602,7 +598,7 @@ impl Store {
         instance_id: String,
         session: UpstreamSession,
     ) -> Result<(), StoreError> {
-        self.call(move |conn| {
+        self.write(move |conn| {
             conn.execute(
                 "INSERT INTO upstream_sessions (instance_id, epoch, started_ms, updated_ms) \
                  VALUES (?1, ?2, ?3, ?4) ON CONFLICT (instance_id) DO UPDATE SET \
@@ -624,7 +620,7 @@ impl Store {
         epoch: u32,
         ids: Vec<String>,
     ) -> Result<ChatHistory, StoreError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             let mut known_ids = Vec::new();
             {
                 let mut stmt = conn.prepare_cached(
@@ -657,7 +653,7 @@ impl Store {
 
     /// The oldest dead letters first, at most `limit`.
     pub(crate) async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, instance_id, message_id, epoch, chat, platform_id, attempts, \
                  reply_attempts, reply_text IS NOT NULL, last_error, created_ms, \
@@ -703,16 +699,15 @@ impl Store {
     pub(crate) async fn retry_dead(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
         self.write(move |conn| {
             let now = now_ms();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let sql = "UPDATE messages SET \
                  state = CASE WHEN reply_text IS NOT NULL THEN 'reply_pending' ELSE 'pending' END, \
                  attempts = CASE WHEN reply_text IS NOT NULL THEN attempts ELSE 0 END, \
                  reply_attempts = 0, next_attempt_ms = ?1, claimed_ms = NULL, dead_ms = NULL, \
                  updated_ms = ?1 WHERE state = 'dead'";
             let n = match ids {
-                None => tx.execute(sql, params![now])?,
+                None => conn.execute(sql, params![now])?,
                 Some(ids) => {
-                    let mut stmt = tx.prepare(&format!("{sql} AND id = ?2"))?;
+                    let mut stmt = conn.prepare(&format!("{sql} AND id = ?2"))?;
                     let mut n = 0;
                     for id in ids {
                         n += stmt.execute(params![now, id])?;
@@ -720,7 +715,6 @@ impl Store {
                     n
                 }
             };
-            tx.commit()?;
             Ok(u64::try_from(n).unwrap_or(u64::MAX))
         })
         .await
@@ -729,12 +723,11 @@ impl Store {
     /// Deletes dead rows (all, or those of `ids`); returns how many.
     pub(crate) async fn purge_dead(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
         self.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let sql = "DELETE FROM messages WHERE state = 'dead'";
             let n = match ids {
-                None => tx.execute(sql, [])?,
+                None => conn.execute(sql, [])?,
                 Some(ids) => {
-                    let mut stmt = tx.prepare(&format!("{sql} AND id = ?1"))?;
+                    let mut stmt = conn.prepare(&format!("{sql} AND id = ?1"))?;
                     let mut n = 0;
                     for id in ids {
                         n += stmt.execute(params![id])?;
@@ -742,7 +735,6 @@ impl Store {
                     n
                 }
             };
-            tx.commit()?;
             Ok(u64::try_from(n).unwrap_or(u64::MAX))
         })
         .await
@@ -753,18 +745,16 @@ impl Store {
     pub(crate) async fn recover(&self) -> Result<u64, StoreError> {
         self.write(|conn| {
             let now = now_ms();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let platform = tx.execute(
+            let platform = conn.execute(
                 "UPDATE messages SET state = 'pending', claimed_ms = NULL, updated_ms = ?1 \
                  WHERE state = 'delivering'",
                 params![now],
             )?;
-            let reply = tx.execute(
+            let reply = conn.execute(
                 "UPDATE messages SET state = 'reply_pending', claimed_ms = NULL, updated_ms = ?1 \
                  WHERE state = 'replying'",
                 params![now],
             )?;
-            tx.commit()?;
             Ok(u64::try_from(platform + reply).unwrap_or(u64::MAX))
         })
         .await
@@ -781,10 +771,9 @@ impl Store {
         }
         self.write(move |conn| {
             let now = now_ms();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut inserted = Vec::with_capacity(rows.len());
             {
-                let mut stmt = tx.prepare_cached(
+                let mut stmt = conn.prepare_cached(
                     "INSERT OR IGNORE INTO messages (instance_id, message_id, synthetic_id, chat, \
                      sender, sender_remark, msg_type, mtype, content, received_ms, rule_id, \
                      platform_id, reply_at_sender, state, next_attempt_ms, created_ms, updated_ms, \
@@ -814,60 +803,61 @@ impl Store {
                     if n == 1
                         && let Some(file_path) = &msg.file_path
                     {
-                        tx.execute(
+                        conn.execute(
                             "INSERT INTO media (message_row, file_path, updated_ms) \
                              VALUES (?1, ?2, ?3)",
-                            params![tx.last_insert_rowid(), file_path, now],
+                            params![conn.last_insert_rowid(), file_path, now],
                         )?;
                     }
                     inserted.push(n == 1);
                 }
             }
-            tx.commit()?;
             Ok(inserted)
         })
         .await
     }
 
-    /// Claims the next due row, if any: the oldest due row that is the head of its chat (no
-    /// earlier row of the same instance and chat is still open), so a chat is delivered in
-    /// order and never by two workers at once.
+    /// Claims the next due row, if any (`claim_batch` of one).
+    #[cfg(test)]
     pub(crate) async fn claim(&self, now: i64) -> Result<Option<Job>, StoreError> {
-        self.call(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let job = tx
-                .query_row(
-                    &format!(
-                        "UPDATE messages SET \
-                           state = CASE state WHEN 'reply_pending' THEN 'replying' \
-                                   ELSE 'delivering' END, \
-                           attempts = attempts + (state IN ('pending', 'failed')), \
-                           reply_attempts = reply_attempts + (state = 'reply_pending'), \
-                           claimed_ms = ?1, updated_ms = ?1 \
-                         WHERE id = ( \
-                           SELECT m.id FROM messages m \
-                           WHERE m.state IN ('pending', 'failed', 'reply_pending') \
-                             AND m.next_attempt_ms <= ?1 \
-                             AND NOT EXISTS ( \
-                               SELECT 1 FROM messages o \
-                               WHERE o.instance_id = m.instance_id AND o.chat = m.chat \
-                                 AND o.id < m.id AND o.state NOT IN ('delivered', 'dead')) \
-                           ORDER BY m.id LIMIT 1) \
-                         RETURNING {JOB_COLUMNS}"
-                    ),
-                    params![now],
-                    Job::from_row,
-                )
-                .optional()?;
-            tx.commit()?;
-            Ok(job)
+        Ok(self.claim_batch(now, 1).await?.pop())
+    }
+
+    /// Claims up to `limit` due rows in one write, oldest first, each the head of its chat
+    /// (no earlier row of the same instance and chat is still open), so a chat is delivered
+    /// in order and never by two workers at once: at most one row per chat is in flight.
+    pub(crate) async fn claim_batch(&self, now: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.write(move |conn| {
+            let mut heads = chat_heads(conn, now)?;
+            heads.sort_unstable();
+            heads.truncate(limit);
+            let mut stmt = conn.prepare_cached(&format!(
+                "UPDATE messages SET \
+                   state = CASE state WHEN 'reply_pending' THEN 'replying' \
+                           ELSE 'delivering' END, \
+                   attempts = attempts + (state IN ('pending', 'failed')), \
+                   reply_attempts = reply_attempts + (state = 'reply_pending'), \
+                   claimed_ms = ?2, updated_ms = ?2 \
+                 WHERE id = ?1 AND state IN ('pending', 'failed', 'reply_pending') \
+                 RETURNING {JOB_COLUMNS}"
+            ))?;
+            let mut jobs = Vec::with_capacity(heads.len());
+            for id in heads {
+                if let Some(job) = stmt.query_row(params![id, now], Job::from_row).optional()? {
+                    jobs.push(job);
+                }
+            }
+            Ok(jobs)
         })
         .await
     }
 
     /// The earliest future retry time, to sleep until it.
     pub(crate) async fn next_due(&self, now: i64) -> Result<Option<i64>, StoreError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             Ok(conn.query_row(
                 "SELECT MIN(next_attempt_ms) FROM messages \
                  WHERE state IN ('pending', 'failed', 'reply_pending') AND next_attempt_ms > ?1",
@@ -886,7 +876,7 @@ impl Store {
         platform_id: String,
         reply_at_sender: bool,
     ) -> Result<(), StoreError> {
-        self.call(move |conn| {
+        self.write(move |conn| {
             let changed = conn.execute(
                 "UPDATE messages SET rule_id = ?2, platform_id = ?3, reply_at_sender = ?4, \
                  updated_ms = ?5 WHERE id = ?1 AND state = 'delivering'",
@@ -1042,7 +1032,7 @@ impl Store {
         chats: Vec<(String, String)>,
     ) -> Result<HashMap<(String, String), u64>, StoreError> {
         // One blocking call and one prepared statement for the whole list, not one per chat.
-        self.call(move |conn| {
+        self.read(move |conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT COUNT(*) FROM messages WHERE instance_id = ?1 AND chat = ?2",
             )?;
@@ -1058,7 +1048,7 @@ impl Store {
 
     /// Row counts by state (kept by triggers: O(1), whatever the backlog).
     pub(crate) async fn counts(&self) -> Result<StoreCounts, StoreError> {
-        self.call(|conn| counts_blocking(conn)).await
+        self.read(counts_blocking).await
     }
 
     /// The Dify conversation of a chat on a platform.
@@ -1068,7 +1058,7 @@ impl Store {
         chat: String,
         platform_id: String,
     ) -> Result<Option<String>, StoreError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             Ok(conn
                 .query_row(
                     "SELECT conversation_id FROM conversations \
@@ -1089,7 +1079,7 @@ impl Store {
         platform_id: String,
         conversation_id: Option<String>,
     ) -> Result<(), StoreError> {
-        self.call(move |conn| {
+        self.write(move |conn| {
             match conversation_id {
                 Some(conversation_id) => conn.execute(
                     "INSERT INTO conversations \
@@ -1115,7 +1105,7 @@ impl Store {
         &self,
         key: SenderKey,
     ) -> Result<Option<String>, StoreError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             Ok(conn
                 .query_row(
                     "SELECT conversation_id FROM sender_conversations \
@@ -1134,7 +1124,7 @@ impl Store {
         key: SenderKey,
         conversation_id: Option<String>,
     ) -> Result<(), StoreError> {
-        self.call(move |conn| {
+        self.write(move |conn| {
             match conversation_id {
                 Some(conversation_id) => conn.execute(
                     "INSERT INTO sender_conversations \
@@ -1170,7 +1160,7 @@ impl Store {
         platform_id: String,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT user_text, assistant_text FROM history \
                  WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3 \
@@ -1202,9 +1192,8 @@ impl Store {
         exchange: (String, String),
         keep: usize,
     ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
+        self.write(move |conn| {
+            conn.execute(
                 "INSERT INTO history \
                  (instance_id, chat, platform_id, user_text, assistant_text, created_ms) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -1217,7 +1206,7 @@ impl Store {
                     now_ms()
                 ],
             )?;
-            tx.execute(
+            conn.execute(
                 "DELETE FROM history WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3 \
                  AND id NOT IN (SELECT id FROM history \
                    WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3 \
@@ -1229,7 +1218,6 @@ impl Store {
                     i64::try_from(keep).unwrap_or(i64::MAX)
                 ],
             )?;
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -1243,7 +1231,7 @@ impl Store {
         message_id: &str,
     ) -> Option<(String, u32, Option<String>)> {
         let (instance_id, message_id) = (instance_id.to_owned(), message_id.to_owned());
-        self.call(move |conn| {
+        self.read(move |conn| {
             Ok(conn
                 .query_row(
                     "SELECT state, attempts, reply_text FROM messages \
@@ -1261,7 +1249,7 @@ impl Store {
     /// Test helper: runs raw SQL (e.g. to age rows).
     #[cfg(test)]
     pub(crate) async fn exec(&self, sql: &'static str) {
-        self.call(move |conn| Ok(conn.execute_batch(sql)?))
+        self.write(move |conn| Ok(conn.execute_batch(sql)?))
             .await
             .expect("test SQL runs");
     }
@@ -1340,6 +1328,9 @@ fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<Connection, St
     }
     conn.pragma_update(None, "synchronous", synchronous.pragma())
         .map_err(open_err)?;
+    // The checkpoint thread checkpoints (writer.rs); this connection's commits never wait for one.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(open_err)?;
     // Migrations run with foreign keys off, as SQLite's procedure for rebuilding a table asks:
     // dropping the old `messages` must not cascade into the tables that reference it. (The
     // bundled SQLite turns them on by default, so say it.)
@@ -1347,6 +1338,33 @@ fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<Connection, St
         .map_err(open_err)?;
     migrate(&mut conn)?;
     conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(open_err)?;
+    Ok(conn)
+}
+
+/// The checkpoint thread's connection: opened after the writer migrated the file; its
+/// `synchronous` decides the checkpoint's fsyncs, so it is the store's.
+fn open_checkpointer(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", synchronous.pragma())
+        .map_err(open_err)?;
+    Ok(conn)
+}
+
+/// The read connection: opened after the writer migrated the file, refuses writes.
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    conn.pragma_update(None, "query_only", "ON")
         .map_err(open_err)?;
     Ok(conn)
 }
@@ -1369,6 +1387,45 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tracing::info!(version, "Message store migrated.");
     }
     Ok(())
+}
+
+/// The ids of the claimable heads of chats: for every chat with an open row, its oldest open
+/// row, if that row waits for a platform call or a reply and is due. One index seek per chat
+/// with open rows (a skip scan of `messages_open_by_chat`), whatever the backlog behind them.
+fn chat_heads(conn: &Connection, now: i64) -> Result<Vec<i64>, StoreError> {
+    const HEAD: &str = "SELECT id, instance_id, chat, \
+         state IN ('pending', 'failed', 'reply_pending') AND next_attempt_ms <= ?1 \
+         FROM messages INDEXED BY messages_open_by_chat \
+         WHERE state NOT IN ('delivered', 'dead')";
+    let mut first =
+        conn.prepare_cached(&format!("{HEAD} ORDER BY instance_id, chat, id LIMIT 1"))?;
+    let mut next_chat = conn.prepare_cached(&format!(
+        "{HEAD} AND instance_id = ?2 AND chat > ?3 ORDER BY instance_id, chat, id LIMIT 1"
+    ))?;
+    let mut next_instance = conn.prepare_cached(&format!(
+        "{HEAD} AND instance_id > ?2 ORDER BY instance_id, chat, id LIMIT 1"
+    ))?;
+    type Head = (i64, String, String, bool);
+    let head = |row: &Row<'_>| -> rusqlite::Result<Head> {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+    };
+    let mut ids = Vec::new();
+    let mut current = first.query_row(params![now], head).optional()?;
+    while let Some((id, instance_id, chat, claimable)) = current {
+        if claimable {
+            ids.push(id);
+        }
+        current = match next_chat
+            .query_row(params![now, instance_id, chat], head)
+            .optional()?
+        {
+            Some(next) => Some(next),
+            None => next_instance
+                .query_row(params![now, instance_id], head)
+                .optional()?,
+        };
+    }
+    Ok(ids)
 }
 
 /// The counts the triggers of schema version 2 keep: four rows, whatever the table holds.
@@ -1456,6 +1513,53 @@ mod tests {
             .expect("store opens")
     }
 
+    /// Checkpoints run off the writer (its automatic checkpoint is off), and they keep the
+    /// WAL from growing: the log is reused from its start once a checkpoint has copied it.
+    /// Without the checkpoint thread the WAL would hold every page written here (about
+    /// 20 x 100 pages); with it, about two rounds' worth at most.
+    #[tokio::test]
+    async fn the_checkpoint_thread_keeps_the_wal_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.db");
+        let store = open(&path).await;
+        store
+            .write(|conn| {
+                conn.execute_batch("CREATE TABLE scratch (b BLOB)")?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let wal = dir.path().join("wal.db-wal");
+        let round_bytes: u64 = 400_000;
+        for round in 0..20 {
+            let before = store.writer.checkpoints();
+            store
+                .write(move |conn| {
+                    conn.execute("DELETE FROM scratch", [])?;
+                    conn.execute(
+                        "INSERT INTO scratch (b) VALUES (zeroblob(?1))",
+                        params![i64::try_from(round_bytes).unwrap()],
+                    )?;
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while store.writer.checkpoints() == before {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no checkpoint after round {round}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let size = tokio::fs::metadata(&wal).await.unwrap().len();
+        assert!(
+            size < 3 * round_bytes,
+            "the WAL grew to {size} bytes over 20 rounds of {round_bytes}"
+        );
+    }
+
     /// A file written by the first release (schema version 1) keeps its rows, their states
     /// and their dedupe, and gets correct counts from the new triggers.
     #[tokio::test]
@@ -1526,7 +1630,7 @@ mod tests {
         }
         let store = open(&path).await;
         let media: i64 = store
-            .call(|conn| {
+            .read(|conn| {
                 Ok(conn.query_row(
                     "SELECT COUNT(*) FROM media JOIN messages ON messages.id = media.message_row",
                     [],
@@ -1552,7 +1656,7 @@ mod tests {
             async move {
                 let fast = store.counts().await.unwrap();
                 let slow = store
-                    .call(|conn| {
+                    .read(|conn| {
                         let count = |sql: &str| -> Result<u64, StoreError> {
                             Ok(conn.query_row(sql, [], |row| row.get::<_, i64>(0))? as u64)
                         };
@@ -1663,6 +1767,108 @@ mod tests {
         assert_eq!(reply.reply_text.as_deref(), Some("hi"));
         assert_eq!(reply.reply_attempts, 1);
         assert!(store.dead_letters(10).await.unwrap().is_empty());
+    }
+
+    /// Batched claims take at most one row per chat, always the chat's oldest open row, never
+    /// a row of a chat that has one in flight or one waiting for its retry; completions sent
+    /// together (one commit) all land.
+    #[tokio::test]
+    async fn batched_claims_take_each_chats_head_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("b.db")).await;
+        let chats = ["a", "b", "c", "d"];
+        let rows: Vec<NewMessage> = (0..40)
+            .map(|n| new_message(&format!("m{n}"), chats[n % chats.len()], 0))
+            .collect();
+        store.insert_batch(rows).await.unwrap();
+        let now = now_ms();
+        // Chat d's head failed and waits for a retry: the whole chat waits behind it.
+        let first = store.claim_batch(now, 4).await.unwrap();
+        assert_eq!(first.len(), 4, "one head per chat");
+        let d = first.iter().find(|job| job.message.chat == "d").unwrap();
+        store
+            .mark_retry(d.id, Stage::Platform, now + 3_600_000, "later".to_owned())
+            .await
+            .unwrap();
+        let mut in_flight: HashMap<String, i64> = first
+            .iter()
+            .filter(|job| job.message.chat != "d")
+            .map(|job| (job.message.chat.clone(), job.id))
+            .collect();
+        let mut done: HashMap<String, Vec<i64>> = HashMap::new();
+        for round in 0.. {
+            assert!(round < 100, "the queue drains");
+            let jobs = store.claim_batch(now, 8).await.unwrap();
+            for job in &jobs {
+                assert_ne!(job.message.chat, "d", "a chat waits behind its failed head");
+                assert!(
+                    in_flight.insert(job.message.chat.clone(), job.id).is_none(),
+                    "two rows of chat {} in flight",
+                    job.message.chat
+                );
+            }
+            if in_flight.is_empty() {
+                break;
+            }
+            // Finish every other chat's row, all at once (they share commits).
+            let finishing: Vec<(String, i64)> = in_flight
+                .iter()
+                .filter(|(chat, _)| round % 2 == 0 || chat.as_str() != "a")
+                .map(|(chat, id)| (chat.clone(), *id))
+                .collect();
+            let marks: Vec<_> = finishing
+                .iter()
+                .map(|(_, id)| {
+                    let (store, id) = (store.clone(), *id);
+                    tokio::spawn(async move { store.mark_delivered(id).await })
+                })
+                .collect();
+            for mark in marks {
+                mark.await.unwrap().unwrap();
+            }
+            for (chat, id) in finishing {
+                in_flight.remove(&chat);
+                done.entry(chat).or_default().push(id);
+            }
+        }
+        for chat in ["a", "b", "c"] {
+            let ids = &done[chat];
+            assert_eq!(ids.len(), 10, "chat {chat}");
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "chat {chat}: {ids:?}");
+        }
+        let counts = store.counts().await.unwrap();
+        assert_eq!(
+            (counts.delivered, counts.failed, counts.pending),
+            (30, 1, 9)
+        );
+    }
+
+    /// A write that fails inside a batch is rolled back alone; the writes committed with it
+    /// stand.
+    #[tokio::test]
+    async fn a_failing_write_does_not_take_its_batch_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("f.db")).await;
+        store
+            .insert_batch(vec![new_message("x", "a", 0), new_message("y", "b", 0)])
+            .await
+            .unwrap();
+        let jobs = store.claim_batch(now_ms(), 2).await.unwrap();
+        let failing = store.write(|conn| {
+            conn.execute("UPDATE messages SET state = 'delivered'", [])?;
+            conn.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+            Ok(())
+        });
+        let (failed, first, second) = tokio::join!(
+            failing,
+            store.mark_delivered(jobs[0].id),
+            store.mark_retry(jobs[1].id, Stage::Platform, 0, "e".to_owned()),
+        );
+        assert!(failed.is_err());
+        first.unwrap();
+        second.unwrap();
+        let counts = store.counts().await.unwrap();
+        assert_eq!((counts.delivered, counts.failed), (1, 1), "{counts:?}");
     }
 
     /// The clean-stop marker: a new store is clean, a run that was not marked is not.
