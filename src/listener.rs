@@ -16,15 +16,15 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::clock::unix_seconds;
 use crate::config::{InstanceConfig, ListenerConfig, SendMode};
+use crate::event::{Component, ErrorKind};
 use crate::message::{
     Download, DownloadError, InboundMessage, MessageSink, Reply, ReplyError, ReplyTicket,
     StoredChat, UpstreamSession,
 };
 use crate::metrics::Metrics;
-use crate::monitor::{
-    ChatState, Component, Connectivity, ErrorKind, InstanceState, Monitor, unix_seconds,
-};
+use crate::monitor::{ChatState, Connectivity, InstanceState, Monitor};
 use crate::wxauto::{ChatBatch, Client, HealthInfo, RawMessage, WxautoError};
 
 /// Upper bound of `get-next-new` calls per poll (each returns at most one chat).
