@@ -205,3 +205,33 @@ async fn the_backoff_starts_over_after_a_recovery() {
     assert_step(times[1] - times[0], 2 * SECOND, "second probe");
     running.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_up_instance_is_polled_every_poll_interval_and_probed_every_health_check_interval() {
+    let running = Running::start(
+        BackoffConfig {
+            initial: SECOND,
+            max: 4 * SECOND,
+        },
+        Fault::None,
+    )
+    .await;
+    // The first probe initialises WeChat (health, initialize, health) and passes; polls begin.
+    let passed = running.wait_calls(HEALTH, 2, SECOND).await[1];
+    let polls = running.wait_calls(POLL, 11, 10 * SECOND).await;
+    for (n, pair) in polls.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap + STEP >= SECOND / 10 && gap <= SECOND / 10 + STEP,
+            "poll {}: {gap:?} after the previous one, not the 100 ms poll interval",
+            n + 2
+        );
+    }
+    let next = running.wait_calls(HEALTH, 3, 60 * SECOND).await;
+    let gap = next[0] - passed;
+    assert!(
+        gap + STEP >= 30 * SECOND && gap <= 30 * SECOND + STEP,
+        "the next probe came {gap:?} later, not at the 30 s health check"
+    );
+    running.stop().await;
+}
