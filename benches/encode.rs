@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
+use wxauto_sidecar::event::{Component, ErrorKind};
 use wxauto_sidecar::metrics::process::ProcessCollector;
 use wxauto_sidecar::metrics::{self, Metrics};
 use wxauto_sidecar::monitor::health::{self, HealthInputs};
-use wxauto_sidecar::monitor::{
-    ChatState, Component, Connectivity, ErrorKind, InstanceState, Monitor, StateCollector,
-};
+use wxauto_sidecar::monitor::{ChatState, Connectivity, InstanceState, Monitor, StateCollector};
 use wxauto_sidecar::wxauto::Endpoint;
 
 const INSTANCES: usize = 100;
@@ -98,7 +97,7 @@ impl Fixture {
         monitor.set_tasks(INSTANCES);
         monitor.record_reload_success(0x1234_5678, false);
 
-        let now = wxauto_sidecar::monitor::unix_seconds(std::time::SystemTime::now());
+        let now = wxauto_sidecar::clock::unix_seconds(std::time::SystemTime::now());
         for n in 0..INSTANCES {
             let id = format!("wx-{n:03}");
             monitor.register_instance(&id, true);

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use wxauto_sidecar::config::{self, Config};
-use wxauto_sidecar::delivery::{Delivery, ErrorSink, MediaSettings, Routing};
+use wxauto_sidecar::delivery::{Delivery, MediaSettings, Routing};
+use wxauto_sidecar::event::{Component, ErrorKind, ErrorSink};
 use wxauto_sidecar::message::{BoxFuture, InboundMessage, Reply, ReplyError, ReplySender};
-use wxauto_sidecar::monitor::{Component, ErrorKind};
 
 struct NoReplies;
 

@@ -1,7 +1,7 @@
 //! Wires config, registry, monitor, supervisor, watcher, health reports and HTTP; owns shutdown.
 //!
-//! `run` serves a loaded config until the shutdown token fires; `demo` builds three simulated
-//! instances and a built-in config and then calls `run`.
+//! `run` serves a loaded config until the shutdown token fires; `builtin_loader` is the loader
+//! of a config text that has no file (the demo's, tests').
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,11 +19,16 @@ use crate::http::{self, AppState};
 use crate::message::MessageSink;
 use crate::metrics::Metrics;
 use crate::metrics::process::ProcessCollector;
-use crate::monitor::{Monitor, StateCollector, report};
+use crate::monitor::{Monitor, StateCollector};
 use crate::process::Processes;
 use crate::process::collector::ProcessMetrics;
-use crate::simulator::{SimConfig, Simulator};
+use crate::shutdown::Deadline;
 use crate::supervisor::{ConfigLoader, Control, ReloadSource, ReplyRouter, Supervisor};
+
+mod health_report;
+
+use health_report::health_reports;
+pub use health_report::write_atomically;
 
 /// How long shutdown waits for tasks and connections.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -106,6 +111,13 @@ pub struct Started {
 }
 
 /// Serves `loaded` until `shutdown` fires. `on_started` is called once the socket is bound.
+///
+/// Three stages: `bind` (registry, monitor, web config, the socket), `wire` (delivery,
+/// supervised processes, the supervisor and its config subscribers, the watcher) and `serve`
+/// (the tasks, HTTP, and the stop). The stop has one `Deadline`, `grace` after it begins, that
+/// the supervisor's actors, the deliveries and the HTTP drain share: however many of them
+/// hang, the graceful part of the stop takes at most `grace` (the supervised processes are
+/// stopped after it, each within its own `stop_timeout`).
 pub async fn run(
     loaded: Loaded,
     loader: ConfigLoader,
@@ -113,6 +125,25 @@ pub async fn run(
     shutdown: CancellationToken,
     on_started: impl FnOnce(Started) + Send,
 ) -> Result<(), RunError> {
+    let bound = bind(loaded, &options).await?;
+    let wired = wire(bound, loader, &options).await?;
+    serve(wired, &options, shutdown, on_started).await
+}
+
+/// What `bind` made: the recorder, the registry and the bound socket.
+struct Bound {
+    config: Arc<Config>,
+    registry: Registry,
+    process: Arc<ProcessCollector>,
+    monitor: Arc<Monitor>,
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    web_config: Option<Arc<http::web_config::WebConfigHandle>>,
+}
+
+/// Stage 1: the registry and the monitor, the web config, then the socket (so a port in use
+/// fails before anything is started).
+async fn bind(loaded: Loaded, options: &RunOptions) -> Result<Bound, RunError> {
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
@@ -135,7 +166,6 @@ pub async fn run(
     )));
 
     let addr = options.listen.unwrap_or(config.server.listen);
-    let http_limits = config.server.limits;
     let web_failures = prometheus_client::metrics::counter::Counter::default();
     registry.register(
         "wxauto_web_config_reload_failures",
@@ -157,7 +187,44 @@ pub async fn run(
         .await
         .map_err(|source| RunError::Bind { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
+    Ok(Bound {
+        config,
+        registry,
+        process,
+        monitor,
+        listener,
+        addr,
+        web_config,
+    })
+}
 
+/// What `wire` made: every part, connected, nothing but the watcher and delivery running yet.
+struct Wired {
+    bound: Bound,
+    supervisor: Supervisor,
+    control_tx: mpsc::Sender<Control>,
+    control_rx: mpsc::Receiver<Control>,
+    active_rx: watch::Receiver<Arc<Config>>,
+    delivery: Option<Delivery>,
+    delivery_stop: CancellationToken,
+    processes: Processes,
+    message_counts: Option<http::MessageCounts>,
+    /// The supervisor and the background tasks (watcher, health reports, sampler).
+    tasks: tokio_util::task::TaskTracker,
+    background: CancellationToken,
+    /// The one deadline of the stop.
+    deadline: Deadline,
+}
+
+/// Stage 2: delivery (or the caller's sink), the supervised processes, the supervisor with
+/// its config subscribers, and the watcher.
+async fn wire(
+    mut bound: Bound,
+    loader: ConfigLoader,
+    options: &RunOptions,
+) -> Result<Wired, RunError> {
+    let config = Arc::clone(&bound.config);
+    let monitor = Arc::clone(&bound.monitor);
     let (control_tx, control_rx) = mpsc::channel(64);
     let (active_tx, active_rx) = watch::channel(Arc::clone(&config));
     let replies = Arc::new(ReplyRouter::default());
@@ -173,7 +240,7 @@ pub async fn run(
                 platform_http.clone(),
                 Arc::clone(&replies),
                 Arc::clone(&monitor),
-                &mut registry,
+                &mut bound.registry,
                 delivery_stop.clone(),
             )
             .await?;
@@ -184,10 +251,11 @@ pub async fn run(
     // on its way up when its instance is first polled.
     let processes = Processes::start(
         Arc::clone(monitor.processes()),
-        Arc::clone(&process),
+        Arc::clone(&bound.process),
         &config.processes,
     )
     .await;
+    let deadline = Deadline::new(options.grace);
     let mut supervisor = Supervisor::new(
         Arc::clone(&config),
         loader,
@@ -196,7 +264,7 @@ pub async fn run(
         replies,
         active_tx,
         control_tx.clone(),
-        options.grace,
+        deadline.clone(),
     );
 
     if let Some(delivery) = &delivery {
@@ -290,7 +358,53 @@ pub async fn run(
             handle.set_files(watched_files(&path, config));
         }));
     }
+    Ok(Wired {
+        bound,
+        supervisor,
+        control_tx,
+        control_rx,
+        active_rx,
+        delivery,
+        delivery_stop,
+        processes,
+        message_counts,
+        tasks,
+        background,
+        deadline,
+    })
+}
 
+/// Stage 3: starts the supervisor, the background tasks, the signal listener and HTTP; once
+/// `shutdown` fires, stops them all by one deadline.
+async fn serve(
+    wired: Wired,
+    options: &RunOptions,
+    shutdown: CancellationToken,
+    on_started: impl FnOnce(Started) + Send,
+) -> Result<(), RunError> {
+    let Wired {
+        bound,
+        supervisor,
+        control_tx,
+        control_rx,
+        active_rx,
+        delivery,
+        delivery_stop,
+        processes,
+        message_counts,
+        tasks,
+        background,
+        deadline,
+    } = wired;
+    let Bound {
+        config,
+        registry,
+        process,
+        monitor,
+        listener,
+        addr,
+        web_config,
+    } = bound;
     let supervisor_stop = CancellationToken::new();
     let supervisor_task = tasks.spawn(supervisor.run(control_rx, supervisor_stop.clone()));
     tasks.spawn(health_reports(
@@ -345,20 +459,20 @@ pub async fn run(
         listener,
         http::router(state),
         http_stop.clone(),
-        options.grace,
-        http_limits,
+        deadline.clone(),
+        config.server.limits,
         web_config,
     ));
 
     shutdown.cancelled().await;
     tracing::info!("Shutting down.");
+    // One clock for every stage below: each waits only for what is left of the grace.
+    deadline.start();
     ready.store(false, Ordering::SeqCst);
     supervisor_stop.cancel();
     background.cancel();
     tasks.close();
-    let mut clean = tokio::time::timeout(options.grace, tasks.wait())
-        .await
-        .is_ok();
+    let mut clean = deadline.bound(tasks.wait()).await.is_some();
     if !clean {
         tracing::warn!("Shutdown grace period elapsed; stopping anyway.");
     }
@@ -367,10 +481,7 @@ pub async fn run(
     if let Some(delivery) = &delivery {
         // The actors have handed over what they held; let in-flight deliveries finish.
         delivery_stop.cancel();
-        if tokio::time::timeout(options.grace, delivery.shutdown())
-            .await
-            .is_err()
-        {
+        if deadline.bound(delivery.shutdown()).await.is_none() {
             tracing::warn!(
                 "Deliveries did not finish within the grace period; they will resume at the next start."
             );
@@ -386,6 +497,7 @@ pub async fn run(
     }
     // Every supervised process group is stopped (signal, stop_timeout, kill) before exit.
     processes.shutdown().await;
+    // HTTP drains until the same deadline (answers in flight; readiness already says no).
     http_stop.cancel();
     match server.await {
         Ok(Ok(())) => Ok(()),
@@ -434,112 +546,6 @@ async fn start_delivery(
     Ok(delivery)
 }
 
-/// The periodic health check: write the report file atomically and log one summary line.
-async fn health_reports(
-    monitor: Arc<Monitor>,
-    config: watch::Receiver<Arc<Config>>,
-    message_counts: Option<http::MessageCounts>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let (interval, path) = {
-            let config = config.borrow();
-            (
-                config.health.report_interval,
-                config.health.report_file.clone(),
-            )
-        };
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        // The same document as GET /api/v1/health, store counts included.
-        let snap = monitor.snapshot();
-        let counts = http::store_counts(message_counts.as_ref(), &snap).await;
-        let document = monitor.health_document(&snap, &counts);
-        tracing::info!(
-            score = snap.health.score,
-            status = snap.health.status.as_str(),
-            lost = %report::lost_points(&snap),
-            "Health check."
-        );
-        let result = tokio::task::spawn_blocking(move || write_atomically(&path, &document)).await;
-        if let Ok(Err(error)) = result {
-            tracing::warn!("Cannot write the health report: {error}");
-        }
-    }
-}
-
-/// Writes JSON to a temp file beside `path`, then renames it over `path`.
-#[allow(
-    clippy::disallowed_methods,
-    reason = "runs on tokio's blocking pool (the report writer) or at start"
-)]
-pub fn write_atomically(
-    path: &std::path::Path,
-    document: &serde_json::Value,
-) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let text = serde_json::to_vec_pretty(document).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// The simulated instances of the demo: `(id, key, flaky)`.
-const DEMO_INSTANCES: [(&str, &str, bool); 3] = [
-    ("wx-main", "demo-key-main", false),
-    ("wx-sales", "demo-key-sales", false),
-    ("wx-flaky", "demo-key-flaky", true),
-];
-
-/// Starts three simulators on loopback and returns the demo config text and the env lookup.
-pub async fn start_demo_instances(
-    cancel: &CancellationToken,
-) -> std::io::Result<(String, Vec<(String, String)>)> {
-    let mut instances = String::new();
-    let mut env = Vec::new();
-    for (id, key, flaky) in DEMO_INSTANCES {
-        let simulator = Simulator::new(SimConfig {
-            api_key: key.to_owned(),
-            name: id.to_owned(),
-            flaky,
-            ..SimConfig::default()
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        simulator.spawn_chatter(Duration::from_millis(1500), cancel.clone());
-        tokio::spawn(simulator.serve(listener, cancel.clone()));
-        let var = format!("DEMO_KEY_{}", id.replace('-', "_").to_uppercase());
-        instances.push_str(&format!(
-            "  - id: {id}\n    base_url: http://{addr}\n    api_key_env: {var}\n"
-        ));
-        env.push((var, key.to_owned()));
-        eprintln!("  simulated wxauto instance {id:<9} http://{addr}  (control: /_sim/state)");
-    }
-    let text = format!(
-        "# Built-in demo configuration.\n\
-         server:\n  listen: {listen}\n  enable_lifecycle: true\n\
-         listener:\n  poll_interval: 1s\n  health_check_interval: 5s\n  listener_timeout: 2m\n  \
-         request_timeout: 3s\n  backoff: {{ initial: 1s, max: 10s }}\n\
-         instances:\n{instances}\
-         fixed_listeners:\n  - chat: 文件传输助手\n    instances: [\"*\"]\n\
-         platforms:\n  - id: faq\n    type: keyword\n    keywords:\n      \
-         - keywords: [\"你好\", \"在吗\"]\n        match_type: contains\n        \
-         replies: [\"您好，我是自动回复演示。\"]\n      \
-         - keywords: [\"订单\"]\n        match_type: contains\n        \
-         replies: [\"演示：您的订单已发货。\"]\n\
-         rules:\n  - id: everything-to-faq\n    instance: \"*\"\n    chat: \"*\"\n    platform: faq\n\
-         health:\n  window: 10m\n  report_interval: 10s\n",
-        listen = config::DEFAULT_LISTEN,
-    );
-    Ok((text, env))
-}
-
 /// Builds a loader that decodes a fixed text with a fixed environment (demo and tests).
 pub fn builtin_loader(text: String, env: Vec<(String, String)>) -> ConfigLoader {
     Box::new(move || {
@@ -550,129 +556,4 @@ pub fn builtin_loader(text: String, env: Vec<(String, String)>) -> ConfigLoader 
         };
         config::decode(&text, None, &lookup)
     })
-}
-
-/// `wxauto-sidecar health --url`: prints a short report; returns the exit code.
-pub async fn health_command(url: &str) -> i32 {
-    health_command_with(url, &HttpAccess::default()).await
-}
-
-/// How the CLI reaches a sidecar behind a web config: `--ca-file`, `--user`/`--password-file`.
-#[derive(Debug, Clone, Default)]
-pub struct HttpAccess {
-    /// The CA of the sidecar's certificate (PEM).
-    pub ca_file: Option<std::path::PathBuf>,
-    /// Basic-auth user.
-    pub user: Option<String>,
-    /// The file holding the basic-auth password.
-    pub password_file: Option<std::path::PathBuf>,
-}
-
-impl HttpAccess {
-    /// A client trusting `ca_file` (only it, when given), and the basic-auth password.
-    #[allow(
-        clippy::disallowed_methods,
-        reason = "CLI commands (`health`, `dead`), once before their request"
-    )]
-    pub fn client(&self) -> Result<(reqwest::Client, Option<crate::secret::Secret>), String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .no_proxy();
-        if let Some(path) = &self.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|error| format!("{}: not a PEM certificate: {error}", path.display()))?;
-            builder = builder.tls_certs_only(certs);
-        }
-        let password = match &self.password_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-                Some(crate::secret::Secret::new(
-                    text.trim_end_matches(['\r', '\n']),
-                ))
-            }
-            None => None,
-        };
-        let client = builder
-            .build()
-            .map_err(|error| format!("cannot build an HTTP client: {error}"))?;
-        Ok((client, password))
-    }
-
-    /// `request` with basic auth when a user is given.
-    pub fn authorize(
-        &self,
-        request: reqwest::RequestBuilder,
-        password: Option<&crate::secret::Secret>,
-    ) -> reqwest::RequestBuilder {
-        match (&self.user, password) {
-            (Some(user), Some(password)) => request.basic_auth(user, Some(password.expose())),
-            _ => request,
-        }
-    }
-}
-
-/// `health` with TLS and basic-auth options.
-pub async fn health_command_with(url: &str, access: &HttpAccess) -> i32 {
-    let url = format!("{}/api/v1/health", url.trim_end_matches('/'));
-    let (client, password) = match access.client() {
-        Ok(client) => client,
-        Err(error) => {
-            eprintln!("critical: {error}");
-            return 2;
-        }
-    };
-    let request = access.authorize(client.get(&url), password.as_ref());
-    let body: serde_json::Value = match request.send().await {
-        Ok(response) => match response.json().await {
-            Ok(body) => body,
-            Err(error) => {
-                println!("critical: {url} did not answer with JSON: {error}");
-                return 2;
-            }
-        },
-        Err(error) => {
-            println!("critical: {url} is unreachable: {error}");
-            return 2;
-        }
-    };
-    let data = &body["data"];
-    let Some(score) = data["health_score"].as_u64() else {
-        println!("critical: {url} answered without a health_score");
-        return 2;
-    };
-    let status = data["overall_status"].as_str().unwrap_or("critical");
-    let deductions = &data["deductions"];
-    let lost: Vec<String> = ["listener", "clients", "listeners", "error_rate"]
-        .iter()
-        .filter_map(|name| {
-            let points = deductions[*name].as_u64().unwrap_or(0);
-            (points > 0).then(|| format!("{name} -{points}"))
-        })
-        .collect();
-    let clients = &data["api_clients_summary"];
-    let chats = &data["listeners_summary"];
-    println!(
-        "{status}: score {score}/100 (lost: {}); clients {}/{} connected; listeners {}/{} active; listener {}",
-        if lost.is_empty() {
-            "none".to_owned()
-        } else {
-            lost.join(", ")
-        },
-        clients["connected_count"],
-        clients["total_count"],
-        chats["active_count"],
-        chats["total_count"],
-        data["message_listener"]["status"]
-            .as_str()
-            .unwrap_or("unknown"),
-    );
-    match status {
-        "healthy" => 0,
-        "warning" => 1,
-        _ => 2,
-    }
 }

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::app::HttpAccess;
+use crate::cli::HttpAccess;
 
 /// What to do with the dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

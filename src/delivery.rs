@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DeliveryConfig, StorageConfig};
+use crate::event::{Component, ErrorKind, ErrorSink};
 use crate::message::{
     BoxFuture, ChatHistory, InboundMessage, MessageSink, ReplySender, SinkError, StoredChat,
     UpstreamSession,
 };
-use crate::monitor::{Component, ErrorKind};
 
 use self::metrics::DeliveryMetrics;
 use self::store::{NewMessage, Store};
@@ -43,18 +43,6 @@ const ECHO_WINDOW: Duration = Duration::from_secs(120);
 const ECHO_PER_CHAT: usize = 16;
 /// Milliseconds in a day.
 const DAY_MS: i64 = 86_400_000;
-
-/// Where delivery reports its errors (the monitor's error ring and `wxauto_errors_total`).
-pub trait ErrorSink: Send + Sync {
-    /// Records one error; `message` never contains a secret.
-    fn record_error(
-        &self,
-        component: Component,
-        kind: ErrorKind,
-        instance_id: Option<&str>,
-        message: &str,
-    );
-}
 
 /// The running delivery service; cheap to clone.
 #[derive(Clone)]
@@ -211,9 +199,9 @@ impl Delivery {
             cancel: cancel.child_token(),
             clock,
         });
-        for index in 0..delivery.workers.max(1) {
-            inner.tracker.spawn(worker::run(Arc::clone(&inner), index));
-        }
+        inner
+            .tracker
+            .spawn(worker::run(Arc::clone(&inner), delivery.workers.max(1)));
         inner.tracker.spawn(prune_loop(Arc::clone(&inner)));
         inner.tracker.close();
         tracing::info!(

@@ -202,15 +202,16 @@ async fn reload(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` fires, then drains for at most `grace`.
-/// `limits` bound what one client can hold (see `serve.rs`).
+/// Serves `router` on `listener` until `shutdown` fires, then drains until `deadline` (the
+/// one the other stages of the shutdown share). `limits` bound what one client can hold (see
+/// `serve.rs`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: tokio_util::sync::CancellationToken,
-    grace: Duration,
+    deadline: crate::shutdown::Deadline,
     limits: crate::config::HttpLimits,
     web: Option<Arc<web_config::WebConfigHandle>>,
 ) -> std::io::Result<()> {
-    serve::serve(listener, router, shutdown, grace, limits, web).await
+    serve::serve(listener, router, shutdown, deadline, limits, web).await
 }

@@ -7,6 +7,8 @@
 //!
 //! - `secret`: `Secret`, redaction of every registered secret from text.
 //! - `backoff`: jittered exponential backoff.
+//! - `event`: the error vocabulary (`Component`, `ErrorKind`, the `ErrorSink` trait).
+//! - `clock`: unix seconds, RFC 3339 and uptime texts.
 //! - `config`: YAML → validated `Config` (`decode/`), config diffs, the file watcher.
 //! - `message`: the seam between listener and delivery (`InboundMessage`, `MessageSink`,
 //!   `ReplySender`).
@@ -20,12 +22,13 @@
 //! - `supervisor`: the control loop that owns every actor; `ReplyRouter`.
 //! - `http`: the endpoints, the accept loop, the web config, the status page.
 //! - `logging`: stderr and daily log files, text or JSON.
-//! - `shutdown`: signals (graceful stop, abort, SIGHUP reload).
-//! - `app`: wiring of all of the above; owns shutdown.
+//! - `shutdown`: signals (graceful stop, abort, SIGHUP reload); the one stop `Deadline`.
+//! - `app`: wiring of all of the above (bind → wire → serve); owns shutdown.
+//! - `cli`: the `health` command and `HttpAccess` (TLS and basic auth for `health`, `dead`).
 //! - `dead_cli`: the `dead` command (dead letters of a running sidecar).
 //! - `import_mgt`: WXAUTO-MGT database → config.
 //! - `service`: the Windows service mode.
-//! - `simulator`: a fake wxauto server (`demo`, `simulate`, tests).
+//! - `simulator`: a fake wxauto server (`simulate`, tests) and the `demo` instances.
 // No unsafe code, except on Windows: the Win32 Job Object calls in `process/windows.rs`, and the
 // callback windows-service's `define_windows_service!` expands to in `service::scm`.
 #![cfg_attr(not(windows), forbid(unsafe_code))]
@@ -36,9 +39,12 @@
 
 pub mod app;
 pub mod backoff;
+pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dead_cli;
 pub mod delivery;
+pub mod event;
 pub mod http;
 pub mod import_mgt;
 pub mod listener;

@@ -21,13 +21,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::unix_seconds;
 use crate::config::{InstanceConfig, ListenerConfig, SendMode};
 use crate::message::{
     Download, DownloadError, InboundMessage, MessageSink, Reply, ReplyError, ReplyTicket,
     StoredChat, UpstreamSession,
 };
 use crate::metrics::Metrics;
-use crate::monitor::{ChatState, Connectivity, InstanceState, Monitor, unix_seconds};
+use crate::monitor::{ChatState, Connectivity, InstanceState, Monitor};
 use crate::wxauto::Client;
 use chat::Chat;
 use schedule::Schedule;

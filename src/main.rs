@@ -1,26 +1,21 @@
 //! The `wxauto-sidecar` binary: parses the command line, sets up logging, maps exit codes.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use wxauto_sidecar::app::{self, RunOptions};
+use wxauto_sidecar::cli;
 use wxauto_sidecar::config;
 use wxauto_sidecar::dead_cli::{self, DeadAction};
-use wxauto_sidecar::import_mgt::{self, ImportOptions};
+use wxauto_sidecar::import_mgt::ImportOptions;
 use wxauto_sidecar::logging;
 use wxauto_sidecar::simulator::{ApiGeneration, SimConfig, Simulator};
 
-/// Exit code for an invalid configuration (docs/reference.md, "Exit codes").
-const EXIT_CONFIG: u8 = 1;
-/// Exit code for a runtime failure (docs/reference.md, "Exit codes").
-const EXIT_RUNTIME: u8 = 2;
-/// Exit code for a command-line usage error (sysexits' `EX_USAGE`): a typo in a unit file is
-/// not fixed by restarting, so the shipped systemd unit lists it in `RestartPreventExitStatus=`.
-const EXIT_USAGE: u8 = 64;
+use wxauto_sidecar::cli::{EXIT_CONFIG, EXIT_RUNTIME, EXIT_USAGE};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -262,7 +257,7 @@ fn main() -> ExitCode {
             config,
             no_secrets,
             web_config_file,
-        }) => check_config(&config, no_secrets, web_config_file),
+        }) => ExitCode::from(cli::check_config(&config, no_secrets, web_config_file)),
         Some(Command::Service { action }) => service(action),
         Some(Command::Health {
             url,
@@ -270,12 +265,12 @@ fn main() -> ExitCode {
             user,
             password_file,
         }) => {
-            let access = app::HttpAccess {
+            let access = cli::HttpAccess {
                 ca_file,
                 user,
                 password_file,
             };
-            let code = runtime.block_on(app::health_command_with(&url, &access));
+            let code = runtime.block_on(cli::health_command_with(&url, &access));
             ExitCode::from(u8::try_from(code).unwrap_or(EXIT_RUNTIME))
         }
         Some(Command::Dead {
@@ -287,7 +282,7 @@ fn main() -> ExitCode {
             user,
             password_file,
         }) => {
-            let access = app::HttpAccess {
+            let access = cli::HttpAccess {
                 ca_file,
                 user,
                 password_file,
@@ -333,139 +328,12 @@ fn main() -> ExitCode {
             out,
             secrets_file,
             force,
-        }) => import(&ImportOptions {
+        }) => ExitCode::from(cli::import_mgt(&ImportOptions {
             db,
             out,
             secrets_file,
             force,
-        }),
-    }
-}
-
-/// `import-mgt`: the YAML goes to `--out` or stdout, the report to stderr (never a secret).
-fn import(options: &ImportOptions) -> ExitCode {
-    let summary = match import_mgt::run(options, &mut std::io::stdout().lock()) {
-        Ok(summary) => summary,
-        Err(error) => {
-            eprintln!("wxauto-sidecar import-mgt: {error}");
-            let code = if error.is_input() {
-                EXIT_CONFIG
-            } else {
-                EXIT_RUNTIME
-            };
-            return ExitCode::from(code);
-        }
-    };
-    let plural = |n: usize, what: &str| {
-        if n == 1 {
-            format!("{n} {what}")
-        } else {
-            format!("{n} {what}s")
-        }
-    };
-    let target = options
-        .out
-        .as_ref()
-        .map_or_else(|| "stdout".to_owned(), |path| path.display().to_string());
-    eprintln!(
-        "import-mgt: read {}; wrote {target}: {}, {}, {}, {}",
-        options.db.display(),
-        plural(summary.instances, "instance"),
-        plural(summary.platforms, "platform"),
-        plural(summary.rules, "rule"),
-        plural(summary.fixed_listeners, "fixed listener"),
-    );
-    let written = summary.variables.len() - summary.unset.len();
-    if let Some(path) = &options.secrets_file {
-        let mode = if cfg!(unix) { " (mode 0600)" } else { "" };
-        eprintln!(
-            "import-mgt: wrote {}: {}{mode}",
-            path.display(),
-            plural(written, "secret")
-        );
-    }
-    if !summary.notes.is_empty() {
-        eprintln!("import-mgt: not imported or changed:");
-        for note in &summary.notes {
-            eprintln!("  - {note}");
-        }
-    }
-    if !summary.variables.is_empty() {
-        let source = match &options.secrets_file {
-            Some(path) => format!(" (values in {})", path.display()),
-            None => " (values not written: pass --secrets-file FILE to get them)".to_owned(),
-        };
-        eprintln!(
-            "import-mgt: the config reads these environment variables{source}: {}",
-            summary.variables.join(", ")
-        );
-    }
-    if !summary.unset.is_empty() {
-        eprintln!(
-            "import-mgt: no usable value in the database, set them yourself: {}",
-            summary.unset.join(", ")
-        );
-    }
-    if let Some(path) = &options.out {
-        eprintln!(
-            "import-mgt: next: set the variables, then wxauto-sidecar check-config --config {}",
-            path.display()
-        );
-    }
-    ExitCode::SUCCESS
-}
-
-/// `check-config`: the config, then the web config (`--web.config.file`, else the config's
-/// `server.web_config_file`); exit 1 when either is invalid.
-fn check_config(path: &Path, no_secrets: bool, web_config_file: Option<PathBuf>) -> ExitCode {
-    let checked = if no_secrets {
-        config::check_file_without_secrets(path)
-            .map(|unresolved| (unresolved.warnings, unresolved.web_config_file))
-    } else {
-        config::load_file(path)
-            .map(|loaded| (loaded.warnings, loaded.config.server.web_config_file))
-    };
-    let suffix = if no_secrets {
-        " (secrets not resolved)"
-    } else {
-        ""
-    };
-    let (config_ok, from_config) = match checked {
-        Ok((warnings, web_config_file)) => {
-            for warning in &warnings {
-                eprintln!("warning: {warning}");
-            }
-            println!("{}: valid{suffix}", path.display());
-            (true, web_config_file)
-        }
-        Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!("{}: {} error(s)", path.display(), errors.errors.len());
-            (false, None)
-        }
-    };
-    let mut web_ok = true;
-    if let Some(web) = web_config_file.or(from_config) {
-        match wxauto_sidecar::http::web_config::check_file(&web, !no_secrets) {
-            Ok(()) => {
-                let suffix = if no_secrets {
-                    " (TLS files not read)"
-                } else {
-                    ""
-                };
-                println!("{}: valid web config{suffix}", web.display());
-            }
-            Err(error) => {
-                eprintln!("{}", wxauto_sidecar::secret::redact(&error.to_string()));
-                eprintln!("{}: invalid web config", web.display());
-                web_ok = false;
-            }
-        }
-    }
-    if config_ok && web_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_CONFIG)
+        })),
     }
 }
 
@@ -596,7 +464,7 @@ async fn serve(
 async fn demo(listen: Option<SocketAddr>) -> ExitCode {
     let cancel = CancellationToken::new();
     eprintln!("wxauto-sidecar demo: starting three simulated wxauto instances");
-    let (text, env) = match app::start_demo_instances(&cancel).await {
+    let (text, env) = match wxauto_sidecar::simulator::demo::start_instances(&cancel).await {
         Ok(demo) => demo,
         Err(error) => {
             eprintln!("wxauto-sidecar: cannot start the simulators: {error}");

@@ -3,24 +3,32 @@
 //! Every `record_*` call writes the log line, bumps the metric and updates the JSON state
 //! together, so `/metrics`, `/api/v1/*` and the logs cannot disagree. The health score is
 //! computed from the same snapshot for `/metrics` and the API.
+//!
+//! `record.rs` is the recorder (errors, counters, reloads), `state.rs` the live-state registry
+//! (instances, chats, the running flag), `window.rs` the windowed counts; this file holds the
+//! shared state, `snapshot()` and the health document built from it.
 
 mod collector;
 pub mod health;
+mod record;
 pub mod report;
+mod state;
 mod window;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::clock::unix_seconds;
+use crate::metrics::Metrics;
 use crate::metrics::process::{ProcessCollector, ProcessSample};
-use crate::metrics::{ErrorLabels, InstanceLabels, Metrics, ReasonLabels};
 
 pub use collector::StateCollector;
 use health::{Health, HealthInputs};
+pub use record::ErrorRecord;
+pub use state::{ChatState, Connectivity, InstanceState};
 use window::Window;
 
 /// The error ring keeps this many entries (the seed's history cap).
@@ -28,189 +36,6 @@ pub const ERROR_RING_CAPACITY: usize = 100;
 
 /// The git revision the binary was built from (`git rev-parse --short HEAD`), or `unknown`.
 pub const REVISION: &str = env!("WXAUTO_REVISION");
-
-/// The seed's service name for the listener.
-pub const SERVICE_NAME: &str = "message_listener";
-
-/// Which part of the sidecar an error belongs to (the `component` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Component {
-    /// The listener service itself (task crashes, sink failures).
-    Listener,
-    /// A wxauto instance client.
-    Client,
-    /// Message delivery to platforms and replies.
-    Delivery,
-    /// Configuration loading and reloading.
-    Config,
-}
-
-impl Component {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Listener => "listener",
-            Self::Client => "client",
-            Self::Delivery => "delivery",
-            Self::Config => "config",
-        }
-    }
-}
-
-/// The closed set of error kinds (the `kind` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ErrorKind {
-    /// A request timed out.
-    Timeout,
-    /// Could not connect.
-    Connect,
-    /// An unexpected HTTP status.
-    HttpStatus,
-    /// The envelope's `code` was not 0.
-    ApiCode,
-    /// The answer could not be decoded.
-    Decode,
-    /// The API key was rejected.
-    Auth,
-    /// A configuration reload failed.
-    Reload,
-    /// The message store failed.
-    Storage,
-    /// A supervised task panicked or failed.
-    Task,
-    /// WeChat itself is offline on an instance.
-    Offline,
-}
-
-impl ErrorKind {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Timeout => "timeout",
-            Self::Connect => "connect",
-            Self::HttpStatus => "http_status",
-            Self::ApiCode => "api_code",
-            Self::Decode => "decode",
-            Self::Auth => "auth",
-            Self::Reload => "reload",
-            Self::Storage => "storage",
-            Self::Task => "task",
-            Self::Offline => "offline",
-        }
-    }
-}
-
-impl Component {
-    /// The seed's `service_name` for errors of this component.
-    pub fn service_name(self) -> &'static str {
-        match self {
-            Self::Listener | Self::Client => SERVICE_NAME,
-            Self::Delivery => "message_delivery",
-            Self::Config => "config",
-        }
-    }
-}
-
-/// One entry of the error ring.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ErrorRecord {
-    /// RFC 3339.
-    pub timestamp: String,
-    /// RFC 3339 (the seed's field name).
-    pub datetime: String,
-    /// The seed's service name.
-    pub service_name: &'static str,
-    /// `component.kind`.
-    pub error_type: String,
-    /// Redacted text.
-    pub error_message: String,
-    /// The instance, when the error belongs to one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<String>,
-    /// The component label.
-    pub component: &'static str,
-    /// The kind label.
-    pub kind: &'static str,
-    /// Unix seconds.
-    pub time: f64,
-}
-
-/// Connectivity of an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Connectivity {
-    /// Not probed yet.
-    #[default]
-    Unknown,
-    /// Connected.
-    Up,
-    /// Failing; retried with backoff.
-    Down,
-    /// Came back; re-initialising and re-adding chats.
-    Recovering,
-}
-
-/// One chat as the listener tracks it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ChatState {
-    /// Listened (counts against the cap) or timed out.
-    pub active: bool,
-    /// From `fixed_listeners`; never times out.
-    pub fixed: bool,
-    /// Unix seconds of the last message, if any.
-    pub last_message_time: Option<f64>,
-    /// Unix seconds of the last poll that covered this chat.
-    pub last_check_time: f64,
-    /// Messages received since the listener started.
-    pub message_count: u64,
-    /// Failed listen/add or listen/remove calls for this chat.
-    pub error_count: u64,
-}
-
-/// One instance as its actor last published it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct InstanceState {
-    /// The configured id.
-    pub instance_id: String,
-    /// `enabled` in the config; disabled instances are listed but not counted.
-    pub enabled: bool,
-    /// WeChat reported connected at the last probe (initialised upstream).
-    pub initialized: bool,
-    /// Connected as docs/reference.md ("Health score") defines it.
-    pub connected: bool,
-    /// The state machine.
-    pub state: Connectivity,
-    /// Unix seconds of the last health probe.
-    pub last_check_time: Option<f64>,
-    /// Errors recorded for this instance since the sidecar started.
-    pub error_count: u64,
-    /// The last error's text.
-    pub last_error: Option<String>,
-    /// Chats by name.
-    pub chats: BTreeMap<String, ChatState>,
-}
-
-impl InstanceState {
-    /// A fresh, unprobed instance.
-    pub fn new(instance_id: &str, enabled: bool) -> Self {
-        Self {
-            instance_id: instance_id.to_owned(),
-            enabled,
-            initialized: false,
-            connected: false,
-            state: Connectivity::Unknown,
-            last_check_time: None,
-            error_count: 0,
-            last_error: None,
-            chats: BTreeMap::new(),
-        }
-    }
-
-    /// Active chats.
-    pub fn active_chats(&self) -> usize {
-        self.chats.values().filter(|chat| chat.active).count()
-    }
-}
 
 /// The last reload's outcome.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -300,18 +125,6 @@ struct Inner {
     reload: ReloadState,
 }
 
-/// Unix seconds of a `SystemTime`.
-pub fn unix_seconds(time: SystemTime) -> f64 {
-    time.duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// RFC 3339 in UTC with milliseconds.
-pub fn rfc3339(time: SystemTime) -> String {
-    DateTime::<Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
 // === impl Monitor ===
 
 impl Monitor {
@@ -370,268 +183,6 @@ impl Monitor {
     /// Changes the error window (on reload).
     pub fn set_window(&self, window: Duration) {
         self.lock().window = window;
-    }
-
-    /// Records an error: log line, `wxauto_errors_total`, the ring and the windows together.
-    ///
-    /// `message` must already be free of secrets; it is truncated to 500 characters.
-    pub fn record_error(
-        &self,
-        component: Component,
-        kind: ErrorKind,
-        instance_id: Option<&str>,
-        message: &str,
-    ) {
-        // A last pass through the redactor: no registered secret form is logged or kept.
-        let message: String = crate::secret::redact(message).chars().take(500).collect();
-        match component {
-            Component::Config => {
-                tracing::error!(
-                    component = component.as_str(),
-                    kind = kind.as_str(),
-                    "{message}"
-                )
-            }
-            _ => tracing::warn!(
-                component = component.as_str(),
-                kind = kind.as_str(),
-                instance_id = instance_id.unwrap_or("-"),
-                "{message}"
-            ),
-        }
-        self.metrics
-            .errors
-            .get_or_create_owned(&ErrorLabels {
-                component: component.as_str(),
-                kind: kind.as_str(),
-            })
-            .inc();
-        let instance_error = matches!(component, Component::Client | Component::Listener);
-        if let Some(id) = instance_id.filter(|_| instance_error) {
-            self.metrics
-                .client_errors
-                .get_or_create_owned(&InstanceLabels {
-                    instance_id: id.to_owned(),
-                })
-                .inc();
-        }
-        let now = SystemTime::now();
-        let stamp = rfc3339(now);
-        let record = ErrorRecord {
-            timestamp: stamp.clone(),
-            datetime: stamp,
-            service_name: component.service_name(),
-            error_type: format!("{}.{}", component.as_str(), kind.as_str()),
-            error_message: message.clone(),
-            instance_id: instance_id.map(str::to_owned),
-            component: component.as_str(),
-            kind: kind.as_str(),
-            time: unix_seconds(now),
-        };
-        let mut inner = self.lock();
-        let window = inner.window;
-        inner.total_errors += 1;
-        inner.errors_all.add(now, 1, window);
-        if component != Component::Config {
-            inner.errors_listener.add(now, 1, window);
-        }
-        if inner.ring.len() == ERROR_RING_CAPACITY {
-            inner.ring.pop_front();
-        }
-        inner.ring.push_back(record);
-        if let Some(state) = instance_id
-            .filter(|_| instance_error)
-            .and_then(|id| inner.instances.get_mut(id))
-        {
-            state.error_count += 1;
-            state.last_error = Some(message);
-        }
-    }
-
-    /// Records messages that passed the filters.
-    pub fn record_messages(&self, instance_id: &str, count: u64) {
-        if count == 0 {
-            return;
-        }
-        self.metrics
-            .messages_processed
-            .get_or_create_owned(&InstanceLabels {
-                instance_id: instance_id.to_owned(),
-            })
-            .inc_by(count);
-        let now = SystemTime::now();
-        let mut inner = self.lock();
-        let window = inner.window;
-        inner.messages.add(now, count, window);
-        inner.totals.messages_processed += count;
-    }
-
-    /// Records a listen/add of a new or reactivated chat.
-    pub fn record_listener_added(&self, instance_id: &str) {
-        tracing::debug!(instance_id, "Chat added as a listener.");
-        self.metrics
-            .listeners_added
-            .get_or_create_owned(&InstanceLabels {
-                instance_id: instance_id.to_owned(),
-            })
-            .inc();
-        self.lock().totals.listeners_added += 1;
-    }
-
-    /// Records that a supervised instance task ended on its own and will be restarted: the
-    /// error, `wxauto_listener_restarts_total` and `wxauto_listener_task_restarts_total`.
-    pub fn record_task_restart(&self, instance_id: &str, message: &str) {
-        self.record_error(
-            Component::Listener,
-            ErrorKind::Task,
-            Some(instance_id),
-            message,
-        );
-        self.metrics.listener_restarts.inc();
-        self.metrics
-            .task_restarts
-            .get_or_create_owned(&InstanceLabels {
-                instance_id: instance_id.to_owned(),
-            })
-            .inc();
-    }
-
-    /// Records a listen/remove.
-    pub fn record_listener_removed(&self, instance_id: &str, reason: &'static str) {
-        self.metrics
-            .listeners_removed
-            .get_or_create_owned(&ReasonLabels {
-                instance_id: instance_id.to_owned(),
-                reason,
-            })
-            .inc();
-        self.lock().totals.listeners_removed += 1;
-    }
-
-    /// The listener service started: uptime counts from now.
-    pub fn listener_started(&self) {
-        let mut inner = self.lock();
-        inner.running = true;
-        inner.listener_start = Some(SystemTime::now());
-    }
-
-    /// The listener service stopped.
-    pub fn listener_stopped(&self) {
-        self.lock().running = false;
-    }
-
-    /// Whether the listener service runs (cheap; for readiness).
-    pub fn is_running(&self) -> bool {
-        self.lock().running
-    }
-
-    /// Sets the number of live supervised tasks.
-    pub fn set_tasks(&self, tasks: usize) {
-        self.lock().tasks = tasks;
-    }
-
-    /// Adds or replaces an instance's published state, creating its series at 0.
-    pub fn register_instance(&self, instance_id: &str, enabled: bool) {
-        // Under the lock, so `drop_series_if_removed` never sees the series without the entry.
-        let mut inner = self.lock();
-        self.metrics.init_instance(instance_id);
-        inner
-            .instances
-            .entry(instance_id.to_owned())
-            .and_modify(|state| state.enabled = enabled)
-            .or_insert_with(|| InstanceState::new(instance_id, enabled));
-    }
-
-    /// Publishes an instance's state (from its actor). Counts kept by the monitor are kept.
-    pub fn publish_instance(&self, mut state: InstanceState) {
-        let mut inner = self.lock();
-        if let Some(old) = inner.instances.get(&state.instance_id) {
-            state.error_count = old.error_count;
-            state.last_error.clone_from(&old.last_error);
-            state.enabled = old.enabled;
-        } else {
-            // The instance was removed while its actor was still stopping: do not resurrect it.
-            return;
-        }
-        inner.instances.insert(state.instance_id.clone(), state);
-    }
-
-    /// The chats an instance's last actor published, to seed its successor.
-    pub fn chats_of(&self, instance_id: &str) -> Vec<(String, ChatState)> {
-        self.lock()
-            .instances
-            .get(instance_id)
-            .map(|state| {
-                state
-                    .chats
-                    .iter()
-                    .map(|(name, chat)| (name.clone(), chat.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Forgets a removed instance: its JSON rows and every metric series disappear.
-    pub fn remove_instance(&self, instance_id: &str) {
-        self.metrics.remove_instance(instance_id);
-        self.lock().instances.remove(instance_id);
-    }
-
-    /// Drops the series of an instance that is not registered (any more). The supervisor calls
-    /// it once a stopped actor has really ended, since its last call may land after
-    /// `remove_instance`.
-    pub fn drop_series_if_removed(&self, instance_id: &str) {
-        let inner = self.lock();
-        if !inner.instances.contains_key(instance_id) {
-            self.metrics.remove_instance(instance_id);
-        }
-    }
-
-    /// Records a successful load or reload. `counted` is false for the first load and for a
-    /// watcher signal whose content had not changed: those are not reloads.
-    pub fn record_reload_success(&self, hash: u64, counted: bool) {
-        if counted {
-            self.metrics.config_reloads.inc();
-        }
-        let mut inner = self.lock();
-        inner.reload.last_reload_successful = true;
-        inner.reload.last_success_time = unix_seconds(SystemTime::now());
-        inner.reload.config_hash = hash;
-        if counted {
-            inner.reload.reloads += 1;
-        }
-    }
-
-    /// Records a failed reload; the errors are also logged and put in the ring.
-    pub fn record_reload_failure(&self, errors: &[String]) {
-        // The state first, then the counter: a scrape that sees the failure counted never sees
-        // the configuration still marked as successfully loaded (once the state is read after
-        // the counter).
-        {
-            let mut inner = self.lock();
-            inner.reload.last_reload_successful = false;
-            inner.reload.failures += 1;
-        }
-        self.metrics.config_reload_failures.inc();
-        let summary = match errors {
-            [] => "configuration reload failed".to_owned(),
-            [only] => format!("configuration reload failed: {only}"),
-            [first, rest @ ..] => format!(
-                "configuration reload failed: {first} (and {} more)",
-                rest.len()
-            ),
-        };
-        for error in errors {
-            tracing::error!(component = "config", "Invalid configuration: {error}");
-        }
-        self.record_error(Component::Config, ErrorKind::Reload, None, &summary);
-    }
-
-    /// The newest `limit` errors, oldest first.
-    pub fn recent_errors(&self, limit: usize) -> Vec<ErrorRecord> {
-        let inner = self.lock();
-        let skip = inner.ring.len().saturating_sub(limit);
-        inner.ring.iter().skip(skip).cloned().collect()
     }
 
     /// Upstream calls made to the instances of `snap` (the statistics' `api_calls_made`).
@@ -712,37 +263,5 @@ impl Monitor {
             error_ratio: health::error_ratio(window_errors, window_messages),
             now: unix_seconds(now),
         }
-    }
-}
-
-/// `1d 2h 3m 4s`-style uptime, like the seed's `uptime_formatted`.
-pub fn format_uptime(seconds: f64) -> String {
-    let total = seconds.max(0.0) as u64;
-    let (days, hours, minutes, secs) = (
-        total / 86_400,
-        total % 86_400 / 3600,
-        total % 3600 / 60,
-        total % 60,
-    );
-    if days > 0 {
-        format!("{days}d {hours}h {minutes}m {secs}s")
-    } else if hours > 0 {
-        format!("{hours}h {minutes}m {secs}s")
-    } else if minutes > 0 {
-        format!("{minutes}m {secs}s")
-    } else {
-        format!("{secs}s")
-    }
-}
-
-impl crate::delivery::ErrorSink for Monitor {
-    fn record_error(
-        &self,
-        component: Component,
-        kind: ErrorKind,
-        instance_id: Option<&str>,
-        message: &str,
-    ) {
-        Monitor::record_error(self, component, kind, instance_id, message);
     }
 }

@@ -35,9 +35,9 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::clock::{format_uptime, unix_seconds};
 use crate::config::{ProcessChange, ProcessConfig, process_changes};
 use crate::metrics::process::ProcessCollector;
-use crate::monitor::{format_uptime, unix_seconds};
 
 /// After a linked process (re)started, its instance may be down this long without recording a
 /// new outage error.

@@ -1,8 +1,48 @@
 //! Signals: SIGTERM/SIGINT start a graceful shutdown (a second one aborts); SIGHUP reloads.
+//! `Deadline`: the one instant by which every stage of a graceful stop has to be done.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// The end of a graceful stop, shared by the stages that stop one after another (the
+/// supervisor's actors, the deliveries, the HTTP drain): the clock starts once, at the first
+/// `start`, and each stage waits only for what is left, so the whole stop takes at most `grace`
+/// however many stages there are. Clones share the clock.
+#[derive(Debug, Clone)]
+pub struct Deadline {
+    grace: Duration,
+    at: Arc<OnceLock<Instant>>,
+}
+
+impl Deadline {
+    /// A deadline `grace` after whichever stage starts stopping first.
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            at: Arc::default(),
+        }
+    }
+
+    /// The grace period.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// Starts the clock if no stage did yet; returns the shared deadline.
+    pub fn start(&self) -> Instant {
+        *self.at.get_or_init(|| Instant::now() + self.grace)
+    }
+
+    /// Runs `work` until it finishes or the deadline passes (`None`); starts the clock if
+    /// nothing did. Work that is already done finishes even when the deadline has passed.
+    pub async fn bound<F: Future>(&self, work: F) -> Option<F::Output> {
+        tokio::time::timeout_at(self.start(), work).await.ok()
+    }
+}
 
 /// Exit code when a second signal aborts the graceful shutdown.
 pub const ABORT_EXIT_CODE: i32 = 130;
@@ -107,5 +147,37 @@ impl Signals {
             _ = self.ctrl_c.recv() => Signal::Terminate,
             _ = self.ctrl_break.recv() => Signal::Terminate,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three stages that never finish take the grace once, not once each.
+    #[tokio::test(start_paused = true)]
+    async fn stages_share_one_deadline() {
+        let deadline = Deadline::new(Duration::from_secs(10));
+        let began = Instant::now();
+        for _ in 0..3 {
+            let stage = deadline.clone();
+            assert_eq!(stage.bound(std::future::pending::<()>()).await, None);
+        }
+        assert_eq!(began.elapsed(), Duration::from_secs(10));
+        // Finished work is not lost once the deadline has passed.
+        assert_eq!(deadline.bound(async { 7 }).await, Some(7));
+    }
+
+    /// The clock starts at the first stage, not when the deadline is made.
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_starts_at_the_first_stage() {
+        let deadline = Deadline::new(Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let began = Instant::now();
+        assert_eq!(deadline.start(), began + Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(deadline.clone().start(), began + Duration::from_secs(2));
+        assert_eq!(deadline.bound(std::future::pending::<()>()).await, None);
+        assert_eq!(began.elapsed(), Duration::from_secs(2));
     }
 }

@@ -14,6 +14,7 @@
 
 mod api;
 mod control;
+pub mod demo;
 mod state;
 #[cfg(test)]
 mod tests;

@@ -12,9 +12,9 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::event::ErrorKind;
 use crate::message::Download;
 use crate::metrics::Metrics;
-use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
 pub use types::{ChatBatch, HealthInfo, RawMessage};

@@ -1063,3 +1063,131 @@ mod kill {
         );
     }
 }
+
+// === batched claims and group commit ===
+
+/// Many rows over a few chats with more workers than chats: claims are batched (one write
+/// claims a row for every free worker) and completions share commits, yet every chat reaches
+/// the platform strictly in order, once per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_claims_keep_each_chat_in_order() {
+    const PER_CHAT: usize = 40;
+    const CHATS: [&str; 3] = ["alice", "team-1", "team-2"];
+    let script: Script = Arc::new(|_, _| Answer::Empty);
+    let sim = start_sim("o", "wx-o").await;
+    let hook = start_hook(script).await;
+    let mut extra = String::from(
+        "delivery:\n  workers: 8\n  max_attempts: 5\n  \
+         backoff: { initial: 100ms, max: 300ms }\n  attempt_timeout: 5s\nfixed_listeners:\n",
+    );
+    for chat in CHATS {
+        extra.push_str(&format!("  - chat: {chat}\n    instances: [\"*\"]\n"));
+    }
+    let (text, env) = config(&[&sim], &hook, "2s", &extra);
+    let sidecar = Sidecar::start(&text, env);
+    eventually("every chat listened", Duration::from_secs(15), || async {
+        (sim.sim.snapshot().listened.len() == CHATS.len()).then_some(())
+    })
+    .await;
+    for n in 0..PER_CHAT {
+        for chat in CHATS {
+            sim.sim.inject(chat, "carol", &format!("{chat}/{n:03}"));
+        }
+    }
+    let total = PER_CHAT * CHATS.len();
+    eventually(
+        "every message delivered",
+        Duration::from_secs(60),
+        || async { (hook.hits().len() >= total).then_some(()) },
+    )
+    .await;
+    let hits = hook.hits();
+    let keys: BTreeSet<&str> = hits.iter().map(|hit| hit.key.as_str()).collect();
+    assert_eq!(keys.len(), total, "one key per message");
+    assert_eq!(
+        hits.len(),
+        total,
+        "no duplicates without a kill or a timeout"
+    );
+    for chat in CHATS {
+        let arrived: Vec<&str> = hits
+            .iter()
+            .map(Hit::content)
+            .filter(|content| content.starts_with(&format!("{chat}/")))
+            .collect();
+        let mut sorted = arrived.clone();
+        sorted.sort_unstable();
+        assert_eq!(arrived, sorted, "chat {chat} delivered out of order");
+    }
+    drop(sidecar);
+}
+
+/// The platform took a message, and the sidecar is killed before the commit that records it:
+/// the test holds the database's write lock from the platform's answer on, so that commit
+/// (whichever batch it is in) cannot happen. After the restart the message is delivered again
+/// with the same idempotency key, and then recorded.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_before_the_batched_commit_redelivers_with_the_same_key() {
+    let db: Arc<Mutex<Option<PathBuf>>> = Arc::new(Mutex::new(None));
+    let lock: Arc<Mutex<Option<rusqlite::Connection>>> = Arc::new(Mutex::new(None));
+    let script: Script = {
+        let (db, lock) = (Arc::clone(&db), Arc::clone(&lock));
+        Arc::new(move |content, nth| {
+            if content == "hold" && nth == 1 {
+                let path = db
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .expect("the database path is set");
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.busy_timeout(Duration::from_secs(10)).unwrap();
+                conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                *lock.lock().unwrap() = Some(conn);
+            }
+            Answer::Empty
+        })
+    };
+    let sim = start_sim("k", "wx-k").await;
+    let hook = start_hook(script).await;
+    let (text, env) = config(
+        &[&sim],
+        &hook,
+        "2s",
+        "delivery:\n  workers: 4\n  attempt_timeout: 5s\nfixed_listeners:\n  \
+         - chat: alice\n    instances: [\"*\"]\n",
+    );
+    let http = http_client();
+    let mut sidecar = Sidecar::start(&text, env);
+    *db.lock().unwrap() = Some(sidecar.dir.path().join("data/delivery-test.db"));
+    eventually("the chat listened", Duration::from_secs(15), || async {
+        (!sim.sim.snapshot().listened.is_empty()).then_some(())
+    })
+    .await;
+    sim.sim.inject("alice", "alice", "hold");
+    eventually(
+        "the platform took it, the lock is held",
+        Duration::from_secs(15),
+        || async { lock.lock().unwrap().is_some().then_some(()) },
+    )
+    .await;
+    sidecar.kill();
+    // The killed process committed nothing after the lock: release it unchanged.
+    let held = lock.lock().unwrap().take().unwrap();
+    held.execute_batch("ROLLBACK").unwrap();
+    drop(held);
+    sidecar.spawn();
+    eventually("delivered again", Duration::from_secs(30), || async {
+        (hook.hits_for("hold").len() >= 2).then_some(())
+    })
+    .await;
+    eventually("recorded as delivered", Duration::from_secs(15), || async {
+        let metrics = sidecar.metrics(&http).await?;
+        (series(&metrics, "wxauto_messages_pending", &[]) == Some(0.0)).then_some(())
+    })
+    .await;
+    let hits = hook.hits_for("hold");
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    assert_eq!(hits[0].key, hits[1].key, "the same idempotency key");
+    assert!(hits[0].key.starts_with("wx-k:"), "{}", hits[0].key);
+}

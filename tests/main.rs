@@ -25,5 +25,6 @@ mod recovery;
 mod reload;
 mod security;
 mod service_monitor;
+mod shutdown;
 mod status_page;
 mod tidy;

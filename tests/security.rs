@@ -592,7 +592,7 @@ async fn tls_and_basic_auth_work_with_real_clients_and_reload_live() {
     );
 
     // reqwest, trusting only our CA.
-    let access = wxauto_sidecar::app::HttpAccess {
+    let access = wxauto_sidecar::cli::HttpAccess {
         ca_file: Some(ca_file.clone()),
         user: Some("prom".to_owned()),
         password_file: None,

@@ -76,19 +76,9 @@ fn the_code_map_in_lib_rs_lists_every_module() {
 }
 
 /// Module dependency edges (`crate::<module>` in a module's files) that lie on a cycle today.
-/// Issue 16 step 1 is to break them; until then, this list may only shrink.
-const KNOWN_CYCLE_EDGES: [(&str, &str); 10] = [
-    ("delivery", "monitor"),
-    ("delivery", "wxauto"),
-    ("metrics", "wxauto"),
-    ("monitor", "delivery"),
-    ("monitor", "metrics"),
-    ("monitor", "process"),
-    ("process", "metrics"),
-    ("process", "monitor"),
-    ("wxauto", "metrics"),
-    ("wxauto", "monitor"),
-];
+/// Issue 16 step 1 is to break them (`metrics` naming `wxauto::Endpoint` is the last one);
+/// until then, this list may only shrink.
+const KNOWN_CYCLE_EDGES: [(&str, &str); 2] = [("metrics", "wxauto"), ("wxauto", "metrics")];
 
 /// Every `.rs` file of a top-level module except its `tests.rs` files.
 fn module_files(root: &Path, module: &str) -> Vec<PathBuf> {
@@ -183,4 +173,24 @@ fn no_new_module_cycle() {
         new_edges.is_empty(),
         "new module dependency cycle(s) through {new_edges:?} (the layering in ARCHITECTURE.md)"
     );
+    // The list only shrinks: an edge that no longer lies on a cycle must leave it.
+    let stale: Vec<String> = KNOWN_CYCLE_EDGES
+        .iter()
+        .filter(|(from, to)| {
+            !(edges.get(from).is_some_and(|targets| targets.contains(to)) && reaches(to, from))
+        })
+        .map(|(from, to)| format!("{from} -> {to}"))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "KNOWN_CYCLE_EDGES lists edges that are no longer on a cycle: {stale:?}"
+    );
+    // The shared vocabulary stays at the bottom, so every layer can name it.
+    for leaf in ["secret", "event", "clock"] {
+        let targets = edges.get(leaf).cloned().unwrap_or_default();
+        assert!(
+            targets.is_empty(),
+            "the leaf module `{leaf}` depends on {targets:?} (ARCHITECTURE.md, Layering)"
+        );
+    }
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use reqwest::StatusCode;
 
 use crate::config::{PlatformConfig, PlatformKind, SendMode};
+use crate::event::ErrorKind;
 use crate::message::InboundMessage;
-use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
 use super::media::Attachment;

@@ -1,13 +1,16 @@
-//! The durable message store: SQLite (WAL, `synchronous=FULL`), a versioned schema, and every
+//! The durable message store: SQLite (WAL, `storage.synchronous`), a versioned schema, and every
 //! state transition of a message, each one a single committed statement or transaction.
 //!
-//! All access goes through one `Connection` behind a `std::sync::Mutex`, used only from the
-//! blocking pool (`spawn_blocking`), so the async runtime never waits on disk.
+//! Writes go to one thread that owns the write connection and commits them in groups
+//! (`writer.rs`): every write that arrives while a commit runs goes into the next transaction,
+//! each in its own savepoint, and is answered only once that transaction is committed. Reads
+//! use a second, read-only connection from the blocking pool; WAL lets them run beside the
+//! writer. The async runtime never waits on disk.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -23,243 +26,26 @@ const HISTORY_TAIL: usize = 50;
 /// The `meta` key of the clean-stop marker.
 const CLEAN_STOP: &str = "clean_stop";
 
+mod conversations;
+mod dead;
+mod listener_state;
 mod media;
+mod reader;
+mod schema;
+mod transitions;
+mod writer;
 
 pub(crate) use self::media::MediaRow;
+use self::reader::Reader;
+#[cfg(test)]
+use self::schema::MIGRATIONS;
+#[cfg(test)]
+pub(crate) use self::schema::{VERSION_1, schema_version};
+use self::schema::{open_blocking, open_checkpointer, open_reader};
+use self::writer::Writer;
 
 /// How long a writer waits for the database lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
-
-/// The schema, one step per version; `PRAGMA user_version` is the number of steps applied.
-///
-/// Steps are append-only: a released step is never edited, a change is a new step.
-const MIGRATIONS: &[&str] = &[
-    // Version 1.
-    r"
-    CREATE TABLE messages (
-        id              INTEGER PRIMARY KEY,
-        instance_id     TEXT    NOT NULL,
-        message_id      TEXT    NOT NULL,
-        synthetic_id    INTEGER NOT NULL,
-        chat            TEXT    NOT NULL,
-        sender          TEXT    NOT NULL,
-        sender_remark   TEXT,
-        msg_type        TEXT    NOT NULL,
-        mtype           TEXT,
-        content         TEXT    NOT NULL,
-        received_ms     INTEGER NOT NULL,
-        rule_id         TEXT    NOT NULL,
-        platform_id     TEXT    NOT NULL,
-        reply_at_sender INTEGER NOT NULL,
-        state           TEXT    NOT NULL DEFAULT 'pending' CHECK (state IN
-                        ('pending', 'delivering', 'failed', 'reply_pending', 'replying',
-                         'delivered', 'dead')),
-        attempts        INTEGER NOT NULL DEFAULT 0,
-        reply_attempts  INTEGER NOT NULL DEFAULT 0,
-        next_attempt_ms INTEGER NOT NULL DEFAULT 0,
-        claimed_ms      INTEGER,
-        reply_text      TEXT,
-        reply_mode      TEXT CHECK (reply_mode IN ('send', 'send-typing')),
-        reply_sent_ms   INTEGER,
-        last_error      TEXT,
-        created_ms      INTEGER NOT NULL,
-        updated_ms      INTEGER NOT NULL,
-        delivered_ms    INTEGER,
-        UNIQUE (instance_id, message_id)
-    );
-    CREATE INDEX messages_open_by_chat ON messages (instance_id, chat, id)
-        WHERE state NOT IN ('delivered', 'dead');
-    CREATE INDEX messages_by_state ON messages (state, next_attempt_ms);
-    CREATE INDEX messages_by_chat ON messages (instance_id, chat);
-    CREATE INDEX messages_delivered ON messages (delivered_ms) WHERE state = 'delivered';
-
-    CREATE TABLE conversations (
-        instance_id     TEXT    NOT NULL,
-        chat            TEXT    NOT NULL,
-        platform_id     TEXT    NOT NULL,
-        conversation_id TEXT    NOT NULL,
-        updated_ms      INTEGER NOT NULL,
-        PRIMARY KEY (instance_id, chat, platform_id)
-    );
-
-    CREATE TABLE history (
-        id              INTEGER PRIMARY KEY,
-        instance_id     TEXT    NOT NULL,
-        chat            TEXT    NOT NULL,
-        platform_id     TEXT    NOT NULL,
-        user_text       TEXT    NOT NULL,
-        assistant_text  TEXT    NOT NULL,
-        created_ms      INTEGER NOT NULL
-    );
-    CREATE INDEX history_by_chat ON history (instance_id, chat, platform_id, id);
-    ",
-    // Version 2: conversations kept per sender (Coze continuous conversation).
-    r"
-    CREATE TABLE sender_conversations (
-        instance_id     TEXT    NOT NULL,
-        chat            TEXT    NOT NULL,
-        sender          TEXT    NOT NULL,
-        platform_id     TEXT    NOT NULL,
-        conversation_id TEXT    NOT NULL,
-        updated_ms      INTEGER NOT NULL,
-        PRIMARY KEY (instance_id, chat, sender, platform_id)
-    );
-    ",
-    // Version 3: media messages. One row per message with a file; `outcome` is NULL until
-    // the download was tried, so a retry of the platform call never downloads again.
-    r"
-    CREATE TABLE media (
-        message_row   INTEGER PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
-        file_path     TEXT    NOT NULL,
-        outcome       TEXT,
-        local_path    TEXT,
-        name          TEXT    NOT NULL DEFAULT '',
-        content_type  TEXT    NOT NULL DEFAULT 'application/octet-stream',
-        size          INTEGER,
-        sha256        TEXT,
-        waits         INTEGER NOT NULL DEFAULT 0,
-        updated_ms    INTEGER NOT NULL
-    );
-    ",
-    // Version 4: upstream ids are unique per upstream session (`epoch`), not forever; dead rows
-    // remember when they died (for `dead_retention_days`); counts per state are kept by
-    // triggers instead of a GROUP BY after every write; the listener's chat table, its upstream
-    // sessions and the clean-stop marker live here too.
-    r"
-    CREATE TABLE messages_v2 (
-        id              INTEGER PRIMARY KEY,
-        instance_id     TEXT    NOT NULL,
-        epoch           INTEGER NOT NULL DEFAULT 0,
-        message_id      TEXT    NOT NULL,
-        synthetic_id    INTEGER NOT NULL,
-        chat            TEXT    NOT NULL,
-        sender          TEXT    NOT NULL,
-        sender_remark   TEXT,
-        msg_type        TEXT    NOT NULL,
-        mtype           TEXT,
-        content         TEXT    NOT NULL,
-        received_ms     INTEGER NOT NULL,
-        rule_id         TEXT    NOT NULL,
-        platform_id     TEXT    NOT NULL,
-        reply_at_sender INTEGER NOT NULL,
-        state           TEXT    NOT NULL DEFAULT 'pending' CHECK (state IN
-                        ('pending', 'delivering', 'failed', 'reply_pending', 'replying',
-                         'delivered', 'dead')),
-        attempts        INTEGER NOT NULL DEFAULT 0,
-        reply_attempts  INTEGER NOT NULL DEFAULT 0,
-        next_attempt_ms INTEGER NOT NULL DEFAULT 0,
-        claimed_ms      INTEGER,
-        reply_text      TEXT,
-        reply_mode      TEXT CHECK (reply_mode IN ('send', 'send-typing')),
-        reply_sent_ms   INTEGER,
-        last_error      TEXT,
-        created_ms      INTEGER NOT NULL,
-        updated_ms      INTEGER NOT NULL,
-        delivered_ms    INTEGER,
-        dead_ms         INTEGER,
-        UNIQUE (instance_id, epoch, message_id)
-    );
-    INSERT INTO messages_v2 (id, instance_id, epoch, message_id, synthetic_id, chat, sender,
-        sender_remark, msg_type, mtype, content, received_ms, rule_id, platform_id,
-        reply_at_sender, state, attempts, reply_attempts, next_attempt_ms, claimed_ms,
-        reply_text, reply_mode, reply_sent_ms, last_error, created_ms, updated_ms, delivered_ms,
-        dead_ms)
-    SELECT id, instance_id, 0, message_id, synthetic_id, chat, sender, sender_remark, msg_type,
-        mtype, content, received_ms, rule_id, platform_id, reply_at_sender, state, attempts,
-        reply_attempts, next_attempt_ms, claimed_ms, reply_text, reply_mode, reply_sent_ms,
-        last_error, created_ms, updated_ms, delivered_ms,
-        CASE WHEN state = 'dead' THEN updated_ms END
-    FROM messages;
-    DROP TABLE messages;
-    ALTER TABLE messages_v2 RENAME TO messages;
-    CREATE INDEX messages_open_by_chat ON messages (instance_id, chat, id)
-        WHERE state NOT IN ('delivered', 'dead');
-    CREATE INDEX messages_open ON messages (id) WHERE state NOT IN ('delivered', 'dead');
-    CREATE INDEX messages_by_state ON messages (state, next_attempt_ms);
-    CREATE INDEX messages_by_chat ON messages (instance_id, chat, id);
-    CREATE INDEX messages_delivered ON messages (delivered_ms) WHERE state = 'delivered';
-    CREATE INDEX messages_dead ON messages (dead_ms) WHERE state = 'dead';
-
-    CREATE TABLE state_counts (
-        category TEXT PRIMARY KEY CHECK (category IN ('pending', 'failed', 'delivered', 'dead')),
-        n        INTEGER NOT NULL
-    );
-    INSERT INTO state_counts (category, n) VALUES
-        ('pending', 0), ('failed', 0), ('delivered', 0), ('dead', 0);
-    UPDATE state_counts SET n = (
-        SELECT COUNT(*) FROM messages m WHERE
-        CASE WHEN m.state = 'dead' THEN 'dead'
-             WHEN m.state = 'delivered' THEN 'delivered'
-             WHEN m.state = 'failed' OR (m.state = 'reply_pending' AND m.reply_attempts > 0)
-                  THEN 'failed'
-             ELSE 'pending' END = state_counts.category);
-    CREATE TRIGGER messages_counted_insert AFTER INSERT ON messages BEGIN
-        UPDATE state_counts SET n = n + 1 WHERE category =
-            CASE WHEN NEW.state = 'dead' THEN 'dead'
-                 WHEN NEW.state = 'delivered' THEN 'delivered'
-                 WHEN NEW.state = 'failed'
-                      OR (NEW.state = 'reply_pending' AND NEW.reply_attempts > 0) THEN 'failed'
-                 ELSE 'pending' END;
-    END;
-    CREATE TRIGGER messages_counted_delete AFTER DELETE ON messages BEGIN
-        UPDATE state_counts SET n = n - 1 WHERE category =
-            CASE WHEN OLD.state = 'dead' THEN 'dead'
-                 WHEN OLD.state = 'delivered' THEN 'delivered'
-                 WHEN OLD.state = 'failed'
-                      OR (OLD.state = 'reply_pending' AND OLD.reply_attempts > 0) THEN 'failed'
-                 ELSE 'pending' END;
-    END;
-    CREATE TRIGGER messages_counted_update AFTER UPDATE OF state, reply_attempts ON messages
-    BEGIN
-        UPDATE state_counts SET n = n - 1 WHERE category =
-            CASE WHEN OLD.state = 'dead' THEN 'dead'
-                 WHEN OLD.state = 'delivered' THEN 'delivered'
-                 WHEN OLD.state = 'failed'
-                      OR (OLD.state = 'reply_pending' AND OLD.reply_attempts > 0) THEN 'failed'
-                 ELSE 'pending' END;
-        UPDATE state_counts SET n = n + 1 WHERE category =
-            CASE WHEN NEW.state = 'dead' THEN 'dead'
-                 WHEN NEW.state = 'delivered' THEN 'delivered'
-                 WHEN NEW.state = 'failed'
-                      OR (NEW.state = 'reply_pending' AND NEW.reply_attempts > 0) THEN 'failed'
-                 ELSE 'pending' END;
-    END;
-
-    CREATE TABLE meta (
-        key   TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    );
-
-    CREATE TABLE upstream_sessions (
-        instance_id TEXT PRIMARY KEY,
-        epoch       INTEGER NOT NULL,
-        started_ms  INTEGER,
-        updated_ms  INTEGER NOT NULL
-    );
-
-    CREATE TABLE chats (
-        instance_id     TEXT    NOT NULL,
-        chat            TEXT    NOT NULL,
-        active          INTEGER NOT NULL,
-        fixed           INTEGER NOT NULL,
-        added_ms        INTEGER NOT NULL,
-        last_message_ms INTEGER,
-        message_count   INTEGER NOT NULL DEFAULT 0,
-        error_count     INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (instance_id, chat)
-    );
-    ",
-    // Version 5: where a chat's history stood when the sidecar started listening to it (the
-    // newest message id then, '' for an empty history), so a first answer lost before anything
-    // of the chat was stored can still be told apart from the history before it.
-    r"
-    ALTER TABLE chats ADD COLUMN baseline_id TEXT;
-    ",
-];
-
-/// The first release's schema, for migration tests.
-#[cfg(test)]
-pub(crate) const VERSION_1: &str = MIGRATIONS[0];
 
 /// The columns a claim returns, in `Job::from_row` order.
 const JOB_COLUMNS: &str = "id, instance_id, message_id, synthetic_id, chat, sender, sender_remark, \
@@ -307,6 +93,9 @@ pub enum StoreError {
     /// WAL could not be enabled (e.g. an in-memory or read-only database).
     #[error("the message store refused WAL journaling (journal_mode is {0})")]
     NoWal(String),
+    /// The commit of a batch of writes failed (the write was rolled back).
+    #[error("message store commit failed: {0}")]
+    Commit(String),
     /// A statement failed.
     #[error("message store query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -373,8 +162,10 @@ pub(crate) struct Job {
 /// The SQLite store; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Store {
-    conn: Arc<Mutex<Connection>>,
-    gauges: StoreGauges,
+    /// Every write goes through here (group commit, `writer.rs`).
+    writer: Writer,
+    /// Reads only, on a thread of their own; never wait for the writer's transaction (WAL).
+    reader: Reader,
 }
 
 /// The gauges kept in sync with the store after every write.
@@ -418,334 +209,47 @@ pub struct DeadLetter {
 // === impl Store ===
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database, and sets the gauges.
+    /// Opens (creating if needed) and migrates the database, starts the writer thread, opens
+    /// the read connection and sets the gauges.
     pub(crate) async fn open(
         path: &Path,
         synchronous: Synchronous,
         gauges: StoreGauges,
     ) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
-        let conn = tokio::task::spawn_blocking(move || open_blocking(&path, synchronous))
-            .await
-            .map_err(|err| StoreError::Task(err.to_string()))??;
+        let (write, checkpoint, read) = tokio::task::spawn_blocking(move || {
+            let write = open_blocking(&path, synchronous)?;
+            let checkpoint = open_checkpointer(&path, synchronous)?;
+            let read = open_reader(&path)?;
+            Ok::<_, StoreError>((write, checkpoint, read))
+        })
+        .await
+        .map_err(|err| StoreError::Task(err.to_string()))??;
         let store = Self {
-            conn: Arc::new(Mutex::new(conn)),
-            gauges,
+            writer: Writer::start(write, checkpoint, gauges)?,
+            reader: Reader::start(read)?,
         };
         store.write(|_| Ok(())).await?;
         Ok(store)
     }
 
-    /// Runs `f` on the connection in the blocking pool.
-    async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    /// Runs a read-only `f` on the read connection's thread (`reader.rs`).
+    async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| StoreError::Task("message store lock poisoned".to_owned()))?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(|err| StoreError::Task(err.to_string()))?
+        self.reader.read(f).await
     }
 
-    /// Runs a write and then refreshes the pending and dead gauges from the committed state.
+    /// Runs a write in the writer's next batch (atomic on its own: a savepoint); answers once
+    /// the batch is committed, after which the gauges show it.
     async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let gauges = self.gauges.clone();
-        self.call(move |conn| {
-            let res = f(conn)?;
-            let counts = counts_blocking(conn)?;
-            gauges.pending.set(to_i64(counts.undelivered()));
-            gauges.dead.set(to_i64(counts.dead));
-            gauges
-                .oldest_open_ms
-                .store(oldest_open_blocking(conn)?.unwrap_or(0), Ordering::Relaxed);
-            Ok(res)
-        })
-        .await
-    }
-
-    /// Whether the previous run stopped cleanly, then marks this run as running (a kill from
-    /// now on leaves the marker cleared). A new store counts as clean; an older store without
-    /// a marker counts as clean only when it holds no messages.
-    pub(crate) async fn begin_run(&self) -> Result<bool, StoreError> {
-        self.call(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let marker: Option<String> = tx
-                .query_row(
-                    "SELECT value FROM meta WHERE key = ?1",
-                    params![CLEAN_STOP],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            let clean = match marker.as_deref() {
-                Some(value) => value == "1",
-                None => !tx.query_row("SELECT EXISTS (SELECT 1 FROM messages)", [], |row| {
-                    row.get::<_, bool>(0)
-                })?,
-            };
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, '0') \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![CLEAN_STOP],
-            )?;
-            tx.commit()?;
-            Ok(clean)
-        })
-        .await
-    }
-
-    /// Marks the run as stopped cleanly: nothing taken from an instance was left unstored.
-    pub(crate) async fn mark_clean_stop(&self) -> Result<(), StoreError> {
-        self.call(|conn| {
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, '1') \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![CLEAN_STOP],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// An instance's stored chat table and upstream session.
-    pub(crate) async fn load_listener(
-        &self,
-        instance_id: String,
-    ) -> Result<(Vec<StoredChat>, UpstreamSession), StoreError> {
-        self.call(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT chat, active, fixed, added_ms, last_message_ms, message_count, \
-                 error_count, baseline_id FROM chats WHERE instance_id = ?1 ORDER BY chat",
-            )?;
-            let chats = stmt
-                .query_map(params![instance_id], |row| {
-                    Ok(StoredChat {
-                        chat: row.get(0)?,
-                        active: row.get(1)?,
-                        fixed: row.get(2)?,
-                        added_ms: row.get(3)?,
-                        last_message_ms: row.get(4)?,
-                        message_count: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
-                        error_count: row.get::<_, i64>(6)?.try_into().unwrap_or(0),
-                        baseline: row.get(7)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            let session = conn
-                .query_row(
-                    "SELECT epoch, started_ms FROM upstream_sessions WHERE instance_id = ?1",
-                    params![instance_id],
-                    |row| {
-                        Ok(UpstreamSession {
-                            epoch: row.get(0)?,
-                            started_ms: row.get(1)?,
-                        })
-                    },
-                )
-                .optional()?
-                .unwrap_or_default();
-            Ok((chats, session))
-        })
-        .await
-    }
-
-    /// Replaces an instance's chat table in one transaction.
-    pub(crate) async fn save_chats(
-        &self,
-        instance_id: String,
-        chats: Vec<StoredChat>,
-    ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "DELETE FROM chats WHERE instance_id = ?1",
-                params![instance_id],
-            )?;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO chats (instance_id, chat, active, fixed, added_ms, \
-                     last_message_ms, message_count, error_count, baseline_id) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )?;
-                for chat in &chats {
-                    stmt.execute(params![
-                        instance_id,
-                        chat.chat,
-                        chat.active,
-                        chat.fixed,
-                        chat.added_ms,
-                        chat.last_message_ms,
-                        to_i64(chat.message_count),
-                        to_i64(chat.error_count),
-                        chat.baseline,
-                    ])?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Stores an instance's upstream session.
-    pub(crate) async fn save_session(
-        &self,
-        instance_id: String,
-        session: UpstreamSession,
-    ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            conn.execute(
-                "INSERT INTO upstream_sessions (instance_id, epoch, started_ms, updated_ms) \
-                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (instance_id) DO UPDATE SET \
-                 epoch = excluded.epoch, started_ms = excluded.started_ms, \
-                 updated_ms = excluded.updated_ms",
-                params![instance_id, session.epoch, session.started_ms, now_ms()],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Which of `ids` are stored for the chat in `epoch`, and the chat's newest stored
-    /// messages (any epoch), oldest first.
-    pub(crate) async fn chat_history(
-        &self,
-        instance_id: String,
-        chat: String,
-        epoch: u32,
-        ids: Vec<String>,
-    ) -> Result<ChatHistory, StoreError> {
-        self.call(move |conn| {
-            let mut known_ids = Vec::new();
-            {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM messages \
-                     WHERE instance_id = ?1 AND epoch = ?2 AND message_id = ?3)",
-                )?;
-                for id in ids {
-                    if stmt
-                        .query_row(params![instance_id, epoch, id], |row| row.get::<_, bool>(0))?
-                    {
-                        known_ids.push(id);
-                    }
-                }
-            }
-            let mut stmt = conn.prepare_cached(
-                "SELECT sender, content FROM messages WHERE instance_id = ?1 AND chat = ?2 \
-                 ORDER BY id DESC LIMIT ?3",
-            )?;
-            let mut tail = stmt
-                .query_map(
-                    params![instance_id, chat, i64::try_from(HISTORY_TAIL).unwrap_or(50)],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )?
-                .collect::<Result<Vec<(String, String)>, _>>()?;
-            tail.reverse();
-            Ok(ChatHistory { known_ids, tail })
-        })
-        .await
-    }
-
-    /// The oldest dead letters first, at most `limit`.
-    pub(crate) async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        self.call(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, instance_id, message_id, epoch, chat, platform_id, attempts, \
-                 reply_attempts, reply_text IS NOT NULL, last_error, created_ms, \
-                 COALESCE(dead_ms, updated_ms) FROM messages WHERE state = 'dead' \
-                 ORDER BY id LIMIT ?1",
-            )?;
-            let rows = stmt
-                .query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
-                    let instance_id: String = row.get(1)?;
-                    let message_id: String = row.get(2)?;
-                    let epoch: u32 = row.get(3)?;
-                    let key = InboundMessage {
-                        instance_id: instance_id.clone(),
-                        message_id: message_id.clone(),
-                        epoch,
-                        ..InboundMessage::default()
-                    }
-                    .idempotency_key();
-                    Ok(DeadLetter {
-                        id: row.get(0)?,
-                        instance_id,
-                        message_id,
-                        key,
-                        chat: row.get(4)?,
-                        platform_id: row.get(5)?,
-                        attempts: row.get(6)?,
-                        reply_attempts: row.get(7)?,
-                        reply_pending: row.get(8)?,
-                        last_error: row.get(9)?,
-                        created_ms: row.get(10)?,
-                        dead_ms: row.get(11)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// Puts dead rows (all, or those of `ids`) back in the queue with fresh attempt budgets:
-    /// a row whose platform already answered only re-sends its reply (`reply_pending`), any
-    /// other is delivered to its platform again (`pending`). Returns how many.
-    pub(crate) async fn retry_dead(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
-        self.write(move |conn| {
-            let now = now_ms();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let sql = "UPDATE messages SET \
-                 state = CASE WHEN reply_text IS NOT NULL THEN 'reply_pending' ELSE 'pending' END, \
-                 attempts = CASE WHEN reply_text IS NOT NULL THEN attempts ELSE 0 END, \
-                 reply_attempts = 0, next_attempt_ms = ?1, claimed_ms = NULL, dead_ms = NULL, \
-                 updated_ms = ?1 WHERE state = 'dead'";
-            let n = match ids {
-                None => tx.execute(sql, params![now])?,
-                Some(ids) => {
-                    let mut stmt = tx.prepare(&format!("{sql} AND id = ?2"))?;
-                    let mut n = 0;
-                    for id in ids {
-                        n += stmt.execute(params![now, id])?;
-                    }
-                    n
-                }
-            };
-            tx.commit()?;
-            Ok(u64::try_from(n).unwrap_or(u64::MAX))
-        })
-        .await
-    }
-
-    /// Deletes dead rows (all, or those of `ids`); returns how many.
-    pub(crate) async fn purge_dead(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
-        self.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let sql = "DELETE FROM messages WHERE state = 'dead'";
-            let n = match ids {
-                None => tx.execute(sql, [])?,
-                Some(ids) => {
-                    let mut stmt = tx.prepare(&format!("{sql} AND id = ?1"))?;
-                    let mut n = 0;
-                    for id in ids {
-                        n += stmt.execute(params![id])?;
-                    }
-                    n
-                }
-            };
-            tx.commit()?;
-            Ok(u64::try_from(n).unwrap_or(u64::MAX))
-        })
-        .await
+        self.writer.write(f).await
     }
 
     /// Puts rows a crash left in flight back in their queue: `delivering` → `pending` (the
@@ -753,18 +257,16 @@ impl Store {
     pub(crate) async fn recover(&self) -> Result<u64, StoreError> {
         self.write(|conn| {
             let now = now_ms();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let platform = tx.execute(
+            let platform = conn.execute(
                 "UPDATE messages SET state = 'pending', claimed_ms = NULL, updated_ms = ?1 \
                  WHERE state = 'delivering'",
                 params![now],
             )?;
-            let reply = tx.execute(
+            let reply = conn.execute(
                 "UPDATE messages SET state = 'reply_pending', claimed_ms = NULL, updated_ms = ?1 \
                  WHERE state = 'replying'",
                 params![now],
             )?;
-            tx.commit()?;
             Ok(u64::try_from(platform + reply).unwrap_or(u64::MAX))
         })
         .await
@@ -781,10 +283,9 @@ impl Store {
         }
         self.write(move |conn| {
             let now = now_ms();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut inserted = Vec::with_capacity(rows.len());
             {
-                let mut stmt = tx.prepare_cached(
+                let mut stmt = conn.prepare_cached(
                     "INSERT OR IGNORE INTO messages (instance_id, message_id, synthetic_id, chat, \
                      sender, sender_remark, msg_type, mtype, content, received_ms, rule_id, \
                      platform_id, reply_at_sender, state, next_attempt_ms, created_ms, updated_ms, \
@@ -814,60 +315,61 @@ impl Store {
                     if n == 1
                         && let Some(file_path) = &msg.file_path
                     {
-                        tx.execute(
+                        conn.execute(
                             "INSERT INTO media (message_row, file_path, updated_ms) \
                              VALUES (?1, ?2, ?3)",
-                            params![tx.last_insert_rowid(), file_path, now],
+                            params![conn.last_insert_rowid(), file_path, now],
                         )?;
                     }
                     inserted.push(n == 1);
                 }
             }
-            tx.commit()?;
             Ok(inserted)
         })
         .await
     }
 
-    /// Claims the next due row, if any: the oldest due row that is the head of its chat (no
-    /// earlier row of the same instance and chat is still open), so a chat is delivered in
-    /// order and never by two workers at once.
+    /// Claims the next due row, if any (`claim_batch` of one).
+    #[cfg(test)]
     pub(crate) async fn claim(&self, now: i64) -> Result<Option<Job>, StoreError> {
-        self.call(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let job = tx
-                .query_row(
-                    &format!(
-                        "UPDATE messages SET \
-                           state = CASE state WHEN 'reply_pending' THEN 'replying' \
-                                   ELSE 'delivering' END, \
-                           attempts = attempts + (state IN ('pending', 'failed')), \
-                           reply_attempts = reply_attempts + (state = 'reply_pending'), \
-                           claimed_ms = ?1, updated_ms = ?1 \
-                         WHERE id = ( \
-                           SELECT m.id FROM messages m \
-                           WHERE m.state IN ('pending', 'failed', 'reply_pending') \
-                             AND m.next_attempt_ms <= ?1 \
-                             AND NOT EXISTS ( \
-                               SELECT 1 FROM messages o \
-                               WHERE o.instance_id = m.instance_id AND o.chat = m.chat \
-                                 AND o.id < m.id AND o.state NOT IN ('delivered', 'dead')) \
-                           ORDER BY m.id LIMIT 1) \
-                         RETURNING {JOB_COLUMNS}"
-                    ),
-                    params![now],
-                    Job::from_row,
-                )
-                .optional()?;
-            tx.commit()?;
-            Ok(job)
+        Ok(self.claim_batch(now, 1).await?.pop())
+    }
+
+    /// Claims up to `limit` due rows in one write, oldest first, each the head of its chat
+    /// (no earlier row of the same instance and chat is still open), so a chat is delivered
+    /// in order and never by two workers at once: at most one row per chat is in flight.
+    pub(crate) async fn claim_batch(&self, now: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.write(move |conn| {
+            let mut heads = chat_heads(conn, now)?;
+            heads.sort_unstable();
+            heads.truncate(limit);
+            let mut stmt = conn.prepare_cached(&format!(
+                "UPDATE messages SET \
+                   state = CASE state WHEN 'reply_pending' THEN 'replying' \
+                           ELSE 'delivering' END, \
+                   attempts = attempts + (state IN ('pending', 'failed')), \
+                   reply_attempts = reply_attempts + (state = 'reply_pending'), \
+                   claimed_ms = ?2, updated_ms = ?2 \
+                 WHERE id = ?1 AND state IN ('pending', 'failed', 'reply_pending') \
+                 RETURNING {JOB_COLUMNS}"
+            ))?;
+            let mut jobs = Vec::with_capacity(heads.len());
+            for id in heads {
+                if let Some(job) = stmt.query_row(params![id, now], Job::from_row).optional()? {
+                    jobs.push(job);
+                }
+            }
+            Ok(jobs)
         })
         .await
     }
 
     /// The earliest future retry time, to sleep until it.
     pub(crate) async fn next_due(&self, now: i64) -> Result<Option<i64>, StoreError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             Ok(conn.query_row(
                 "SELECT MIN(next_attempt_ms) FROM messages \
                  WHERE state IN ('pending', 'failed', 'reply_pending') AND next_attempt_ms > ?1",
@@ -878,171 +380,13 @@ impl Store {
         .await
     }
 
-    /// Moves a `delivering` row to a new platform after a reload removed its old one.
-    pub(crate) async fn reroute(
-        &self,
-        id: i64,
-        rule_id: String,
-        platform_id: String,
-        reply_at_sender: bool,
-    ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            let changed = conn.execute(
-                "UPDATE messages SET rule_id = ?2, platform_id = ?3, reply_at_sender = ?4, \
-                 updated_ms = ?5 WHERE id = ?1 AND state = 'delivering'",
-                params![id, rule_id, platform_id, reply_at_sender, now_ms()],
-            )?;
-            expect_one(changed, id, "reroute");
-            Ok(())
-        })
-        .await
-    }
-
-    /// The platform took the message and answered without a reply: `delivering` → `delivered`.
-    pub(crate) async fn mark_delivered(&self, id: i64) -> Result<(), StoreError> {
-        self.write(move |conn| {
-            let now = now_ms();
-            let changed = conn.execute(
-                "UPDATE messages SET state = 'delivered', delivered_ms = ?2, updated_ms = ?2, \
-                 claimed_ms = NULL, last_error = NULL WHERE id = ?1 AND state = 'delivering'",
-                params![id, now],
-            )?;
-            expect_one(changed, id, "mark_delivered");
-            Ok(())
-        })
-        .await
-    }
-
-    /// The platform answered with a reply: store it and keep the row claimed for the reply,
-    /// `delivering` → `replying` (the first reply attempt), in one statement.
-    pub(crate) async fn store_reply(
-        &self,
-        id: i64,
-        text: String,
-        mode: SendMode,
-    ) -> Result<(), StoreError> {
-        self.write(move |conn| {
-            let changed = conn.execute(
-                "UPDATE messages SET state = 'replying', reply_text = ?2, reply_mode = ?3, \
-                 reply_attempts = 1, last_error = NULL, updated_ms = ?4 \
-                 WHERE id = ?1 AND state = 'delivering'",
-                params![id, text, mode_str(mode), now_ms()],
-            )?;
-            expect_one(changed, id, "store_reply");
-            Ok(())
-        })
-        .await
-    }
-
-    /// The reply was sent: `replying` → `delivered`.
-    pub(crate) async fn mark_replied(&self, id: i64) -> Result<(), StoreError> {
-        self.write(move |conn| {
-            let now = now_ms();
-            let changed = conn.execute(
-                "UPDATE messages SET state = 'delivered', reply_sent_ms = ?2, delivered_ms = ?2, \
-                 updated_ms = ?2, claimed_ms = NULL, last_error = NULL \
-                 WHERE id = ?1 AND state = 'replying'",
-                params![id, now],
-            )?;
-            expect_one(changed, id, "mark_replied");
-            Ok(())
-        })
-        .await
-    }
-
-    /// A retryable failure: back to the queue at `next_attempt_ms`. A platform failure goes
-    /// to `failed`, a reply failure to `reply_pending` (the platform is not called again).
-    pub(crate) async fn mark_retry(
-        &self,
-        id: i64,
-        stage: Stage,
-        next_attempt_ms: i64,
-        error: String,
-    ) -> Result<(), StoreError> {
-        self.write(move |conn| {
-            let (to, from) = match stage {
-                Stage::Platform => ("failed", "delivering"),
-                Stage::Reply => ("reply_pending", "replying"),
-            };
-            let changed = conn.execute(
-                "UPDATE messages SET state = ?2, next_attempt_ms = ?3, last_error = ?4, \
-                 claimed_ms = NULL, updated_ms = ?5 WHERE id = ?1 AND state = ?6",
-                params![id, to, next_attempt_ms, error, now_ms(), from],
-            )?;
-            expect_one(changed, id, "mark_retry");
-            Ok(())
-        })
-        .await
-    }
-
-    /// Puts a `replying` row back to `reply_pending` without counting the attempt: the
-    /// instance is down, so the reply waits for it instead of using up its budget.
-    pub(crate) async fn mark_waiting_for_instance(
-        &self,
-        id: i64,
-        next_attempt_ms: i64,
-        note: String,
-    ) -> Result<(), StoreError> {
-        self.write(move |conn| {
-            let changed = conn.execute(
-                "UPDATE messages SET state = 'reply_pending', \
-                 reply_attempts = MAX(reply_attempts - 1, 0), next_attempt_ms = ?2, \
-                 last_error = ?3, claimed_ms = NULL, updated_ms = ?4 \
-                 WHERE id = ?1 AND state = 'replying'",
-                params![id, next_attempt_ms, note, now_ms()],
-            )?;
-            expect_one(changed, id, "mark_waiting_for_instance");
-            Ok(())
-        })
-        .await
-    }
-
-    /// Gives up on a claimed row: → `dead`. Dead rows are kept for the operator (until
-    /// `storage.dead_retention_days`) and no longer block their chat.
-    pub(crate) async fn mark_dead(&self, id: i64, error: String) -> Result<(), StoreError> {
-        self.write(move |conn| {
-            let changed = conn.execute(
-                "UPDATE messages SET state = 'dead', last_error = ?2, claimed_ms = NULL, \
-                 updated_ms = ?3, dead_ms = ?3 WHERE id = ?1 AND state IN ('delivering', 'replying')",
-                params![id, error, now_ms()],
-            )?;
-            expect_one(changed, id, "mark_dead");
-            Ok(())
-        })
-        .await
-    }
-
-    /// Deletes delivered rows delivered before `delivered_cutoff_ms` and dead rows that died
-    /// before `dead_cutoff_ms`; returns how many of each.
-    pub(crate) async fn prune(
-        &self,
-        delivered_cutoff_ms: i64,
-        dead_cutoff_ms: i64,
-    ) -> Result<(u64, u64), StoreError> {
-        self.write(move |conn| {
-            let delivered = conn.execute(
-                "DELETE FROM messages WHERE state = 'delivered' AND delivered_ms < ?1",
-                params![delivered_cutoff_ms],
-            )?;
-            let dead = conn.execute(
-                "DELETE FROM messages WHERE state = 'dead' AND dead_ms < ?1",
-                params![dead_cutoff_ms],
-            )?;
-            Ok((
-                u64::try_from(delivered).unwrap_or(u64::MAX),
-                u64::try_from(dead).unwrap_or(u64::MAX),
-            ))
-        })
-        .await
-    }
-
     /// Messages stored per chat (any state), for the listeners JSON.
     pub(crate) async fn message_counts(
         &self,
         chats: Vec<(String, String)>,
     ) -> Result<HashMap<(String, String), u64>, StoreError> {
         // One blocking call and one prepared statement for the whole list, not one per chat.
-        self.call(move |conn| {
+        self.read(move |conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT COUNT(*) FROM messages WHERE instance_id = ?1 AND chat = ?2",
             )?;
@@ -1058,181 +402,7 @@ impl Store {
 
     /// Row counts by state (kept by triggers: O(1), whatever the backlog).
     pub(crate) async fn counts(&self) -> Result<StoreCounts, StoreError> {
-        self.call(|conn| counts_blocking(conn)).await
-    }
-
-    /// The Dify conversation of a chat on a platform.
-    pub(crate) async fn conversation(
-        &self,
-        instance_id: String,
-        chat: String,
-        platform_id: String,
-    ) -> Result<Option<String>, StoreError> {
-        self.call(move |conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT conversation_id FROM conversations \
-                     WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3",
-                    params![instance_id, chat, platform_id],
-                    |row| row.get(0),
-                )
-                .optional()?)
-        })
-        .await
-    }
-
-    /// Sets (or, with `None`, forgets) the conversation of a chat on a platform.
-    pub(crate) async fn set_conversation(
-        &self,
-        instance_id: String,
-        chat: String,
-        platform_id: String,
-        conversation_id: Option<String>,
-    ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            match conversation_id {
-                Some(conversation_id) => conn.execute(
-                    "INSERT INTO conversations \
-                     (instance_id, chat, platform_id, conversation_id, updated_ms) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) \
-                     ON CONFLICT (instance_id, chat, platform_id) DO UPDATE SET \
-                     conversation_id = excluded.conversation_id, updated_ms = excluded.updated_ms",
-                    params![instance_id, chat, platform_id, conversation_id, now_ms()],
-                )?,
-                None => conn.execute(
-                    "DELETE FROM conversations \
-                     WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3",
-                    params![instance_id, chat, platform_id],
-                )?,
-            };
-            Ok(())
-        })
-        .await
-    }
-
-    /// The conversation of one sender in a chat on a platform, if any.
-    pub(crate) async fn sender_conversation(
-        &self,
-        key: SenderKey,
-    ) -> Result<Option<String>, StoreError> {
-        self.call(move |conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT conversation_id FROM sender_conversations \
-                     WHERE instance_id = ?1 AND chat = ?2 AND sender = ?3 AND platform_id = ?4",
-                    params![key.instance_id, key.chat, key.sender, key.platform_id],
-                    |row| row.get(0),
-                )
-                .optional()?)
-        })
-        .await
-    }
-
-    /// Sets (or, with `None`, forgets) the conversation of one sender in a chat on a platform.
-    pub(crate) async fn set_sender_conversation(
-        &self,
-        key: SenderKey,
-        conversation_id: Option<String>,
-    ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            match conversation_id {
-                Some(conversation_id) => conn.execute(
-                    "INSERT INTO sender_conversations \
-                     (instance_id, chat, sender, platform_id, conversation_id, updated_ms) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                     ON CONFLICT (instance_id, chat, sender, platform_id) DO UPDATE SET \
-                     conversation_id = excluded.conversation_id, updated_ms = excluded.updated_ms",
-                    params![
-                        key.instance_id,
-                        key.chat,
-                        key.sender,
-                        key.platform_id,
-                        conversation_id,
-                        now_ms()
-                    ],
-                )?,
-                None => conn.execute(
-                    "DELETE FROM sender_conversations \
-                     WHERE instance_id = ?1 AND chat = ?2 AND sender = ?3 AND platform_id = ?4",
-                    params![key.instance_id, key.chat, key.sender, key.platform_id],
-                )?,
-            };
-            Ok(())
-        })
-        .await
-    }
-
-    /// The last `limit` exchanges (user text, assistant text) of a chat, oldest first.
-    pub(crate) async fn history(
-        &self,
-        instance_id: String,
-        chat: String,
-        platform_id: String,
-        limit: usize,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        self.call(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT user_text, assistant_text FROM history \
-                 WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3 \
-                 ORDER BY id DESC LIMIT ?4",
-            )?;
-            let mut rows = stmt
-                .query_map(
-                    params![
-                        instance_id,
-                        chat,
-                        platform_id,
-                        i64::try_from(limit).unwrap_or(i64::MAX)
-                    ],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )?
-                .collect::<Result<Vec<(String, String)>, _>>()?;
-            rows.reverse();
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// Appends an exchange and keeps only the newest `keep` of that chat.
-    pub(crate) async fn push_history(
-        &self,
-        instance_id: String,
-        chat: String,
-        platform_id: String,
-        exchange: (String, String),
-        keep: usize,
-    ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "INSERT INTO history \
-                 (instance_id, chat, platform_id, user_text, assistant_text, created_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    instance_id,
-                    chat,
-                    platform_id,
-                    exchange.0,
-                    exchange.1,
-                    now_ms()
-                ],
-            )?;
-            tx.execute(
-                "DELETE FROM history WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3 \
-                 AND id NOT IN (SELECT id FROM history \
-                   WHERE instance_id = ?1 AND chat = ?2 AND platform_id = ?3 \
-                   ORDER BY id DESC LIMIT ?4)",
-                params![
-                    instance_id,
-                    chat,
-                    platform_id,
-                    i64::try_from(keep).unwrap_or(i64::MAX)
-                ],
-            )?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        self.read(counts_blocking).await
     }
 
     /// Test helper: the state, attempts and reply text of one message.
@@ -1243,7 +413,7 @@ impl Store {
         message_id: &str,
     ) -> Option<(String, u32, Option<String>)> {
         let (instance_id, message_id) = (instance_id.to_owned(), message_id.to_owned());
-        self.call(move |conn| {
+        self.read(move |conn| {
             Ok(conn
                 .query_row(
                     "SELECT state, attempts, reply_text FROM messages \
@@ -1261,16 +431,10 @@ impl Store {
     /// Test helper: runs raw SQL (e.g. to age rows).
     #[cfg(test)]
     pub(crate) async fn exec(&self, sql: &'static str) {
-        self.call(move |conn| Ok(conn.execute_batch(sql)?))
+        self.write(move |conn| Ok(conn.execute_batch(sql)?))
             .await
             .expect("test SQL runs");
     }
-}
-
-/// Test helper: the schema version a fully migrated file has.
-#[cfg(test)]
-pub(crate) fn schema_version() -> i64 {
-    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
 }
 
 // === impl Job ===
@@ -1318,57 +482,43 @@ impl Job {
 
 // === helpers ===
 
-#[allow(clippy::disallowed_methods, reason = "runs on the store's own thread")]
-fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    let open_err = |source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
+/// The ids of the claimable heads of chats: for every chat with an open row, its oldest open
+/// row, if that row waits for a platform call or a reply and is due. One index seek per chat
+/// with open rows (a skip scan of `messages_open_by_chat`), whatever the backlog behind them.
+fn chat_heads(conn: &Connection, now: i64) -> Result<Vec<i64>, StoreError> {
+    const HEAD: &str = "SELECT id, instance_id, chat, \
+         state IN ('pending', 'failed', 'reply_pending') AND next_attempt_ms <= ?1 \
+         FROM messages INDEXED BY messages_open_by_chat \
+         WHERE state NOT IN ('delivered', 'dead')";
+    let mut first =
+        conn.prepare_cached(&format!("{HEAD} ORDER BY instance_id, chat, id LIMIT 1"))?;
+    let mut next_chat = conn.prepare_cached(&format!(
+        "{HEAD} AND instance_id = ?2 AND chat > ?3 ORDER BY instance_id, chat, id LIMIT 1"
+    ))?;
+    let mut next_instance = conn.prepare_cached(&format!(
+        "{HEAD} AND instance_id > ?2 ORDER BY instance_id, chat, id LIMIT 1"
+    ))?;
+    type Head = (i64, String, String, bool);
+    let head = |row: &Row<'_>| -> rusqlite::Result<Head> {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
     };
-    let mut conn = Connection::open(path).map_err(open_err)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-        .map_err(open_err)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::NoWal(mode));
+    let mut ids = Vec::new();
+    let mut current = first.query_row(params![now], head).optional()?;
+    while let Some((id, instance_id, chat, claimable)) = current {
+        if claimable {
+            ids.push(id);
+        }
+        current = match next_chat
+            .query_row(params![now, instance_id, chat], head)
+            .optional()?
+        {
+            Some(next) => Some(next),
+            None => next_instance
+                .query_row(params![now, instance_id], head)
+                .optional()?,
+        };
     }
-    conn.pragma_update(None, "synchronous", synchronous.pragma())
-        .map_err(open_err)?;
-    // Migrations run with foreign keys off, as SQLite's procedure for rebuilding a table asks:
-    // dropping the old `messages` must not cascade into the tables that reference it. (The
-    // bundled SQLite turns them on by default, so say it.)
-    conn.pragma_update(None, "foreign_keys", "OFF")
-        .map_err(open_err)?;
-    migrate(&mut conn)?;
-    conn.pragma_update(None, "foreign_keys", "ON")
-        .map_err(open_err)?;
-    Ok(conn)
-}
-
-/// Applies the missing migration steps, each in its own transaction with its version bump.
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
-    let found: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    if found > supported {
-        return Err(StoreError::TooNew { found, supported });
-    }
-    for (version, step) in (1..)
-        .zip(MIGRATIONS)
-        .skip(usize::try_from(found).unwrap_or(0))
-    {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(step)?;
-        tx.pragma_update(None, "user_version", version)?;
-        tx.commit()?;
-        tracing::info!(version, "Message store migrated.");
-    }
-    Ok(())
+    Ok(ids)
 }
 
 /// The counts the triggers of schema version 2 keep: four rows, whatever the table holds.
@@ -1429,338 +579,4 @@ fn from_ms(ms: i64) -> DateTime<Utc> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn new_message(id: &str, chat: &str, epoch: u32) -> NewMessage {
-        NewMessage {
-            message: InboundMessage {
-                instance_id: "wx".to_owned(),
-                chat: chat.to_owned(),
-                message_id: id.to_owned(),
-                msg_type: "friend".to_owned(),
-                sender: "alice".to_owned(),
-                content: format!("text {id}"),
-                epoch,
-                ..InboundMessage::default()
-            },
-            rule_id: "r".to_owned(),
-            platform_id: "p".to_owned(),
-            reply_at_sender: false,
-        }
-    }
-
-    async fn open(path: &Path) -> Store {
-        Store::open(path, Synchronous::Normal, StoreGauges::default())
-            .await
-            .expect("store opens")
-    }
-
-    /// A file written by the first release (schema version 1) keeps its rows, their states
-    /// and their dedupe, and gets correct counts from the new triggers.
-    #[tokio::test]
-    async fn version_1_files_migrate_with_their_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v1.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(MIGRATIONS[0]).unwrap();
-            conn.pragma_update(None, "user_version", 1).unwrap();
-            for (id, state) in [("a", "pending"), ("b", "dead"), ("c", "delivered")] {
-                conn.execute(
-                    "INSERT INTO messages (instance_id, message_id, synthetic_id, chat, sender, \
-                     msg_type, content, received_ms, rule_id, platform_id, reply_at_sender, \
-                     state, created_ms, updated_ms) \
-                     VALUES ('wx', ?1, 0, 'c', 's', 'friend', 'x', 1, 'r', 'p', 0, ?2, 5, 7)",
-                    params![id, state],
-                )
-                .unwrap();
-            }
-        }
-        let store = open(&path).await;
-        let counts = store.counts().await.unwrap();
-        assert_eq!(
-            (counts.pending, counts.dead, counts.delivered),
-            (1, 1, 1),
-            "{counts:?}"
-        );
-        // Old rows are epoch 0: the same id again is a duplicate there, new in epoch 1.
-        let inserted = store
-            .insert_batch(vec![new_message("a", "c", 0), new_message("a", "c", 1)])
-            .await
-            .unwrap();
-        assert_eq!(inserted, vec![false, true]);
-        let dead = store.dead_letters(10).await.unwrap();
-        assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].message_id, "b");
-        assert_eq!(
-            dead[0].dead_ms, 7,
-            "a migrated dead row died at its last update"
-        );
-    }
-
-    /// Rebuilding `messages` (step 4) keeps the rows of tables that reference it.
-    #[tokio::test]
-    async fn the_messages_rebuild_keeps_media_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v3.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            for step in &MIGRATIONS[..3] {
-                conn.execute_batch(step).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 3).unwrap();
-            conn.execute(
-                "INSERT INTO messages (id, instance_id, message_id, synthetic_id, chat, sender, \
-                 msg_type, content, received_ms, rule_id, platform_id, reply_at_sender, \
-                 created_ms, updated_ms) \
-                 VALUES (7, 'wx', 'img', 0, 'c', 's', 'friend', '', 1, 'r', 'p', 0, 5, 5)",
-                [],
-            )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO media (message_row, file_path, updated_ms) VALUES (7, 'C:\\a.png', 5)",
-                [],
-            )
-            .unwrap();
-        }
-        let store = open(&path).await;
-        let media: i64 = store
-            .call(|conn| {
-                Ok(conn.query_row(
-                    "SELECT COUNT(*) FROM media JOIN messages ON messages.id = media.message_row",
-                    [],
-                    |row| row.get(0),
-                )?)
-            })
-            .await
-            .unwrap();
-        assert_eq!(media, 1);
-    }
-
-    /// The trigger-kept counts match a full count after every kind of transition.
-    #[tokio::test]
-    async fn counts_follow_every_transition() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir.path().join("c.db")).await;
-        let rows: Vec<NewMessage> = (0..6)
-            .map(|n| new_message(&format!("m{n}"), &format!("chat{n}"), 0))
-            .collect();
-        store.insert_batch(rows).await.unwrap();
-        let check = |store: &Store| {
-            let store = store.clone();
-            async move {
-                let fast = store.counts().await.unwrap();
-                let slow = store
-                    .call(|conn| {
-                        let count = |sql: &str| -> Result<u64, StoreError> {
-                            Ok(conn.query_row(sql, [], |row| row.get::<_, i64>(0))? as u64)
-                        };
-                        Ok(StoreCounts {
-                            pending: count(
-                                "SELECT COUNT(*) FROM messages WHERE state IN ('pending', \
-                                 'delivering', 'replying') OR (state = 'reply_pending' AND \
-                                 reply_attempts = 0)",
-                            )?,
-                            failed: count(
-                                "SELECT COUNT(*) FROM messages WHERE state = 'failed' OR \
-                                 (state = 'reply_pending' AND reply_attempts > 0)",
-                            )?,
-                            delivered: count(
-                                "SELECT COUNT(*) FROM messages WHERE state = 'delivered'",
-                            )?,
-                            dead: count("SELECT COUNT(*) FROM messages WHERE state = 'dead'")?,
-                        })
-                    })
-                    .await
-                    .unwrap();
-                assert_eq!(fast, slow);
-                fast
-            }
-        };
-        assert_eq!(check(&store).await.pending, 6);
-        let now = now_ms();
-        let mut jobs = Vec::new();
-        while let Some(job) = store.claim(now).await.unwrap() {
-            jobs.push(job);
-        }
-        assert_eq!(jobs.len(), 6);
-        store.mark_delivered(jobs[0].id).await.unwrap();
-        store
-            .mark_retry(jobs[1].id, Stage::Platform, now + 60_000, "x".to_owned())
-            .await
-            .unwrap();
-        store
-            .store_reply(jobs[2].id, "r".to_owned(), SendMode::Normal)
-            .await
-            .unwrap();
-        store
-            .mark_retry(jobs[2].id, Stage::Reply, now + 60_000, "y".to_owned())
-            .await
-            .unwrap();
-        store.mark_dead(jobs[3].id, "z".to_owned()).await.unwrap();
-        store.mark_dead(jobs[4].id, "z".to_owned()).await.unwrap();
-        let counts = check(&store).await;
-        assert_eq!(
-            (counts.pending, counts.failed, counts.delivered, counts.dead),
-            (1, 2, 1, 2)
-        );
-        assert_eq!(store.retry_dead(Some(vec![jobs[3].id])).await.unwrap(), 1);
-        assert_eq!(check(&store).await.dead, 1);
-        assert_eq!(store.purge_dead(None).await.unwrap(), 1);
-        let counts = check(&store).await;
-        assert_eq!(counts.dead, 0);
-        let later = now_ms() + 1_000;
-        store.prune(later, later).await.unwrap();
-        assert_eq!(check(&store).await.delivered, 0);
-    }
-
-    /// A retried dead letter starts over; one whose platform already answered only re-sends
-    /// its reply (calling the platform again would answer the person twice).
-    #[tokio::test]
-    async fn retried_dead_letters_resume_where_they_failed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir.path().join("d.db")).await;
-        store
-            .insert_batch(vec![new_message("p", "a", 0), new_message("q", "b", 0)])
-            .await
-            .unwrap();
-        let now = now_ms();
-        let first = store.claim(now).await.unwrap().unwrap();
-        let second = store.claim(now).await.unwrap().unwrap();
-        store
-            .mark_dead(first.id, "platform said 400".to_owned())
-            .await
-            .unwrap();
-        store
-            .store_reply(second.id, "hi".to_owned(), SendMode::Normal)
-            .await
-            .unwrap();
-        store
-            .mark_dead(second.id, "reply failed".to_owned())
-            .await
-            .unwrap();
-        let dead = store.dead_letters(10).await.unwrap();
-        assert_eq!(dead.len(), 2);
-        assert_eq!(dead[0].last_error.as_deref(), Some("platform said 400"));
-        assert!(!dead[0].reply_pending);
-        assert!(dead[1].reply_pending);
-        assert_eq!(dead[0].key, "wx:p");
-
-        assert_eq!(store.retry_dead(None).await.unwrap(), 2);
-        let now = now_ms();
-        let again: Vec<Job> = [
-            store.claim(now).await.unwrap(),
-            store.claim(now).await.unwrap(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let platform = again.iter().find(|job| job.id == first.id).unwrap();
-        assert_eq!((platform.stage, platform.attempts), (Stage::Platform, 1));
-        let reply = again.iter().find(|job| job.id == second.id).unwrap();
-        assert_eq!(reply.stage, Stage::Reply);
-        assert_eq!(reply.reply_text.as_deref(), Some("hi"));
-        assert_eq!(reply.reply_attempts, 1);
-        assert!(store.dead_letters(10).await.unwrap().is_empty());
-    }
-
-    /// The clean-stop marker: a new store is clean, a run that was not marked is not.
-    #[tokio::test]
-    async fn the_clean_stop_marker_tells_a_kill_from_a_clean_stop() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.db");
-        let store = open(&path).await;
-        assert!(
-            store.begin_run().await.unwrap(),
-            "a new store has nothing to recover"
-        );
-        drop(store);
-        // Killed: never marked.
-        let store = open(&path).await;
-        assert!(!store.begin_run().await.unwrap());
-        store.mark_clean_stop().await.unwrap();
-        drop(store);
-        let store = open(&path).await;
-        assert!(store.begin_run().await.unwrap());
-        drop(store);
-        let store = open(&path).await;
-        assert!(
-            !store.begin_run().await.unwrap(),
-            "each run clears the marker"
-        );
-    }
-
-    #[tokio::test]
-    async fn chat_tables_sessions_and_history_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let store = open(&path).await;
-        let chats = vec![
-            StoredChat {
-                chat: "群 A".to_owned(),
-                active: true,
-                fixed: false,
-                added_ms: 1_000,
-                last_message_ms: Some(2_000),
-                message_count: 3,
-                error_count: 1,
-                baseline: Some("b-7".to_owned()),
-            },
-            StoredChat {
-                chat: "bob".to_owned(),
-                active: false,
-                fixed: false,
-                added_ms: 5,
-                last_message_ms: None,
-                message_count: 0,
-                error_count: 0,
-                baseline: None,
-            },
-        ];
-        store
-            .save_chats("wx".to_owned(), chats.clone())
-            .await
-            .unwrap();
-        let session = UpstreamSession {
-            epoch: 3,
-            started_ms: Some(42),
-        };
-        store.save_session("wx".to_owned(), session).await.unwrap();
-        drop(store);
-        let store = open(&path).await;
-        let (loaded, loaded_session) = store.load_listener("wx".to_owned()).await.unwrap();
-        let mut expected = chats;
-        expected.sort_by(|a, b| a.chat.cmp(&b.chat));
-        assert_eq!(loaded, expected);
-        assert_eq!(loaded_session, session);
-        let (none, default) = store.load_listener("other".to_owned()).await.unwrap();
-        assert!(none.is_empty());
-        assert_eq!(default, UpstreamSession::default());
-
-        store
-            .insert_batch(vec![
-                new_message("1", "群 A", 3),
-                new_message("2", "群 A", 3),
-                new_message("3", "群 A", 2),
-            ])
-            .await
-            .unwrap();
-        let history = store
-            .chat_history(
-                "wx".to_owned(),
-                "群 A".to_owned(),
-                3,
-                vec!["1".to_owned(), "3".to_owned(), "9".to_owned()],
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            history.known_ids,
-            vec!["1".to_owned()],
-            "3 is of another epoch"
-        );
-        let contents: Vec<&str> = history.tail.iter().map(|(_, c)| c.as_str()).collect();
-        assert_eq!(contents, ["text 1", "text 2", "text 3"]);
-    }
-}
+mod tests;

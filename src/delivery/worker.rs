@@ -1,13 +1,16 @@
-//! A delivery worker: claim a row, call its platform or send its reply, record the outcome,
-//! repeat; sleep until new work, an unblocked chat or the next retry is due.
+//! Delivery workers: claim rows in batches (as many as there are free worker slots), call
+//! each row's platform or send its reply on a task of its own, record the outcome; sleep until
+//! new work, a free slot, an unblocked chat or the next retry is due.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
+
 use crate::config::{BackoffConfig, DeliveryConfig};
+use crate::event::ErrorKind;
 use crate::message::{Reply, ReplyError};
-use crate::monitor::ErrorKind;
 
 use super::Inner;
 use super::media::{self, Prepared};
@@ -19,9 +22,12 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Pause after the store failed, so a broken disk does not spin a core.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
-/// The worker loop; returns once cancelled (after finishing the row in hand).
-pub(super) async fn run(inner: Arc<Inner>, index: usize) {
-    tracing::debug!(worker = index, "Delivery worker started.");
+/// The claim loop: keeps up to `workers` rows in flight, claiming as many rows as there are
+/// free slots in one write, and runs each on a task of its own. Returns once cancelled and
+/// every row in hand is finished (or left in flight for the next start).
+pub(super) async fn run(inner: Arc<Inner>, workers: usize) {
+    let slots = Arc::new(Semaphore::new(workers.max(1)));
+    tracing::debug!(workers, "Delivery workers started.");
     loop {
         // Register interest before looking, so a wake-up between the look and the wait is
         // not lost.
@@ -31,20 +37,40 @@ pub(super) async fn run(inner: Arc<Inner>, index: usize) {
         if inner.cancel.is_cancelled() {
             break;
         }
-        let now = inner.now_ms();
-        match inner.store.claim(now).await {
-            Ok(Some(job)) => {
-                process(&inner, job).await;
-                // The chat's next row may be claimable now.
-                inner.notify.notify_waiters();
-                continue;
+        let free = slots.available_permits();
+        if free == 0 {
+            // Every slot is busy: a finishing row notifies.
+            tokio::select! {
+                () = notified => continue,
+                () = inner.cancel.cancelled() => break,
             }
-            Ok(None) => {}
+        }
+        let now = inner.now_ms();
+        let jobs = match inner.store.claim_batch(now, free).await {
+            Ok(jobs) => jobs,
             Err(err) => {
                 inner.storage_error(&err);
                 sleep_or_cancel(&inner, STORE_RETRY).await;
                 continue;
             }
+        };
+        let claimed = jobs.len();
+        for job in jobs {
+            // Only this loop takes permits and it claimed no more than were free, so this
+            // does not wait; the semaphore is never closed.
+            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                break;
+            };
+            let task_inner = Arc::clone(&inner);
+            inner.tracker.spawn(async move {
+                process(&task_inner, job).await;
+                drop(permit);
+                // A slot is free, and the chat's next row may be claimable now.
+                task_inner.notify.notify_waiters();
+            });
+        }
+        if claimed > 0 {
+            continue;
         }
         let wait = match inner.store.next_due(now).await {
             Ok(Some(due)) => Duration::from_millis(u64::try_from(due - now).unwrap_or(0)),
@@ -60,7 +86,7 @@ pub(super) async fn run(inner: Arc<Inner>, index: usize) {
             () = inner.cancel.cancelled() => break,
         }
     }
-    tracing::debug!(worker = index, "Delivery worker stopped.");
+    tracing::debug!("Delivery workers stopped claiming.");
 }
 
 async fn process(inner: &Inner, job: Job) {

@@ -11,7 +11,8 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::{AppState, store_counts};
-use crate::monitor::{ERROR_RING_CAPACITY, report, rfc3339};
+use crate::clock::rfc3339;
+use crate::monitor::{ERROR_RING_CAPACITY, report};
 
 /// An API failure: the one place errors become status codes and JSON.
 #[derive(Debug)]

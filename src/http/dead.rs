@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::api::{ApiError, ok, require_lifecycle, strict_limit};
+use crate::clock::rfc3339;
 use crate::delivery::{DeadLetter, Delivery};
-use crate::monitor::rfc3339;
 
 /// The most dead letters one list answer carries.
 pub const MAX_LIST: usize = 1000;

@@ -24,6 +24,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 
 use super::web_config::{WebConfig, WebConfigHandle};
 use crate::config::HttpLimits;
+use crate::shutdown::Deadline;
 
 /// At most this many refused connections are being answered at once; beyond it, excess
 /// connections are closed without an answer.
@@ -36,12 +37,12 @@ const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 29\r\nretry-after: 1\r\n\r\nToo many connections; retry.\n";
 
 /// Serves `router` on `listener` with `limits` until `shutdown` fires, then drains the open
-/// connections for at most `grace`.
+/// connections until `deadline` (shared with the other stages of the shutdown).
 pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
-    grace: Duration,
+    deadline: Deadline,
     limits: HttpLimits,
     web: Option<Arc<WebConfigHandle>>,
 ) -> std::io::Result<()> {
@@ -90,10 +91,7 @@ pub(super) async fn serve(
     drop(listener);
     drain.cancel();
     connections.close();
-    if tokio::time::timeout(grace, connections.wait())
-        .await
-        .is_err()
-    {
+    if deadline.bound(connections.wait()).await.is_none() {
         tracing::warn!("HTTP connections did not close within the grace period.");
     }
     Ok(())
@@ -356,7 +354,7 @@ mod tests {
             listener,
             router,
             stop.clone(),
-            Duration::from_secs(1),
+            Deadline::new(Duration::from_secs(1)),
             limits,
             None,
         ));

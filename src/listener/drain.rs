@@ -6,8 +6,8 @@ use std::sync::MutexGuard;
 use super::InstanceActor;
 use super::chat::Chat;
 use super::filter;
+use crate::event::{Component, ErrorKind};
 use crate::message::InboundMessage;
-use crate::monitor::{Component, ErrorKind};
 use crate::wxauto::{ChatBatch, WxautoError};
 
 /// Upper bound of `get-next-new` calls per poll (each returns at most one chat).

@@ -6,7 +6,8 @@ use std::time::SystemTime;
 
 use super::InstanceActor;
 use super::chat::unix_ms;
-use crate::monitor::{Component, Connectivity, ErrorKind};
+use crate::event::{Component, ErrorKind};
+use crate::monitor::Connectivity;
 use crate::wxauto::{HealthInfo, WxautoError};
 
 /// How far the server start time derived from `/api/health` `uptime` may move (whole seconds,

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
-use super::{ErrorRecord, Snapshot, format_uptime};
+use super::{ErrorRecord, Snapshot};
+use crate::clock::format_uptime;
 use crate::metrics::process::ProcessSample;
 
 const MB: f64 = 1024.0 * 1024.0;
@@ -17,13 +18,13 @@ fn round2(value: f64) -> f64 {
 
 fn rfc3339_of(seconds: f64) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds.max(0.0));
-    super::rfc3339(time)
+    crate::clock::rfc3339(time)
 }
 
 /// `GET /api/v1/status`.
 pub fn status(snap: &Snapshot, process: &ProcessSample) -> Value {
     json!({
-        "service_name": super::SERVICE_NAME,
+        "service_name": crate::event::SERVICE_NAME,
         "running": snap.running,
         "status": if snap.running { "running" } else { "stopped" },
         "uptime_seconds": round2(snap.uptime_seconds),

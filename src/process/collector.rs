@@ -11,8 +11,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
 
 use super::{ProcessState, ProcessTable, Status, Usage, usage};
+use crate::clock::unix_seconds;
 use crate::metrics::process::ProcessCollector;
-use crate::monitor::unix_seconds;
 
 /// The collector; register it once at the registry root.
 #[derive(Debug)]

@@ -12,8 +12,8 @@ use reqwest::{StatusCode, Url};
 use serde_json::{Value, json};
 
 use crate::config::CozePlatform;
+use crate::event::ErrorKind;
 use crate::message::InboundMessage;
-use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
 use super::super::store::{SenderKey, StoreError};

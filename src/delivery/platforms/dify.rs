@@ -9,8 +9,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::config::DifyPlatform;
+use crate::event::ErrorKind;
 use crate::message::InboundMessage;
-use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
 use super::super::media::{self, Attachment};

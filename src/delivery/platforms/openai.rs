@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::config::OpenAiPlatform;
+use crate::event::ErrorKind;
 use crate::message::InboundMessage;
-use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
 use super::super::media::{self, Attachment};

@@ -8,8 +8,8 @@ use chrono::SecondsFormat;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::WebhookPlatform;
+use crate::event::ErrorKind;
 use crate::message::InboundMessage;
-use crate::monitor::ErrorKind;
 use crate::secret::Secret;
 
 use super::super::media::{self, Attachment};

@@ -1,6 +1,6 @@
 //! The `media` table: the file of a media message and the outcome of its one download.
 
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, params};
 
 use super::{Store, StoreError, expect_one, now_ms};
 
@@ -27,7 +27,7 @@ pub(crate) struct MediaRow {
 impl Store {
     /// The media row of a message row, if it has one.
     pub(crate) async fn media(&self, message_row: i64) -> Result<Option<MediaRow>, StoreError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             Ok(conn
                 .query_row(
                     "SELECT file_path, outcome, local_path, name, content_type, size, sha256, \
@@ -58,7 +58,7 @@ impl Store {
         message_row: i64,
         media: MediaRow,
     ) -> Result<(), StoreError> {
-        self.call(move |conn| {
+        self.write(move |conn| {
             conn.execute(
                 "INSERT INTO media (message_row, file_path, outcome, local_path, name, \
                  content_type, size, sha256, waits, updated_ms) \
@@ -97,22 +97,20 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
             let now = now_ms();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let changed = tx.execute(
+            let changed = conn.execute(
                 "UPDATE messages SET state = 'pending', attempts = MAX(attempts - 1, 0), \
                  next_attempt_ms = ?2, last_error = ?3, claimed_ms = NULL, updated_ms = ?4 \
                  WHERE id = ?1 AND state = 'delivering'",
                 params![id, next_attempt_ms, note, now],
             )?;
             expect_one(changed, id, "mark_waiting_for_media");
-            tx.execute(
+            conn.execute(
                 "INSERT INTO media (message_row, file_path, waits, updated_ms) \
                  VALUES (?1, ?2, 1, ?3) \
                  ON CONFLICT (message_row) DO UPDATE SET waits = waits + 1, \
                  updated_ms = excluded.updated_ms",
                 params![id, file_path, now],
             )?;
-            tx.commit()?;
             Ok(())
         })
         .await
