@@ -73,6 +73,34 @@ struct Inner {
     file_log: media::FileLog,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    /// What workers schedule attempts by.
+    clock: Clock,
+}
+
+/// The time a row's `next_attempt_ms` is set and compared by.
+#[derive(Debug, Clone, Copy)]
+enum Clock {
+    /// The wall clock: stored times outlive the process.
+    Wall,
+    /// Paused-time tests: the wall clock at `origin`, moved on by tokio's (paused) clock, so
+    /// that retries come due when paused time reaches them.
+    #[cfg(test)]
+    Tokio {
+        origin_ms: i64,
+        origin: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    fn now_ms(self) -> i64 {
+        match self {
+            Self::Wall => store::now_ms(),
+            #[cfg(test)]
+            Self::Tokio { origin_ms, origin } => {
+                origin_ms + i64::try_from(origin.elapsed().as_millis()).unwrap_or(i64::MAX / 2)
+            }
+        }
+    }
 }
 
 /// The `MessageSink` handed to the listener.
@@ -110,6 +138,32 @@ impl Delivery {
         registry: &mut Registry,
         cancel: CancellationToken,
     ) -> Result<Delivery, StoreError> {
+        Self::start_with_clock(
+            storage,
+            delivery,
+            media,
+            routing,
+            replies,
+            errors,
+            registry,
+            cancel,
+            Clock::Wall,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start_with_clock(
+        storage: &StorageConfig,
+        delivery: &DeliveryConfig,
+        media: MediaSettings,
+        routing: Routing,
+        replies: Arc<dyn ReplySender>,
+        errors: Arc<dyn ErrorSink>,
+        registry: &mut Registry,
+        cancel: CancellationToken,
+        clock: Clock,
+    ) -> Result<Delivery, StoreError> {
         let metrics = DeliveryMetrics::register(registry);
         let store = Store::open(&storage.path, storage.synchronous, metrics.gauges.clone()).await?;
         let last_stop_clean = store.begin_run().await?;
@@ -143,6 +197,7 @@ impl Delivery {
             media: RwLock::new(media),
             tracker: TaskTracker::new(),
             cancel: cancel.child_token(),
+            clock,
         });
         inner
             .tracker
@@ -316,6 +371,11 @@ impl Inner {
     fn record(&self, kind: ErrorKind, instance_id: Option<&str>, message: &str) {
         self.errors
             .record_error(Component::Delivery, kind, instance_id, message);
+    }
+
+    /// Now, as `next_attempt_ms` counts it.
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     fn storage_error(&self, err: &StoreError) {

@@ -16,7 +16,8 @@
 //! - `wxauto`: the typed client of one wxauto HTTP API server.
 //! - `process`: supervised external programs (`processes:`).
 //! - `monitor`: the one recorder (errors, counters, windows, live state), health score, JSON.
-//! - `listener`: one actor per instance (connectivity, chat table, draining).
+//! - `listener`: one actor per instance (connectivity and its schedule, chat table, draining,
+//!   recovery).
 //! - `delivery`: the SQLite queue, rules, platforms, workers and media.
 //! - `supervisor`: the control loop that owns every actor; `ReplyRouter`.
 //! - `http`: the endpoints, the accept loop, the web config, the status page.

@@ -219,9 +219,18 @@ fn a_second_signal_aborts_a_slow_shutdown() {
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("ABORT_KEY", &sim.key)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
         .spawn()
         .unwrap();
+    let stderr = || std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
+    // Polls `check` every 20 ms until it holds; fails after 10 s.
+    let wait_for = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     let http = http_client();
     runtime.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -240,9 +249,11 @@ fn a_second_signal_aborts_a_slow_shutdown() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
+    let calls = || sim.sim.snapshot().calls.values().sum::<u64>();
     sim.sim.set_fault(wxauto_sidecar::simulator::Fault::Hang);
-    // Wait until a call is hanging: the next probe or poll.
-    std::thread::sleep(Duration::from_millis(500));
+    // A call counted after the fault was set hangs: the next probe or poll.
+    let before = calls();
+    wait_for("a call hangs", &|| calls() > before);
     let pid = child.id().to_string();
     let started = Instant::now();
     assert!(
@@ -252,7 +263,11 @@ fn a_second_signal_aborts_a_slow_shutdown() {
             .unwrap()
             .success()
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // The first signal was taken as the graceful stop, which waits for the hanging call (only
+    // an abort ends it: the exit code below is the abort's).
+    wait_for("the graceful stop begins", &|| {
+        stderr().contains("Shutdown signal received")
+    });
     assert!(
         child.try_wait().unwrap().is_none(),
         "still stopping gracefully"

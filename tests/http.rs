@@ -1,7 +1,5 @@
 //! The HTTP surface: probes, metrics exposition, the JSON monitor API and lifecycle gating.
 
-use std::time::Duration;
-
 use crate::util::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +217,20 @@ async fn lifecycle_is_gated_and_restart_resets_uptime() {
     let before = open.get_json("/api/v1/status").await["data"]["start_time"]
         .as_f64()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A restart from now on starts later than the first start: wait until the clock (the
+    // sidecar's, in this process) has moved past it.
+    eventually(
+        "the clock passes the first start time",
+        DEADLINE,
+        || async {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            (now > before).then_some(())
+        },
+    )
+    .await;
     let response = open
         .http
         .post(open.url("/api/v1/restart"))

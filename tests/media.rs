@@ -236,6 +236,19 @@ impl Sidecar {
         self.dir.path().join("downloads")
     }
 
+    /// How often the message with the file `file_path` went back to the queue to wait for its
+    /// instance (the `waits` of its media row, read from the store file).
+    fn media_waits(&self, file_path: &str) -> i64 {
+        let conn = rusqlite::Connection::open(self.dir.path().join("messages.db")).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.query_row(
+            "SELECT COALESCE(MAX(waits), 0) FROM media WHERE file_path = ?1",
+            [file_path],
+            |row| row.get(0),
+        )
+        .unwrap()
+    }
+
     fn file_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("logs").join("file_processing.log"))
             .unwrap_or_default()
@@ -640,8 +653,14 @@ async fn a_download_waits_while_the_instance_is_down_and_completes_after_recover
     .await;
     seen.lock().unwrap().hold.add_permits(1);
     webhook_bodies(&seen, 1).await;
-    // While the instance is down the image waits: nothing downloaded, nothing delivered.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // While the instance is down the image waits: a worker took it twice and twice put it
+    // back without a download, and nothing was delivered.
+    eventually(
+        "the image waited twice for its instance",
+        DEADLINE,
+        || async { (sidecar.media_waits(IMAGE_PATH) >= 2).then_some(()) },
+    )
+    .await;
     let metrics = sidecar.metrics().await;
     assert_eq!(series(&metrics, "success"), 0.0);
     assert_eq!(series(&metrics, "unavailable"), 0.0);

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -144,6 +145,21 @@ impl Setup {
         let config = self.dir.path().join("sidecar.yaml");
         Binary::start(self.dir.path(), &config, &self.env).await
     }
+
+    /// `chat` is an active row of the chat table in the store file.
+    fn stored_active(&self, chat: &str) -> bool {
+        let path = self.dir.path().join("data").join("recovery.db");
+        let Ok(conn) = rusqlite::Connection::open(path) else {
+            return false;
+        };
+        let _ = conn.busy_timeout(Duration::from_secs(5));
+        conn.query_row(
+            "SELECT COUNT(*) FROM chats WHERE chat = ?1 AND active = 1",
+            [chat],
+            |row| row.get::<_, i64>(0),
+        )
+        .is_ok_and(|count| count == 1)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,6 +174,12 @@ async fn the_chat_table_survives_a_restart_and_quiet_chats_still_time_out() {
             .listened
             .contains(&"carol".to_owned())
             .then_some(())
+    })
+    .await;
+    // The table is written after the listen/add (before carol's first destructive read): a
+    // kill between the two would leave nothing for the successor to know carol from.
+    eventually("carol is in the stored chat table", DEADLINE, || async {
+        setup.stored_active("carol").then_some(())
     })
     .await;
     // Killed: no shutdown path runs. Its successor knows carol only from the store.

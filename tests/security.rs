@@ -315,6 +315,25 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> (Vec<u8>, Inst
     }
 }
 
+/// Sends `GET path` on a kept-alive connection and returns the response head (status line and
+/// headers); the body is left unread.
+async fn request_head(stream: &mut tokio::net::TcpStream, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !bytes.windows(4).any(|window| window == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("no answer on a held connection")
+            .unwrap();
+        assert!(n > 0, "closed before answering: {bytes:?}");
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 fn limits_config(server: &str) -> (String, Vec<(String, String)>) {
     let (text, env) = crate::util::config_for(&[], "");
     let text = text.replace("instances:\n", "instances: []\n");
@@ -386,8 +405,12 @@ async fn connections_over_the_cap_are_refused_at_once_and_bodies_are_capped() {
     for _ in 0..4 {
         held.push(tokio::net::TcpStream::connect(sidecar.addr).await.unwrap());
     }
-    // Let the accept loop take all four before the fifth arrives.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Each of the four answers a request (and stays open, kept alive), so the accept loop has
+    // taken it and it holds a slot before the fifth arrives.
+    for stream in &mut held {
+        let head = request_head(stream, "/-/healthy").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
     let mut extra = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
     let started = Instant::now();
     let (bytes, _) = tokio::time::timeout(Duration::from_secs(2), read_until_closed(&mut extra))

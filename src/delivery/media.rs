@@ -18,7 +18,7 @@ use crate::message::{Download, DownloadError, InboundMessage};
 use crate::wxauto::DOWNLOAD_TIMEOUT;
 
 use super::Inner;
-use super::store::{Job, MediaRow, StoreError, now_ms};
+use super::store::{Job, MediaRow, StoreError};
 
 /// The `outcome` values of `wxauto_media_downloads_total`.
 pub(crate) const OUTCOMES: [&str; 5] = ["success", "error", "too_large", "disabled", "unavailable"];
@@ -291,7 +291,8 @@ pub(crate) async fn prepare(inner: &Inner, job: &mut Job, delivery: &DeliveryCon
                     "Media download waits for its instance to come back.");
                 return Prepared::Wait {
                     file_path,
-                    next_attempt_ms: now_ms() + i64::try_from(wait.as_millis()).unwrap_or(1000),
+                    next_attempt_ms: inner.now_ms()
+                        + i64::try_from(wait.as_millis()).unwrap_or(1000),
                     note: format!("waiting for instance {instance} to download a file"),
                 };
             }

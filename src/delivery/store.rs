@@ -482,6 +482,26 @@ impl Job {
 
 // === helpers ===
 
+/// Waits for a store thread's answer; `None` when the thread dropped the request.
+///
+/// In the crate's own tests the wait runs on the blocking pool: tokio's paused clock
+/// (`start_paused`) does not move while a blocking task is in flight, but it would jump to the
+/// next timer while a task only awaits another thread's answer, and the delivery timing tests
+/// would then see retries fall due before the write that schedules them is answered.
+async fn answer<R: Send + 'static>(rx: tokio::sync::oneshot::Receiver<R>) -> Option<R> {
+    #[cfg(test)]
+    {
+        tokio::task::spawn_blocking(move || rx.blocking_recv().ok())
+            .await
+            .ok()
+            .flatten()
+    }
+    #[cfg(not(test))]
+    {
+        rx.await.ok()
+    }
+}
+
 /// The ids of the claimable heads of chats: for every chat with an open row, its oldest open
 /// row, if that row waits for a platform call or a reply and is due. One index seek per chat
 /// with open rows (a skip scan of `messages_open_by_chat`), whatever the backlog behind them.

@@ -41,6 +41,8 @@ struct Recorded {
     path: String,
     headers: HeaderMap,
     body: Value,
+    /// When it arrived, on tokio's clock (paused in `paused.rs`).
+    at: tokio::time::Instant,
 }
 
 type Responder = Arc<dyn Fn(&Recorded) -> Step + Send + Sync>;
@@ -104,6 +106,7 @@ async fn handle(
         path: uri.path().to_owned(),
         headers,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        at: tokio::time::Instant::now(),
     };
     let step = state.script.lock().expect("lock").pop_front();
     let step = step.unwrap_or_else(|| (state.fallback.lock().expect("lock"))(&recorded));
@@ -1912,3 +1915,6 @@ async fn openai_without_vision_names_the_attachment_and_dify_goes_on_without_a_r
     );
     harness.stop().await;
 }
+
+// Retry timing in paused time.
+mod paused;

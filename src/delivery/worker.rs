@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-use crate::config::BackoffConfig;
+use crate::config::{BackoffConfig, DeliveryConfig};
 use crate::event::ErrorKind;
 use crate::message::{Reply, ReplyError};
 
 use super::Inner;
 use super::media::{self, Prepared};
 use super::platforms::{Attempt, PlatformError};
-use super::store::{Job, Stage, StoreError, now_ms};
+use super::store::{Job, Stage, StoreError};
 
 /// Upper bound of an idle sleep, a safety net for a missed wake-up.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -45,7 +45,7 @@ pub(super) async fn run(inner: Arc<Inner>, workers: usize) {
                 () = inner.cancel.cancelled() => break,
             }
         }
-        let now = now_ms();
+        let now = inner.now_ms();
         let jobs = match inner.store.claim_batch(now, free).await {
             Ok(jobs) => jobs,
             Err(err) => {
@@ -151,7 +151,7 @@ async fn deliver(inner: &Inner, mut job: Job) {
         }
         Prepared::Store(err) => {
             inner.storage_error(&err);
-            let next = now_ms() + i64::try_from(STORE_RETRY.as_millis()).unwrap_or(1000);
+            let next = inner.now_ms() + i64::try_from(STORE_RETRY.as_millis()).unwrap_or(1000);
             let text = format!("media: {err}");
             persist(inner, || {
                 inner
@@ -223,15 +223,9 @@ async fn deliver(inner: &Inner, mut job: Job) {
                 platform.id, job.attempts, err.message
             );
             inner.record(err.kind, Some(&msg.instance_id), &text);
-            if err.permanent || job.attempts >= config.max_attempts {
-                inner.metrics.delivery(&platform.id, "dead");
-                tracing::warn!(instance_id = %msg.instance_id, platform = %platform.id,
-                    attempts = job.attempts, permanent = err.permanent, error = %err.message,
-                    "Message dead-lettered.");
-                persist(inner, || inner.store.mark_dead(job.id, text.clone())).await;
-            } else {
+            if let Some(wait) = retry_after(&config, job.attempts, err.permanent) {
                 inner.metrics.delivery(&platform.id, "retry");
-                let next = now_ms() + delay_ms(&config.backoff, job.attempts);
+                let next = inner.now_ms() + millis(wait);
                 tracing::info!(instance_id = %msg.instance_id, platform = %platform.id,
                     attempt = job.attempts, error = %err.message, "Delivery failed; will retry.");
                 persist(inner, || {
@@ -240,6 +234,12 @@ async fn deliver(inner: &Inner, mut job: Job) {
                         .mark_retry(job.id, Stage::Platform, next, text.clone())
                 })
                 .await;
+            } else {
+                inner.metrics.delivery(&platform.id, "dead");
+                tracing::warn!(instance_id = %msg.instance_id, platform = %platform.id,
+                    attempts = job.attempts, permanent = err.permanent, error = %err.message,
+                    "Message dead-lettered.");
+                persist(inner, || inner.store.mark_dead(job.id, text.clone())).await;
             }
         }
     }
@@ -285,7 +285,7 @@ async fn send_reply(inner: &Inner, job: Job) {
                 .max(Duration::from_secs(1))
                 .min(config.backoff.max);
             tracing::debug!(instance_id = %instance, "Reply waits for its instance to come back.");
-            let next = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(1000);
+            let next = inner.now_ms() + i64::try_from(wait.as_millis()).unwrap_or(1000);
             let note = format!("waiting for instance {instance} to come back");
             persist(inner, || {
                 inner
@@ -314,12 +314,8 @@ async fn send_reply(inner: &Inner, job: Job) {
             inner.metrics.reply(&msg.instance_id, "error");
             let text = format!("reply attempt {}: {err}", job.reply_attempts);
             inner.record(kind, Some(&msg.instance_id), &text);
-            if job.reply_attempts >= config.max_attempts {
-                tracing::warn!(instance_id = %msg.instance_id, attempts = job.reply_attempts,
-                    error = %err, "Reply dead-lettered.");
-                persist(inner, || inner.store.mark_dead(job.id, text.clone())).await;
-            } else {
-                let next = now_ms() + delay_ms(&config.backoff, job.reply_attempts);
+            if let Some(wait) = retry_after(&config, job.reply_attempts, false) {
+                let next = inner.now_ms() + millis(wait);
                 tracing::info!(instance_id = %msg.instance_id, attempt = job.reply_attempts,
                     error = %err, "Reply failed; will retry.");
                 persist(inner, || {
@@ -328,6 +324,10 @@ async fn send_reply(inner: &Inner, job: Job) {
                         .mark_retry(job.id, Stage::Reply, next, text.clone())
                 })
                 .await;
+            } else {
+                tracing::warn!(instance_id = %msg.instance_id, attempts = job.reply_attempts,
+                    error = %err, "Reply dead-lettered.");
+                persist(inner, || inner.store.mark_dead(job.id, text.clone())).await;
             }
         }
     }
@@ -379,8 +379,19 @@ pub(super) fn delay(backoff: &BackoffConfig, attempt: u32) -> Duration {
     capped.mul_f64(1.0 - fastrand::f64() * 0.2)
 }
 
-fn delay_ms(backoff: &BackoffConfig, attempt: u32) -> i64 {
-    i64::try_from(delay(backoff, attempt).as_millis()).unwrap_or(i64::MAX / 2)
+/// When a row whose attempt `attempt` (1-based) just failed is tried again: after `delay`, or
+/// never (`None`, dead-lettered) when the failure is permanent or that was the last of
+/// `max_attempts`.
+pub(super) fn retry_after(
+    config: &DeliveryConfig,
+    attempt: u32,
+    permanent: bool,
+) -> Option<Duration> {
+    (!permanent && attempt < config.max_attempts).then(|| delay(&config.backoff, attempt))
+}
+
+fn millis(wait: Duration) -> i64 {
+    i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2)
 }
 
 #[cfg(test)]
@@ -407,5 +418,39 @@ mod tests {
         check(4, 800);
         check(5, 1000);
         check(40, 1000);
+    }
+
+    #[test]
+    fn a_failure_is_retried_until_the_last_attempt_and_a_permanent_one_never() {
+        let config = DeliveryConfig {
+            workers: 1,
+            max_attempts: 3,
+            backoff: BackoffConfig {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(3),
+            },
+            attempt_timeout: Duration::from_secs(5),
+        };
+        let within = |attempt: u32, nominal: Duration| {
+            let wait = retry_after(&config, attempt, false)
+                .unwrap_or_else(|| panic!("attempt {attempt} of 3 is retried"));
+            assert!(
+                wait <= nominal && wait >= nominal.mul_f64(0.8),
+                "{attempt}: {wait:?}"
+            );
+        };
+        within(1, Duration::from_secs(1));
+        within(2, Duration::from_secs(2));
+        // The last attempt failed: dead, whatever the backoff would say.
+        assert_eq!(retry_after(&config, 3, false), None);
+        assert_eq!(retry_after(&config, 4, false), None);
+        // Permanent (a 4xx): dead after any attempt.
+        assert_eq!(retry_after(&config, 1, true), None);
+        // One attempt allowed: no retry at all.
+        let once = DeliveryConfig {
+            max_attempts: 1,
+            ..config
+        };
+        assert_eq!(retry_after(&once, 1, false), None);
     }
 }

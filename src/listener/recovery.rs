@@ -8,7 +8,9 @@
 
 use std::collections::HashSet;
 
+use super::{InstanceActor, filter};
 use crate::message::InboundMessage;
+use crate::wxauto::{RawMessage, WxautoError};
 
 /// Where the new messages of `history` (oldest first, already filtered like a poll) start, or
 /// `None` when nothing in it is known, so old and new cannot be told apart (a chat with no
@@ -67,6 +69,101 @@ pub fn unstored(
         .skip(start)
         .filter(|message| message.synthetic_id || !known_ids.contains(&message.message_id))
         .collect()
+}
+
+// === the actor's side: re-reading the listened chats ===
+
+impl InstanceActor {
+    /// Re-reads every active chat's history and stores what was taken but never stored (an
+    /// answer in flight when the sidecar or this instance's actor died).
+    pub(super) async fn recover(&mut self) -> Result<(), WxautoError> {
+        let names = self.active_chat_names();
+        let mut recovered = 0u64;
+        for name in names {
+            if self.stopping.is_cancelled() || self.history_missing {
+                break;
+            }
+            let history = match self.client.get_all_messages(&name).await {
+                Ok(history) => history,
+                Err(error) if error.is_instance_failure() => return Err(error),
+                Err(error) if error.is_missing_endpoint() => {
+                    self.note_history_missing();
+                    break;
+                }
+                Err(error) => {
+                    tracing::info!(instance_id = %self.instance.id, "Chat history not readable: {error}");
+                    continue;
+                }
+            };
+            recovered += self.recover_chat(&name, &history).await;
+        }
+        if recovered > 0 {
+            tracing::warn!(
+                instance_id = %self.instance.id,
+                messages = recovered,
+                "Recovered messages taken from the instance but not stored before the stop."
+            );
+        }
+        Ok(())
+    }
+
+    /// Stores the messages of one chat's history that the store does not have; returns how
+    /// many it handed over.
+    pub(super) async fn recover_chat(&mut self, name: &str, history: &[RawMessage]) -> u64 {
+        let answer = fastrand::u64(..);
+        let epoch = self.session.epoch;
+        let accepted: Vec<InboundMessage> = history
+            .iter()
+            .enumerate()
+            .filter_map(|(ordinal, raw)| {
+                filter::accept(&self.instance.id, name, raw, answer, ordinal).ok()
+            })
+            .map(|mut message| {
+                message.epoch = epoch;
+                message
+            })
+            .collect();
+        let ids: Vec<String> = accepted
+            .iter()
+            .filter(|message| !message.synthetic_id)
+            .map(|message| message.message_id.clone())
+            .collect();
+        let stored = match self
+            .sink
+            .chat_history(&self.instance.id, name, epoch, ids)
+            .await
+        {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(instance_id = %self.instance.id, "Cannot compare a chat history with the store: {error}");
+                return 0;
+            }
+        };
+        let known: HashSet<String> = stored.known_ids.into_iter().collect();
+        let baseline = self.chats.get(name).and_then(|chat| chat.baseline.clone());
+        let start = first_new(&accepted, &known, &stored.tail)
+            .or_else(|| after_baseline(&accepted, baseline.as_deref()));
+        let Some(start) = start else {
+            tracing::debug!(instance_id = %self.instance.id, "Chat history shares nothing with the store; nothing recovered.");
+            return 0;
+        };
+        let new = unstored(accepted, start, &known);
+        let count = new.len() as u64;
+        if count > 0 {
+            self.monitor
+                .metrics()
+                .messages_recovered
+                .get_or_create_owned(&crate::metrics::InstanceLabels {
+                    instance_id: self.instance.id.clone(),
+                })
+                .inc_by(count);
+            if let Some(chat) = self.chats.get_mut(name) {
+                chat.touch(count);
+            }
+            self.hand_over(new).await;
+        }
+        count
+    }
 }
 
 #[cfg(test)]

@@ -752,8 +752,15 @@ async fn serve_stops_promptly_even_with_a_hung_request() {
         let req = h.client.get(format!("{}/api/health", h.base)).send();
         tokio::spawn(req)
     };
-    // Let the request reach the hang before shutting down.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The request has reached the hang once the simulator counted it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !h.sim.snapshot().calls.contains_key("GET /api/health") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     h.cancel.cancel();
     let server = h.server.take().expect("server handle");
     let stopped = tokio::time::timeout(Duration::from_secs(1), server).await;
@@ -768,24 +775,25 @@ async fn serve_stops_promptly_even_with_a_hung_request() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn chatter_injects_until_cancelled() {
-    // Real time (tokio's test-util is not a dependency), with generous bounds.
+    // Paused time: one message per 20 ms tick, the first 20 ms after the start.
     let sim = Simulator::new(SimConfig::default());
     let cancel = CancellationToken::new();
     sim.spawn_chatter(Duration::from_millis(20), cancel.clone());
     let queued = || sim.snapshot().pending_main.values().sum::<usize>();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(queued() >= 3, "only {} messages in 300 ms", queued());
+    tokio::time::sleep(Duration::from_millis(310)).await;
+    assert_eq!(queued(), 15, "one message per tick");
 
     cancel.cancel();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
     let after_cancel = queued();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Fifty more ticks' worth of paused time: a chatter still running would have fired them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(queued(), after_cancel, "chatter kept going after cancel");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn slow_call_abandoned_by_its_client_changes_nothing() {
     // hyper drops the handler when the client hangs up mid-wait, so the destructive read
     // behind a slow answer never runs. The sidecar relies on that to lose nothing on timeouts.
@@ -800,6 +808,8 @@ async fn slow_call_abandoned_by_its_client_changes_nothing() {
         .send()
         .await;
     assert!(res.is_err_and(|err| err.is_timeout()));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Paused time: well past the 300 ms the handler waited, so a read still pending would
+    // have run by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(h.sim.snapshot().pending_listen.get("A"), Some(&1));
 }

@@ -57,7 +57,8 @@ impl Reader {
         self.jobs
             .send(job)
             .map_err(|_| StoreError::Task("the message store reader stopped".to_owned()))?;
-        rx.await
-            .map_err(|_| StoreError::Task("the message store reader stopped".to_owned()))?
+        super::answer(rx)
+            .await
+            .ok_or_else(|| StoreError::Task("the message store reader stopped".to_owned()))?
     }
 }

@@ -115,8 +115,9 @@ impl Writer {
         self.ops
             .send(op)
             .map_err(|_| StoreError::Task("the message store writer stopped".to_owned()))?;
-        rx.await
-            .map_err(|_| StoreError::Task("the message store writer stopped".to_owned()))?
+        super::answer(rx)
+            .await
+            .ok_or_else(|| StoreError::Task("the message store writer stopped".to_owned()))?
     }
 }
 

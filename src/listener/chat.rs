@@ -1,0 +1,327 @@
+//! The chat table: one entry per chat the actor listens (or listened) to, with its idle
+//! timer, counters and history baseline, and the actor's operations on it (re-adds after a
+//! recovery, listen/add and its baseline read, reactivation, idle expiry).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use super::InstanceActor;
+use super::filter;
+use crate::message::StoredChat;
+use crate::monitor::ChatState;
+use crate::wxauto::WxautoError;
+
+#[derive(Debug, Clone)]
+pub(super) struct Chat {
+    pub(super) active: bool,
+    pub(super) fixed: bool,
+    /// Counted in `listeners_added` once; re-adds after a recovery are restorations.
+    pub(super) announced: bool,
+    pub(super) last_activity: Instant,
+    pub(super) added: SystemTime,
+    pub(super) last_message: Option<SystemTime>,
+    pub(super) last_check: SystemTime,
+    pub(super) message_count: u64,
+    pub(super) error_count: u64,
+    /// Where the chat's history stood when it was first listened (see `StoredChat`).
+    pub(super) baseline: Option<String>,
+}
+
+impl Chat {
+    pub(super) fn new(fixed: bool) -> Self {
+        Self {
+            active: true,
+            fixed,
+            announced: false,
+            last_activity: Instant::now(),
+            added: SystemTime::now(),
+            last_message: None,
+            last_check: SystemTime::now(),
+            message_count: 0,
+            error_count: 0,
+            baseline: None,
+        }
+    }
+
+    /// A chat as the store kept it across a restart of the process: its idle timer runs from
+    /// its last message (or from when it was added), not from now, so a chat that stays quiet
+    /// still times out. Fixed-ness comes from the current settings.
+    pub(super) fn from_stored(stored: &StoredChat) -> Self {
+        let now = SystemTime::now();
+        let added = from_unix_ms(stored.added_ms);
+        let last_message = stored.last_message_ms.map(from_unix_ms);
+        let idle = now
+            .duration_since(last_message.unwrap_or(added))
+            .unwrap_or_default();
+        Self {
+            active: stored.active,
+            fixed: false,
+            announced: true,
+            last_activity: Instant::now()
+                .checked_sub(idle)
+                .unwrap_or_else(Instant::now),
+            added,
+            last_message,
+            last_check: now,
+            message_count: stored.message_count,
+            error_count: stored.error_count,
+            baseline: stored.baseline.clone(),
+        }
+    }
+
+    pub(super) fn stored(&self, name: &str) -> StoredChat {
+        StoredChat {
+            chat: name.to_owned(),
+            active: self.active,
+            fixed: self.fixed,
+            added_ms: unix_ms(self.added),
+            last_message_ms: self.last_message.map(unix_ms),
+            message_count: self.message_count,
+            error_count: self.error_count,
+            baseline: self.baseline.clone(),
+        }
+    }
+
+    /// A chat as a previous actor left it. Fixed-ness comes from the current settings.
+    pub(super) fn restored(state: &ChatState) -> Self {
+        let now = SystemTime::now();
+        let last_message = state.last_message_time.map(|seconds| {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds.max(0.0))
+        });
+        let idle = last_message
+            .and_then(|at| now.duration_since(at).ok())
+            .unwrap_or_default();
+        Self {
+            active: state.active,
+            fixed: false,
+            announced: true,
+            last_activity: Instant::now()
+                .checked_sub(idle)
+                .unwrap_or_else(Instant::now),
+            added: last_message.unwrap_or(now),
+            last_message,
+            last_check: now,
+            message_count: state.message_count,
+            error_count: state.error_count,
+            baseline: None,
+        }
+    }
+
+    /// Listened, not fixed, and without a message for `timeout`: due for listen/remove.
+    pub(super) fn is_idle(&self, now: Instant, timeout: Duration) -> bool {
+        self.active && !self.fixed && now.duration_since(self.last_activity) >= timeout
+    }
+
+    pub(super) fn touch(&mut self, messages: u64) {
+        self.last_check = SystemTime::now();
+        if messages > 0 {
+            self.last_activity = Instant::now();
+            self.last_message = Some(SystemTime::now());
+            self.message_count += messages;
+        }
+    }
+}
+
+impl InstanceActor {
+    /// The listened chats, in name order (recovery and re-adds walk them the same way).
+    pub(super) fn active_chat_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .chats
+            .iter()
+            .filter(|(_, chat)| chat.active)
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Re-adds every active chat after (re)connecting: upstream forgets its listeners when
+    /// WeChat restarts, so the sidecar's table is the source of truth.
+    pub(super) async fn restore_chats(&mut self) -> Result<(), WxautoError> {
+        let names = self.active_chat_names();
+        for name in names {
+            if self.stopping.is_cancelled() {
+                break;
+            }
+            self.add_chat(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// `listen/add` for a chat already marked active in the table. Instance failures propagate;
+    /// a refusal of this one chat is recorded and the chat is marked inactive.
+    pub(super) async fn add_chat(&mut self, name: &str) -> Result<(), WxautoError> {
+        match self.client.listen_add(name).await {
+            Ok(()) => {
+                let mut first = false;
+                if let Some(chat) = self.chats.get_mut(name) {
+                    chat.active = true;
+                    if !chat.announced {
+                        // New or reactivated: its idle timer starts now. A re-add after a
+                        // recovery or restart keeps the timer it had.
+                        chat.announced = true;
+                        chat.last_activity = Instant::now();
+                        first = chat.baseline.is_none();
+                        self.monitor.record_listener_added(&self.instance.id);
+                    }
+                }
+                if first {
+                    self.read_baseline(name).await?;
+                }
+                Ok(())
+            }
+            Err(error) if error.is_instance_failure() => Err(error),
+            Err(error) => {
+                self.chat_error(name, &error);
+                if let Some(chat) = self.chats.get_mut(name)
+                    && !chat.fixed
+                {
+                    chat.active = false;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Notes where a newly listened chat's history stands, so that a crash during its first
+    /// destructive read can be recovered even though nothing of the chat is stored yet.
+    pub(super) async fn read_baseline(&mut self, name: &str) -> Result<(), WxautoError> {
+        if self.history_missing {
+            return Ok(());
+        }
+        let history = match self.client.get_all_messages(name).await {
+            Ok(history) => history,
+            Err(error) if error.is_instance_failure() => return Err(error),
+            Err(error) => {
+                if error.is_missing_endpoint() {
+                    self.note_history_missing();
+                }
+                return Ok(());
+            }
+        };
+        let newest = history
+            .iter()
+            .enumerate()
+            .filter_map(|(ordinal, raw)| {
+                filter::accept(&self.instance.id, name, raw, 0, ordinal).ok()
+            })
+            .rfind(|message| !message.synthetic_id)
+            .map(|message| message.message_id)
+            .unwrap_or_default();
+        if let Some(chat) = self.chats.get_mut(name) {
+            chat.baseline = Some(newest);
+        }
+        Ok(())
+    }
+
+    pub(super) fn note_history_missing(&mut self) {
+        if !self.history_missing {
+            self.history_missing = true;
+            tracing::warn!(
+                instance_id = %self.instance.id,
+                "This wxauto server has no /api/chat/get-all-messages; messages in flight when \
+                 the sidecar stops cannot be re-read from it."
+            );
+        }
+    }
+
+    /// Listens to a chat that is inactive or unknown: a new listener as far as the metrics and
+    /// its idle timer are concerned.
+    pub(super) async fn reactivate(&mut self, name: &str) -> Result<(), WxautoError> {
+        let chat = self
+            .chats
+            .entry(name.to_owned())
+            .or_insert_with(|| Chat::new(false));
+        chat.active = true;
+        chat.announced = false;
+        self.add_chat(name).await
+    }
+
+    pub(super) fn chat_error(&mut self, name: &str, error: &WxautoError) {
+        if let Some(chat) = self.chats.get_mut(name) {
+            chat.error_count += 1;
+        }
+        self.record_client_error(error);
+    }
+
+    pub(super) fn set_inactive(&mut self, name: &str) {
+        if let Some(chat) = self.chats.get_mut(name) {
+            chat.active = false;
+        }
+    }
+
+    /// Chats idle past `listener_timeout` become inactive and are removed upstream.
+    pub(super) async fn expire_idle_chats(&mut self) -> Result<(), WxautoError> {
+        let timeout = self.settings.listener.listener_timeout;
+        let now = Instant::now();
+        let mut idle: Vec<String> = self
+            .chats
+            .iter()
+            .filter(|(_, chat)| chat.is_idle(now, timeout))
+            .map(|(name, _)| name.clone())
+            .collect();
+        idle.sort();
+        for name in idle {
+            if self.stopping.is_cancelled() {
+                return Ok(());
+            }
+            match self.client.listen_remove(&name).await {
+                Ok(()) => {}
+                Err(error) if error.is_instance_failure() => return Err(error),
+                // "Not listened" upstream: it is gone already, which is what we wanted.
+                Err(error) => {
+                    tracing::debug!(instance_id = %self.instance.id, "listen/remove refused: {error}")
+                }
+            }
+            self.set_inactive(&name);
+            self.monitor
+                .record_listener_removed(&self.instance.id, "timeout");
+            tracing::debug!(instance_id = %self.instance.id, "Chat timed out and was removed.");
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+    })
+}
+
+pub(super) fn from_unix_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Paused time: the idle timer runs from the last message, not from the add, and a fixed
+    /// or inactive chat never expires.
+    #[tokio::test(start_paused = true)]
+    async fn a_chat_expires_listener_timeout_after_its_last_message() {
+        let timeout = Duration::from_secs(600);
+        let mut chat = Chat::new(false);
+        tokio::time::advance(timeout - Duration::from_millis(1)).await;
+        assert!(!chat.is_idle(Instant::now(), timeout));
+        // A poll without messages does not count as activity.
+        chat.touch(0);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(chat.is_idle(Instant::now(), timeout));
+        // A message restarts the timer.
+        chat.touch(2);
+        assert_eq!(chat.message_count, 2);
+        tokio::time::advance(timeout / 2).await;
+        assert!(!chat.is_idle(Instant::now(), timeout));
+        tokio::time::advance(timeout / 2).await;
+        assert!(chat.is_idle(Instant::now(), timeout));
+
+        let fixed = Chat::new(true);
+        let mut inactive = Chat::new(false);
+        inactive.active = false;
+        tokio::time::advance(timeout * 10).await;
+        assert!(!fixed.is_idle(Instant::now(), timeout));
+        assert!(!inactive.is_idle(Instant::now(), timeout));
+    }
+}

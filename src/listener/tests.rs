@@ -1,0 +1,237 @@
+//! The actor against a real simulator on loopback, in paused time: how long it waits between
+//! probes of a down instance, and that the wait starts over after a recovery.
+//!
+//! Paused time jumps only while every task is idle, so the loopback calls complete at one
+//! instant; the request timeout (10 s) is longer than any step of the backoff, so it never
+//! fires on its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{ActorSettings, Held, InstanceActor, InstanceCommand};
+use crate::config::{BackoffConfig, InstanceConfig, KeySource, ListenerConfig};
+use crate::message::{BoxFuture, InboundMessage, MessageSink, SinkError};
+use crate::metrics::{Metrics, process::ProcessCollector};
+use crate::monitor::Monitor;
+use crate::secret::Secret;
+use crate::simulator::{ApiGeneration, Fault, SimConfig, Simulator};
+
+const KEY: &str = "paused-key-0123456789";
+/// How finely the tests sample paused time.
+const STEP: Duration = Duration::from_millis(5);
+const SECOND: Duration = Duration::from_secs(1);
+const HEALTH: &str = "GET /api/health";
+const POLL: &str = "GET /api/message/get-next-new";
+
+/// A sink that takes everything (these tests send no messages).
+struct Accepting;
+
+impl MessageSink for Accepting {
+    fn accept(&self, _: Vec<InboundMessage>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A running actor and its simulator. The senders are kept: dropping the command sender
+/// would stop the actor.
+struct Running {
+    sim: Simulator,
+    cancel: CancellationToken,
+    actor: tokio::task::JoinHandle<()>,
+    _commands: mpsc::Sender<InstanceCommand>,
+    _settings: watch::Sender<ActorSettings>,
+}
+
+impl Running {
+    async fn start(backoff: BackoffConfig, fault: Fault) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let sim = Simulator::new(SimConfig {
+            api_key: KEY.to_owned(),
+            name: "paused".to_owned(),
+            flaky: false,
+            api_generation: ApiGeneration::default(),
+            history: true,
+            read_latency: Duration::ZERO,
+        });
+        sim.set_fault(fault);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cancel = CancellationToken::new();
+        tokio::spawn(sim.clone().serve(listener, cancel.clone()));
+        let instance = InstanceConfig {
+            id: "wx-paused".to_owned(),
+            base_url: format!("http://{addr}"),
+            api_key: Secret::new(KEY),
+            api_key_source: KeySource::Inline,
+            enabled: true,
+        };
+        let (settings, updates) = watch::channel(ActorSettings {
+            listener: ListenerConfig {
+                poll_interval: SECOND / 10,
+                health_check_interval: 30 * SECOND,
+                listener_timeout: 3600 * SECOND,
+                max_listeners_per_instance: 10,
+                request_timeout: 10 * SECOND,
+                backoff,
+            },
+            fixed_chats: Vec::new(),
+        });
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let monitor = Arc::new(Monitor::new(
+            metrics.clone(),
+            Arc::new(ProcessCollector::new()),
+            300 * SECOND,
+        ));
+        let (commands, receiver) = mpsc::channel(4);
+        let actor = InstanceActor::new(
+            instance,
+            updates,
+            metrics,
+            monitor,
+            Arc::new(Accepting),
+            receiver,
+            Vec::new(),
+            Held::default(),
+            false,
+        )
+        .expect("client");
+        let actor = tokio::spawn(actor.run(cancel.clone()));
+        Self {
+            sim,
+            cancel,
+            actor,
+            _commands: commands,
+            _settings: settings,
+        }
+    }
+
+    fn calls(&self, endpoint: &str) -> u64 {
+        self.sim
+            .snapshot()
+            .calls
+            .get(endpoint)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Steps paused time until `endpoint` has been called `count` times in all; returns when
+    /// (to within one step) each call after the ones already seen arrived.
+    async fn wait_calls(&self, endpoint: &str, count: u64, limit: Duration) -> Vec<Instant> {
+        let deadline = Instant::now() + limit;
+        let mut seen = self.calls(endpoint);
+        let mut times = Vec::new();
+        while seen < count {
+            assert!(
+                Instant::now() < deadline,
+                "{endpoint}: {seen} of {count} calls within {limit:?}"
+            );
+            tokio::time::sleep(STEP).await;
+            let now = self.calls(endpoint);
+            for _ in seen..now {
+                times.push(Instant::now());
+            }
+            seen = now;
+        }
+        times
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.actor.await.expect("the actor ends cleanly");
+    }
+}
+
+/// `gap` fits a backoff step with cap `cap` (equal jitter: `[cap / 2, cap]`), allowing one
+/// sampling step either way.
+fn assert_step(gap: Duration, cap: Duration, what: &str) {
+    assert!(
+        gap + STEP >= cap / 2 && gap <= cap + STEP,
+        "{what}: {gap:?} is outside [{:?}, {cap:?}]",
+        cap / 2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_down_instance_is_probed_after_a_doubling_capped_backoff() {
+    let running = Running::start(
+        BackoffConfig {
+            initial: SECOND,
+            max: 4 * SECOND,
+        },
+        Fault::Http500,
+    )
+    .await;
+    // One probe at the start, then one per backoff step: 1, 2, 4, 4, 4 s caps.
+    let times = running.wait_calls(HEALTH, 6, 30 * SECOND).await;
+    for (n, (pair, cap)) in times.windows(2).zip([1, 2, 4, 4, 4]).enumerate() {
+        assert_step(pair[1] - pair[0], cap * SECOND, &format!("gap {}", n + 1));
+    }
+    assert_eq!(running.calls(POLL), 0, "a down instance is not polled");
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_backoff_starts_over_after_a_recovery() {
+    let running = Running::start(
+        BackoffConfig {
+            initial: SECOND,
+            max: 4 * SECOND,
+        },
+        Fault::Http500,
+    )
+    .await;
+    // Down long enough to reach the cap.
+    running.wait_calls(HEALTH, 5, 30 * SECOND).await;
+    running.sim.set_fault(Fault::None);
+    // Up: polled every 100 ms (the health check is 30 s away).
+    running.wait_calls(POLL, 3, 10 * SECOND).await;
+    let probes = running.calls(HEALTH);
+    running.sim.set_fault(Fault::Http500);
+    let failed = Instant::now();
+    // The next poll fails (within 100 ms) and the instance is down again: its first probe
+    // comes after the first backoff step, not the 4 s cap the last outage reached.
+    let times = running.wait_calls(HEALTH, probes + 2, 10 * SECOND).await;
+    let first = times[0] - failed;
+    assert!(
+        first + STEP >= SECOND / 2 && first <= SECOND + SECOND / 10 + STEP,
+        "first probe {first:?} after the new outage: the backoff did not start over"
+    );
+    assert_step(times[1] - times[0], 2 * SECOND, "second probe");
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_up_instance_is_polled_every_poll_interval_and_probed_every_health_check_interval() {
+    let running = Running::start(
+        BackoffConfig {
+            initial: SECOND,
+            max: 4 * SECOND,
+        },
+        Fault::None,
+    )
+    .await;
+    // The first probe initialises WeChat (health, initialize, health) and passes; polls begin.
+    let passed = running.wait_calls(HEALTH, 2, SECOND).await[1];
+    let polls = running.wait_calls(POLL, 11, 10 * SECOND).await;
+    for (n, pair) in polls.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap + STEP >= SECOND / 10 && gap <= SECOND / 10 + STEP,
+            "poll {}: {gap:?} after the previous one, not the 100 ms poll interval",
+            n + 2
+        );
+    }
+    let next = running.wait_calls(HEALTH, 3, 60 * SECOND).await;
+    let gap = next[0] - passed;
+    assert!(
+        gap + STEP >= 30 * SECOND && gap <= 30 * SECOND + STEP,
+        "the next probe came {gap:?} later, not at the 30 s health check"
+    );
+    running.stop().await;
+}
