@@ -82,7 +82,7 @@ impl Running {
             },
             fixed_chats: Vec::new(),
         });
-        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let metrics = Metrics::register(&mut crate::metrics::Registry::default());
         let monitor = Arc::new(Monitor::new(
             metrics.clone(),
             Arc::new(ProcessCollector::new()),
