@@ -19,6 +19,12 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::{LogFormat, LoggingConfig};
 
+/// Lines the log file's writer thread may have queued. The queue's slots are allocated up
+/// front (tracing-appender's default of 128,000 lines is 4 MB, a sixth of the whole process at
+/// 10 instances); the file is never lossy, so a longer burst makes the logging task wait for
+/// the disk instead of dropping lines.
+const FILE_LOG_BUFFERED_LINES: usize = 8_192;
+
 /// Whether `chat` hashes chat names (`logging.redact_chat_names`); read live, set on load and
 /// on every reload.
 static REDACT_CHAT_NAMES: AtomicBool = AtomicBool::new(false);
@@ -200,6 +206,7 @@ pub fn init(level: &str, file: Option<&LoggingConfig>) -> io::Result<LogGuard> {
             let daily = DailyFile::new(&logging.dir, &logging.file_prefix, logging.retention_days)?;
             let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
                 .lossy(false)
+                .buffered_lines_limit(FILE_LOG_BUFFERED_LINES)
                 .finish(daily);
             let writer = move || crate::secret::RedactingWriter(writer.clone());
             (Some(fmt_layer(writer, format, false)), Some(guard))
