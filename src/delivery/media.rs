@@ -4,11 +4,13 @@
 //! `wxauto_media_downloads_total`, log it to `file_processing.log`, and hand the platforms
 //! `Attachment`s. A failed download never holds a message back: it is delivered without data.
 
+mod files;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use chrono::{DateTime, Local, NaiveDate};
 use regex::Regex;
@@ -19,6 +21,9 @@ use crate::wxauto::DOWNLOAD_TIMEOUT;
 
 use super::Inner;
 use super::store::{Job, MediaRow, StoreError};
+#[cfg(test)]
+pub(crate) use files::sha256_hex;
+pub(crate) use files::{base64, content_type, file_name, prune_dir, save};
 
 /// The `outcome` values of `wxauto_media_downloads_total`.
 pub(crate) const OUTCOMES: [&str; 5] = ["success", "error", "too_large", "disabled", "unavailable"];
@@ -356,270 +361,5 @@ fn log_line(
     inner.file_log.write(&crate::secret::redact(&line));
 }
 
-// === files ===
-
-/// The last component of a Windows (or POSIX) path, made safe as a local file name.
-pub(crate) fn file_name(file_path: &str) -> String {
-    let base = file_path
-        .rsplit(['\\', '/'])
-        .next()
-        .unwrap_or_default()
-        .trim();
-    let cleaned: String = base
-        .chars()
-        .map(|c| {
-            if c.is_control() || matches!(c, '<' | '>' | ':' | '"' | '|' | '?' | '*') {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect();
-    let cleaned = cleaned.trim_matches(['.', ' ']).to_owned();
-    if cleaned.is_empty() {
-        "file".to_owned()
-    } else {
-        cleaned
-    }
-}
-
-/// The MIME type of a file name's extension.
-pub(crate) fn content_type(name: &str) -> &'static str {
-    let ext = name
-        .rsplit_once('.')
-        .map(|(_, ext)| ext.to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "gif" => "image/gif",
-        "webp" => "image/webp",
-        "bmp" => "image/bmp",
-        "svg" => "image/svg+xml",
-        "mp4" => "video/mp4",
-        "mov" => "video/quicktime",
-        "avi" => "video/x-msvideo",
-        "mp3" => "audio/mpeg",
-        "wav" => "audio/wav",
-        "m4a" => "audio/mp4",
-        "amr" => "audio/amr",
-        "silk" | "slk" => "audio/silk",
-        "pdf" => "application/pdf",
-        "txt" => "text/plain",
-        "csv" => "text/csv",
-        "doc" => "application/msword",
-        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
-        "xls" => "application/vnd.ms-excel",
-        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
-        "ppt" => "application/vnd.ms-powerpoint",
-        "pptx" => "application/vnd.openxmlformats-officedocument.presentationml.presentation",
-        "zip" => "application/zip",
-        _ => "application/octet-stream",
-    }
-}
-
-/// Writes `bytes` to `dir/name`, or `dir/<stem>_1.<ext>`, `_2`, ... when the name is taken;
-/// returns the path and the hex SHA-256.
-#[allow(clippy::disallowed_methods, reason = "runs on tokio's blocking pool")]
-pub(crate) fn save(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<(PathBuf, String)> {
-    fs::create_dir_all(dir)?;
-    let (stem, ext) = match name.rsplit_once('.') {
-        Some((stem, ext)) if !stem.is_empty() => (stem, Some(ext)),
-        _ => (name, None),
-    };
-    for n in 0u32.. {
-        let candidate = match (n, ext) {
-            (0, _) => name.to_owned(),
-            (n, Some(ext)) => format!("{stem}_{n}.{ext}"),
-            (n, None) => format!("{stem}_{n}"),
-        };
-        let path = dir.join(candidate);
-        // `create_new` makes the check and the creation one step, so two workers saving the
-        // same name cannot overwrite each other.
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(mut file) => {
-                file.write_all(bytes)?;
-                file.sync_all()?;
-                return Ok((path, sha256_hex(bytes)));
-            }
-            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Err(io::Error::other("no free file name"))
-}
-
-/// Hex SHA-256.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest
-        .as_ref()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
-
-/// Deletes the files in `dir` last modified more than `retention_days` before `now`; returns
-/// how many. Subdirectories and other entries are left alone.
-#[allow(clippy::disallowed_methods, reason = "runs on tokio's blocking pool")]
-pub(crate) fn prune_dir(dir: &Path, retention_days: u32, now: SystemTime) -> io::Result<u64> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(err) => return Err(err),
-    };
-    let keep = Duration::from_secs(u64::from(retention_days) * DAY_SECS);
-    let Some(cutoff) = now.checked_sub(keep) else {
-        return Ok(0);
-    };
-    let mut pruned = 0;
-    for entry in entries.flatten() {
-        let Ok(metadata) = entry.metadata() else {
-            continue;
-        };
-        if !metadata.is_file() {
-            continue;
-        }
-        if metadata.modified().is_ok_and(|modified| modified < cutoff)
-            && fs::remove_file(entry.path()).is_ok()
-        {
-            pruned += 1;
-        }
-    }
-    Ok(pruned)
-}
-
-/// Base64 (standard alphabet, padded).
-pub(crate) fn base64(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_collide_into_numbered_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let (first, hash) = save(dir.path(), "微信图片_1.png", b"one").unwrap();
-        let (second, _) = save(dir.path(), "微信图片_1.png", b"two").unwrap();
-        let (third, _) = save(dir.path(), "微信图片_1.png", b"three").unwrap();
-        let (bare, _) = save(dir.path(), "README", b"x").unwrap();
-        let (bare2, _) = save(dir.path(), "README", b"y").unwrap();
-        let names: Vec<String> = [&first, &second, &third, &bare, &bare2]
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "微信图片_1.png",
-                "微信图片_1_1.png",
-                "微信图片_1_2.png",
-                "README",
-                "README_1"
-            ]
-        );
-        assert_eq!(fs::read(&second).unwrap(), b"two");
-        assert_eq!(
-            hash,
-            "7692c3ad3540bb803c020b3aee66cd8887123234ea0c6e7143c0add73ff431ed"
-        );
-    }
-
-    #[test]
-    fn windows_paths_become_safe_names() {
-        assert_eq!(
-            file_name(r"C:\Users\me\Documents\wxauto文件\微信图片_20261201.png"),
-            "微信图片_20261201.png"
-        );
-        assert_eq!(file_name(r"C:\x\a:b?.txt"), "a_b_.txt");
-        assert_eq!(file_name(r"C:\x\.."), "file");
-        assert_eq!(file_name(""), "file");
-    }
-
-    #[test]
-    fn paths_are_found_in_content_and_media_text_is_empty() {
-        assert_eq!(
-            windows_path("图片 D:\\wx\\a b.jpg\n"),
-            Some("D:\\wx\\a b.jpg")
-        );
-        assert_eq!(windows_path("no path here"), None);
-        let mut msg = InboundMessage {
-            instance_id: "wx".to_owned(),
-            chat: "alice".to_owned(),
-            message_id: "1".to_owned(),
-            synthetic_id: false,
-            msg_type: "friend".to_owned(),
-            sender: "alice".to_owned(),
-            sender_remark: None,
-            content: r"C:\wx\a.png".to_owned(),
-            mtype: Some("image".to_owned()),
-            file_path: None,
-            received_at: chrono::Utc::now(),
-            epoch: 0,
-        };
-        assert_eq!(text_of(&msg), "");
-        msg.mtype = None;
-        assert_eq!(text_of(&msg), r"C:\wx\a.png");
-        msg.mtype = Some("voice".to_owned());
-        msg.content = "明天见".to_owned();
-        assert_eq!(text_of(&msg), "明天见");
-    }
-
-    #[test]
-    fn content_types_follow_the_extension() {
-        assert_eq!(content_type("a.PNG"), "image/png");
-        assert_eq!(content_type("a.jpeg"), "image/jpeg");
-        assert_eq!(content_type("report.pdf"), "application/pdf");
-        assert_eq!(content_type("noext"), "application/octet-stream");
-    }
-
-    #[test]
-    fn prune_removes_only_files_older_than_retention() {
-        let dir = tempfile::tempdir().unwrap();
-        let now = SystemTime::now();
-        let old = dir.path().join("old.png");
-        let fresh = dir.path().join("fresh.png");
-        let edge = dir.path().join("six_days.png");
-        for path in [&old, &fresh, &edge] {
-            fs::write(path, b"x").unwrap();
-        }
-        let set_age = |path: &Path, days: u64| {
-            let file = File::options().write(true).open(path).unwrap();
-            file.set_modified(now - Duration::from_secs(days * DAY_SECS))
-                .unwrap();
-        };
-        set_age(&old, 8);
-        set_age(&edge, 6);
-        fs::create_dir(dir.path().join("sub")).unwrap();
-        assert_eq!(prune_dir(dir.path(), 7, now).unwrap(), 1);
-        assert!(!old.exists());
-        assert!(fresh.exists() && edge.exists());
-        assert!(dir.path().join("sub").exists());
-        assert_eq!(prune_dir(&dir.path().join("missing"), 7, now).unwrap(), 0);
-    }
-
-    #[test]
-    fn file_log_moves_an_earlier_day_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("file_processing.log");
-        fs::write(&path, "old line\n").unwrap();
-        let two_days_ago = SystemTime::now() - Duration::from_secs(2 * DAY_SECS);
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(two_days_ago)
-            .unwrap();
-        let log = FileLog::new(dir.path(), 7);
-        log.write("new line");
-        assert_eq!(fs::read_to_string(&path).unwrap(), "new line\n");
-        let date = DateTime::<Local>::from(two_days_ago).date_naive();
-        let dated = dir
-            .path()
-            .join(crate::logging::DailyFile::file_name(FILE_LOG_PREFIX, date));
-        assert_eq!(fs::read_to_string(dated).unwrap(), "old line\n");
-    }
-}
+mod tests;
