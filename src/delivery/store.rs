@@ -482,24 +482,40 @@ impl Job {
 
 // === helpers ===
 
-/// Waits for a store thread's answer; `None` when the thread dropped the request.
+/// Runs a caller's closure on a store thread's connection: a panic in it becomes that
+/// caller's error (`what`: "read", "write"), and the thread goes on with the next one.
+fn run_caught<R>(
+    f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    conn: &Connection,
+    what: &str,
+) -> Result<R, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn)))
+        .unwrap_or_else(|_| Err(StoreError::Task(format!("a message store {what} panicked"))))
+}
+
+/// The error of a call whose store thread (`thread`: "reader", "writer") is gone.
+fn stopped(thread: &str) -> StoreError {
+    StoreError::Task(format!("the message store {thread} stopped"))
+}
+
+/// Waits for a store thread's answer; `stopped(thread)` when the thread dropped the request.
 ///
 /// In the crate's own tests the wait runs on the blocking pool: tokio's paused clock
 /// (`start_paused`) does not move while a blocking task is in flight, but it would jump to the
 /// next timer while a task only awaits another thread's answer, and the delivery timing tests
 /// would then see retries fall due before the write that schedules them is answered.
-async fn answer<R: Send + 'static>(rx: tokio::sync::oneshot::Receiver<R>) -> Option<R> {
+async fn answer<R: Send + 'static>(
+    rx: tokio::sync::oneshot::Receiver<Result<R, StoreError>>,
+    thread: &str,
+) -> Result<R, StoreError> {
     #[cfg(test)]
-    {
-        tokio::task::spawn_blocking(move || rx.blocking_recv().ok())
-            .await
-            .ok()
-            .flatten()
-    }
+    let answer = tokio::task::spawn_blocking(move || rx.blocking_recv().ok())
+        .await
+        .ok()
+        .flatten();
     #[cfg(not(test))]
-    {
-        rx.await.ok()
-    }
+    let answer = rx.await.ok();
+    answer.unwrap_or_else(|| Err(stopped(thread)))
 }
 
 /// The ids of the claimable heads of chats: for every chat with an open row, its oldest open

@@ -7,13 +7,12 @@
 //! waiting read, each with its own stack and allocator arena, kept for seconds after. Now the
 //! reads wait in the channel, and the process has one reader thread however many ask.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::StoreError;
+use super::{StoreError, answer, run_caught, stopped};
 
 /// One queued read.
 type Job = Box<dyn FnOnce(&Connection) + Send>;
@@ -48,17 +47,10 @@ impl Reader {
     {
         let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
         let job: Job = Box::new(move |conn| {
-            let result = catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|_| {
-                Err(StoreError::Task("a message store read panicked".to_owned()))
-            });
             // The caller may have gone (a cancelled task).
-            let _ = tx.send(result);
+            let _ = tx.send(run_caught(f, conn, "read"));
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| StoreError::Task("the message store reader stopped".to_owned()))?;
-        super::answer(rx)
-            .await
-            .ok_or_else(|| StoreError::Task("the message store reader stopped".to_owned()))?
+        self.jobs.send(job).map_err(|_| stopped("reader"))?;
+        answer(rx, "reader").await
     }
 }

@@ -278,27 +278,23 @@ pub(super) fn open_checkpointer(
     path: &Path,
     synchronous: Synchronous,
 ) -> Result<Connection, StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    let conn = Connection::open(path).map_err(open_err)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-    conn.pragma_update(None, "synchronous", synchronous.pragma())
-        .map_err(open_err)?;
-    Ok(conn)
+    open_beside_writer(path, "synchronous", synchronous.pragma())
 }
 
 /// The read connection: opened after the writer migrated the file, refuses writes.
 pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    open_beside_writer(path, "query_only", "ON")
+}
+
+/// A second connection to the writer's (migrated, WAL) file, with one pragma of its own.
+fn open_beside_writer(path: &Path, pragma: &str, value: &str) -> Result<Connection, StoreError> {
     let open_err = |source| StoreError::Open {
         path: path.to_path_buf(),
         source,
     };
     let conn = Connection::open(path).map_err(open_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-    conn.pragma_update(None, "query_only", "ON")
-        .map_err(open_err)?;
+    conn.pragma_update(None, pragma, value).map_err(open_err)?;
     Ok(conn)
 }
 

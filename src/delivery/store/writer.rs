@@ -15,7 +15,6 @@
 //! a commit is never held up by one (with the automatic checkpoint, every thousandth page
 //! written made one commit wait for the whole copy and its fsyncs).
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -23,7 +22,10 @@ use std::time::Duration;
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::{StoreError, StoreGauges, counts_blocking, oldest_open_blocking, to_i64};
+use super::{
+    StoreError, StoreGauges, answer, counts_blocking, oldest_open_blocking, run_caught, stopped,
+    to_i64,
+};
 
 /// Most writes committed together; bounds how long one commit keeps the others waiting.
 const MAX_BATCH: usize = 256;
@@ -93,11 +95,7 @@ impl Writer {
         let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
         let op: Op = Box::new(move |conn| {
             let result = match conn {
-                Ok(conn) => catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|_| {
-                    Err(StoreError::Task(
-                        "a message store write panicked".to_owned(),
-                    ))
-                }),
+                Ok(conn) => run_caught(f, conn, "write"),
                 Err(why) => Err(StoreError::Commit(why.to_owned())),
             };
             Outcome {
@@ -112,12 +110,8 @@ impl Writer {
                 }),
             }
         });
-        self.ops
-            .send(op)
-            .map_err(|_| StoreError::Task("the message store writer stopped".to_owned()))?;
-        super::answer(rx)
-            .await
-            .ok_or_else(|| StoreError::Task("the message store writer stopped".to_owned()))?
+        self.ops.send(op).map_err(|_| stopped("writer"))?;
+        answer(rx, "writer").await
     }
 }
 
