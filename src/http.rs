@@ -145,10 +145,14 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
         .and_then(|value| value.to_str().ok());
     let openmetrics = crate::metrics::wants_openmetrics(accept);
     let registry = Arc::clone(&state.registry);
-    // Encoding a large registry takes milliseconds of CPU: keep it off the reactor.
-    let encoded =
+    // A small body is cheaper to encode here than to hand over; a large registry takes
+    // milliseconds of CPU, which stay off the reactor.
+    let encoded = if crate::metrics::encode_inline() {
+        Ok(crate::metrics::encode_pooled(&registry, openmetrics))
+    } else {
         tokio::task::spawn_blocking(move || crate::metrics::encode_pooled(&registry, openmetrics))
-            .await;
+            .await
+    };
     match encoded {
         Ok((body, content_type)) => (
             [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],

@@ -72,24 +72,32 @@ impl Descriptor {
 #[derive(Debug, Clone)]
 pub struct Bounds {
     values: &'static [f64],
-    /// `le="…"` as client_golang writes it (whole numbers without `.0`), for 0.0.4.
-    text: Vec<String>,
-    /// `le="…"` as `dtoa` writes it (`1.0`), for OpenMetrics.
-    openmetrics: Vec<String>,
+    /// What follows a 0.0.4 bucket line's series labels up to its value: `,le="…"} `, `le`
+    /// as client_golang writes it (whole numbers without `.0`), `+Inf` last (a line is then a
+    /// copy of the labels, one of this and the number).
+    text_tails: Vec<String>,
+    /// An OpenMetrics bucket line's first label: `le="…"`, as `dtoa` writes it (`1.0`),
+    /// `+Inf` last.
+    openmetrics_les: Vec<String>,
 }
 
 impl Bounds {
     /// Formats the `le` values of `values` (ascending, finite; `+Inf` is implied).
     pub fn new(values: &'static [f64]) -> Self {
+        let inf = || std::iter::once("+Inf".to_owned());
         Self {
             values,
-            text: values
+            text_tails: values
                 .iter()
-                .map(|&v| format!("le=\"{}\"", go_float(v)))
+                .map(|&v| go_float(v))
+                .chain(inf())
+                .map(|le| format!(",le=\"{le}\"}} "))
                 .collect(),
-            openmetrics: values
+            openmetrics_les: values
                 .iter()
-                .map(|&v| format!("le=\"{}\"", dtoa::Buffer::new().format(v)))
+                .map(|&v| dtoa::Buffer::new().format(v).to_owned())
+                .chain(inf())
+                .map(|le| format!("le=\"{le}\""))
                 .collect(),
         }
     }
@@ -130,6 +138,68 @@ pub enum Value {
     Float(f64),
 }
 
+/// Label pairs rendered once as `k="v",k2="v2"` with the values escaped, for the lines of a
+/// histogram series or for series that share their first labels (render the shared ones,
+/// remember `len`, push the rest, `truncate` back).
+#[derive(Debug, Default)]
+pub struct Labels(String);
+
+impl Labels {
+    /// Appends `key="value"` (the value escaped), after a comma unless it is the first.
+    pub fn push(&mut self, key: &str, value: &str) {
+        if !self.0.is_empty() {
+            self.0.push(',');
+        }
+        self.0.push_str(key);
+        self.0.push_str("=\"");
+        push_label_value(&mut self.0, value);
+        self.0.push('"');
+    }
+
+    /// Appends the labels of `other` (already rendered), after a comma unless this is empty:
+    /// for label sets built once and repeated on many series.
+    pub fn append(&mut self, other: &Labels) {
+        if !self.0.is_empty() && !other.0.is_empty() {
+            self.0.push(',');
+        }
+        self.0.push_str(&other.0);
+    }
+
+    /// A set rendered from pairs.
+    pub fn of(labels: &[(&str, &str)]) -> Self {
+        let mut rendered = Self::default();
+        rendered.set(labels);
+        rendered
+    }
+
+    /// Empties the set (keeping its buffer).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// The rendered length, for `truncate`.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no label was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Drops what was pushed after the set was `len` long.
+    pub fn truncate(&mut self, len: usize) {
+        self.0.truncate(len);
+    }
+
+    fn set(&mut self, labels: &[(&str, &str)]) {
+        self.0.clear();
+        for (key, value) in labels {
+            self.push(key, value);
+        }
+    }
+}
+
 /// Writes families into a `String` in one of the two formats.
 pub struct Encoder<'a> {
     out: &'a mut String,
@@ -140,9 +210,11 @@ pub struct Encoder<'a> {
     header_pending: bool,
     ints: itoa::Buffer,
     floats: dtoa::Buffer,
-    /// A histogram series' labels, rendered once for its lines (reused, so one allocation
-    /// per scrape at most).
-    labels: String,
+    /// The labels of a series given as pairs, rendered here (reused, so one allocation per
+    /// scrape at most).
+    scratch: Labels,
+    /// The part a histogram series' bucket lines share (reused like `scratch`).
+    fixed: String,
 }
 
 /// A placeholder family before the first `family` call.
@@ -163,7 +235,8 @@ impl<'a> Encoder<'a> {
             header_pending: false,
             ints: itoa::Buffer::new(),
             floats: dtoa::Buffer::new(),
-            labels: String::new(),
+            scratch: Labels::default(),
+            fixed: String::new(),
         }
     }
 
@@ -181,18 +254,31 @@ impl<'a> Encoder<'a> {
 
     /// One sample of the current family (a counter or a gauge).
     pub fn sample(&mut self, labels: &[(&str, &str)], value: Value) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.set(labels);
+        self.sample_with(&scratch, value);
+        self.scratch = scratch;
+    }
+
+    /// One sample of the current family with labels rendered beforehand.
+    pub fn sample_with(&mut self, labels: &Labels, value: Value) {
         self.header();
-        self.out.push_str(self.family.name);
-        if self.family.kind == Kind::Counter {
-            self.out.push_str("_total");
-        }
-        self.labels(labels);
-        self.value(value);
+        let suffix = if self.family.kind == Kind::Counter {
+            "_total"
+        } else {
+            ""
+        };
+        self.line(suffix, &labels.0, value);
     }
 
     /// A counter sample.
     pub fn counter(&mut self, labels: &[(&str, &str)], value: u64) {
         self.sample(labels, Value::Int(value));
+    }
+
+    /// A counter sample with labels rendered beforehand.
+    pub fn counter_with(&mut self, labels: &Labels, value: u64) {
+        self.sample_with(labels, Value::Int(value));
     }
 
     /// A gauge sample.
@@ -209,71 +295,73 @@ impl<'a> Encoder<'a> {
         buckets: &[u64],
         sum: f64,
     ) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.set(labels);
+        self.histogram_with(&scratch, bounds, buckets, sum);
+        self.scratch = scratch;
+    }
+
+    /// `histogram` with the series' labels rendered beforehand.
+    pub fn histogram_with(&mut self, labels: &Labels, bounds: &Bounds, buckets: &[u64], sum: f64) {
         debug_assert_eq!(buckets.len(), bounds.values.len() + 1);
         self.header();
+        let labels = labels.0.as_str();
         let count: u64 = buckets.iter().sum();
-        // The labels are the same on every line of the series: render them once.
-        let mut rendered = std::mem::take(&mut self.labels);
-        rendered.clear();
-        for (i, (key, value)) in labels.iter().enumerate() {
-            if i > 0 {
-                rendered.push(',');
-            }
-            rendered.push_str(key);
-            rendered.push_str("=\"");
-            push_label_value(&mut rendered, value);
-            rendered.push('"');
-        }
         let mut cumulative = 0;
+        // Every bucket line repeats all but `le` and the number: write that part once into
+        // `fixed`, then each line is a copy of it, of the bound's piece and the number.
+        let mut fixed = std::mem::take(&mut self.fixed);
+        fixed.clear();
         if self.openmetrics {
-            self.summary_line("_sum", &rendered, Value::Float(sum));
-            self.summary_line("_count", &rendered, Value::Int(count));
-            for (le, n) in bounds.openmetrics.iter().zip(buckets) {
-                cumulative += n;
-                self.bucket_line(le, &rendered, Value::Int(cumulative));
+            self.line("_sum", labels, Value::Float(sum));
+            self.line("_count", labels, Value::Int(count));
+            // `<name>_bucket{le="…"` + `,<labels>} `
+            if !labels.is_empty() {
+                fixed.push(',');
+                fixed.push_str(labels);
             }
-            self.bucket_line("le=\"+Inf\"", &rendered, Value::Int(count));
+            fixed.push_str("} ");
+            for (le, n) in bounds.openmetrics_les.iter().zip(buckets) {
+                cumulative += n;
+                self.out.push_str(self.family.name);
+                self.out.push_str("_bucket{");
+                self.out.push_str(le);
+                self.out.push_str(&fixed);
+                self.int(cumulative);
+            }
         } else {
-            for (le, n) in bounds.text.iter().zip(buckets) {
+            // `<name>_bucket{<labels>` + `,le="…"} `
+            fixed.push_str(self.family.name);
+            fixed.push_str("_bucket{");
+            fixed.push_str(labels);
+            let first = usize::from(labels.is_empty());
+            for (tail, n) in bounds.text_tails.iter().zip(buckets) {
                 cumulative += n;
-                self.bucket_line(le, &rendered, Value::Int(cumulative));
+                self.out.push_str(&fixed);
+                self.out.push_str(&tail[first..]);
+                self.int(cumulative);
             }
-            self.bucket_line("le=\"+Inf\"", &rendered, Value::Int(count));
-            self.summary_line("_sum", &rendered, Value::Float(sum));
-            self.summary_line("_count", &rendered, Value::Int(count));
+            self.line("_sum", labels, Value::Float(sum));
+            self.line("_count", labels, Value::Int(count));
         }
-        self.labels = rendered;
+        self.fixed = fixed;
     }
 
-    /// `<name>_bucket{..}`: `le` first in OpenMetrics, last in 0.0.4 (as prometheus-client).
-    fn bucket_line(&mut self, le: &str, rendered: &str, value: Value) {
-        self.out.push_str(self.family.name);
-        self.out.push_str("_bucket{");
-        if rendered.is_empty() {
-            self.out.push_str(le);
-        } else if self.openmetrics {
-            self.out.push_str(le);
-            self.out.push(',');
-            self.out.push_str(rendered);
-        } else {
-            self.out.push_str(rendered);
-            self.out.push(',');
-            self.out.push_str(le);
-        }
-        self.out.push('}');
-        self.value(value);
-    }
-
-    /// `<name>_sum` or `<name>_count` with the series' labels.
-    fn summary_line(&mut self, suffix: &str, rendered: &str, value: Value) {
+    /// `<name><suffix>{<labels>} <value>`, without braces when there are no labels.
+    fn line(&mut self, suffix: &str, labels: &str, value: Value) {
         self.out.push_str(self.family.name);
         self.out.push_str(suffix);
-        if !rendered.is_empty() {
+        if labels.is_empty() {
+            self.out.push(' ');
+        } else {
             self.out.push('{');
-            self.out.push_str(rendered);
-            self.out.push('}');
+            self.out.push_str(labels);
+            self.out.push_str("} ");
         }
-        self.value(value);
+        match value {
+            Value::Int(n) => self.int(n),
+            Value::Float(v) => self.float(v),
+        }
     }
 
     /// `# EOF`, the end of an OpenMetrics exposition (nothing in 0.0.4).
@@ -316,33 +404,19 @@ impl<'a> Encoder<'a> {
         }
     }
 
-    /// `{k="v",..}`; nothing without labels.
-    fn labels(&mut self, labels: &[(&str, &str)]) {
-        if labels.is_empty() {
-            return;
-        }
-        self.out.push('{');
-        for (i, (key, value)) in labels.iter().enumerate() {
-            if i > 0 {
-                self.out.push(',');
-            }
-            self.out.push_str(key);
-            self.out.push_str("=\"");
-            push_label_value(self.out, value);
-            self.out.push('"');
-        }
-        self.out.push('}');
+    /// A number and the line's end.
+    fn int(&mut self, n: u64) {
+        self.out.push_str(self.ints.format(n));
+        self.out.push('\n');
     }
 
-    fn value(&mut self, value: Value) {
-        self.out.push(' ');
-        match value {
-            Value::Int(n) => self.out.push_str(self.ints.format(n)),
-            Value::Float(v) if v.is_finite() => self.out.push_str(self.floats.format_finite(v)),
-            Value::Float(v) if v.is_nan() => self.out.push_str("NaN"),
-            Value::Float(v) if v > 0.0 => self.out.push_str("+Inf"),
-            Value::Float(_) => self.out.push_str("-Inf"),
-        }
+    fn float(&mut self, v: f64) {
+        self.out.push_str(match v {
+            v if v.is_finite() => self.floats.format_finite(v),
+            v if v.is_nan() => "NaN",
+            v if v > 0.0 => "+Inf",
+            _ => "-Inf",
+        });
         self.out.push('\n');
     }
 }
@@ -449,6 +523,67 @@ mod tests {
              demo_latency_seconds_bucket{le=\"1.0\",k=\"v\"} 1\n\
              demo_latency_seconds_bucket{le=\"+Inf\",k=\"v\"} 3\n# EOF\n"
         );
+    }
+
+    #[test]
+    fn a_histogram_without_labels_has_only_le() {
+        let bounds = Bounds::new(&[0.5]);
+        let (text, openmetrics) = both(|e| {
+            e.family(&LATENCY);
+            e.histogram(&[], &bounds, &[1, 1], 2.0);
+        });
+        assert_eq!(
+            text.lines().skip(2).collect::<Vec<_>>(),
+            [
+                "demo_latency_seconds_bucket{le=\"0.5\"} 1",
+                "demo_latency_seconds_bucket{le=\"+Inf\"} 2",
+                "demo_latency_seconds_sum 2.0",
+                "demo_latency_seconds_count 2",
+            ]
+        );
+        assert_eq!(
+            openmetrics.lines().skip(3).collect::<Vec<_>>(),
+            [
+                "demo_latency_seconds_sum 2.0",
+                "demo_latency_seconds_count 2",
+                "demo_latency_seconds_bucket{le=\"0.5\"} 1",
+                "demo_latency_seconds_bucket{le=\"+Inf\"} 2",
+                "# EOF",
+            ]
+        );
+    }
+
+    #[test]
+    fn labels_rendered_beforehand_write_what_pairs_write() {
+        let bounds = Bounds::new(&[0.5]);
+        let (pairs, pairs_om) = both(|e| {
+            e.family(&COUNTER);
+            e.counter(&[("id", "a\"b"), ("x", "1")], 1);
+            e.counter(&[("id", "a\"b"), ("x", "2")], 2);
+            e.family(&LATENCY);
+            e.histogram(&[("id", "a\"b"), ("x", "3")], &bounds, &[0, 1], 1.0);
+        });
+        let (rendered, rendered_om) = both(|e| {
+            let mut labels = Labels::default();
+            labels.push("id", "a\"b");
+            let shared = labels.len();
+            e.family(&COUNTER);
+            for (x, n) in [("1", 1), ("2", 2)] {
+                labels.truncate(shared);
+                labels.push("x", x);
+                e.counter_with(&labels, n);
+            }
+            e.family(&LATENCY);
+            labels.truncate(shared);
+            labels.push("x", "3");
+            e.histogram_with(&labels, &bounds, &[0, 1], 1.0);
+        });
+        assert!(
+            pairs.contains(r#"demo_requests_total{id="a\"b",x="2"} 2"#),
+            "{pairs}"
+        );
+        assert_eq!(rendered, pairs);
+        assert_eq!(rendered_om, pairs_om);
     }
 
     #[test]
