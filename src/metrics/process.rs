@@ -3,13 +3,16 @@
 //! CPU needs the previous refresh, so the `System` lives across scrapes behind a mutex that is
 //! never held across an await. Only our own pid is refreshed (tens of microseconds).
 //!
-//! Readers (`/metrics`, `/api/v1/status`, `/api/v1/health`) get the last sample, which
-//! `refresh_every` renews once a second on a blocking thread, so no request walks `/proc`; a
-//! sample older than `MAX_AGE` (no refresher running, as in tests and benches) is renewed by the
-//! reader instead.
+//! Readers (`/metrics`, `/api/v1/status`, `/api/v1/health`, the health report) get the last
+//! sample. While they keep reading it, `refresh_every` renews it once a second on a blocking
+//! thread, so frequent scrapes never walk `/proc`; when nobody read the last sample, the tick
+//! does nothing (an idle sidecar does not sample itself every second). A sample older than
+//! `MAX_AGE` (after a quiet spell, or with no refresher, as in tests and benches) is renewed by
+//! the reader: the first scrape after a pause pays one `/proc` walk, tens of microseconds.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
@@ -51,7 +54,13 @@ pub struct ProcessCollector {
     state: Mutex<SamplerState>,
     /// The last sample and when it was taken. A lock of its own, so readers never wait for a
     /// refresh in progress.
-    cached: Mutex<Option<(Instant, ProcessSample)>>,
+    /// (tokio's `Instant`, which is the std clock outside paused-time tests.)
+    cached: Mutex<Option<(tokio::time::Instant, ProcessSample)>>,
+    /// Whether a reader took the cached sample since the last refresh (so the next tick
+    /// should renew it).
+    read_since_refresh: AtomicBool,
+    /// Refreshes so far (for tests).
+    refreshes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -79,6 +88,8 @@ impl ProcessCollector {
                 groups: HashMap::new(),
             }),
             cached: Mutex::new(None),
+            read_since_refresh: AtomicBool::new(false),
+            refreshes: AtomicU64::new(0),
         }
     }
 
@@ -86,12 +97,16 @@ impl ProcessCollector {
     pub fn sample(&self) -> ProcessSample {
         let cached = *lock(&self.cached);
         match cached {
-            Some((at, sample)) if at.elapsed() < MAX_AGE => sample,
+            Some((at, sample)) if at.elapsed() < MAX_AGE => {
+                self.read_since_refresh.store(true, Ordering::Relaxed);
+                sample
+            }
             _ => self.refresh(),
         }
     }
 
-    /// Renews the sample every `REFRESH_PERIOD` on a blocking thread until `cancel`.
+    /// Renews the sample every `REFRESH_PERIOD` on a blocking thread until `cancel`, when a
+    /// reader took the last one.
     pub async fn refresh_every(
         self: std::sync::Arc<Self>,
         cancel: tokio_util::sync::CancellationToken,
@@ -102,6 +117,9 @@ impl ProcessCollector {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            if !self.read_since_refresh.load(Ordering::Relaxed) {
+                continue;
             }
             let collector = std::sync::Arc::clone(&self);
             if tokio::task::spawn_blocking(move || collector.refresh())
@@ -120,7 +138,9 @@ impl ProcessCollector {
     /// 200 ms reuse the last percentage (too short an interval gives noise).
     pub fn refresh(&self) -> ProcessSample {
         let sample = self.read();
-        *lock(&self.cached) = Some((Instant::now(), sample));
+        *lock(&self.cached) = Some((tokio::time::Instant::now(), sample));
+        self.read_since_refresh.store(false, Ordering::Relaxed);
+        self.refreshes.fetch_add(1, Ordering::Relaxed);
         sample
     }
 
@@ -297,5 +317,58 @@ impl Collector for ProcessCollector {
             )?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lets the refresher's tick and its blocking refresh run after an `advance`.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_renews_the_sample_only_while_someone_reads_it() {
+        let collector = std::sync::Arc::new(ProcessCollector::new());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let refresher =
+            tokio::spawn(std::sync::Arc::clone(&collector).refresh_every(cancel.clone()));
+        let refreshes = || collector.refreshes.load(Ordering::Relaxed);
+        for _ in 0..5 {
+            tokio::time::advance(REFRESH_PERIOD).await;
+            settle().await;
+        }
+        assert_eq!(refreshes(), 0, "nobody read: no sampling");
+
+        // The first read has nothing cached and samples itself.
+        let first = collector.sample();
+        assert_eq!(refreshes(), 1);
+        assert!(first.resident_bytes > 0 || cfg!(not(any(target_os = "linux", windows))));
+        // A second read takes the cached sample; the next tick renews it.
+        collector.sample();
+        assert_eq!(refreshes(), 1);
+        tokio::time::advance(REFRESH_PERIOD).await;
+        settle().await;
+        assert_eq!(
+            refreshes(),
+            2,
+            "a read since the last refresh: the tick renews"
+        );
+        for _ in 0..5 {
+            tokio::time::advance(REFRESH_PERIOD).await;
+            settle().await;
+        }
+        assert_eq!(refreshes(), 2, "no read since: the ticks do nothing");
+
+        // After the quiet spell the cached sample is stale: the reader renews it.
+        collector.sample();
+        assert_eq!(refreshes(), 3);
+        cancel.cancel();
+        refresher.await.unwrap();
     }
 }
