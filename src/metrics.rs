@@ -533,9 +533,12 @@ pub fn encode_pooled(registry: &Registry, openmetrics: bool) -> (Bytes, &'static
 }
 
 /// Bodies up to this size are encoded on the async worker that serves the scrape; larger
-/// ones on the blocking pool. At about 10 bytes per nanosecond of encoding, 256 KiB (some 25
-/// instances) takes about 30 µs: less than handing the work to another thread and back costs
-/// in wake-ups, and within tokio's guidance for the time between two awaits.
+/// ones on the blocking pool. The encoder writes about 4.5 bytes per nanosecond here
+/// (`cargo bench --bench encode`), so 1 MiB (about 100 instances) holds a worker for about a
+/// quarter of a millisecond, more than tokio's rule of thumb of 100 µs between awaits but
+/// less than the wake-ups of a hand-over cost under steady scrapes; and the other worker keeps
+/// serving. Under concurrent scrapes each hand-over could also start a blocking thread (about
+/// 10 MiB of RSS at 100 instances under `wrk -c4`, docs/BENCHMARKS.md).
 pub const INLINE_ENCODE_MAX: usize = 1024 * 1024;
 
 /// Whether the next scrape should be encoded inline (`INLINE_ENCODE_MAX`), judged by the size

@@ -156,6 +156,8 @@ struct Replies {
     sent: Mutex<Vec<Reply>>,
     failures: Mutex<VecDeque<ReplyError>>,
     calls: AtomicUsize,
+    /// When each `send_reply` call came, by tokio's clock (paused time in `paused.rs`).
+    call_times: Mutex<Vec<tokio::time::Instant>>,
     /// Scripted download answers, in order; `Unsupported` once they run out.
     downloads: Mutex<VecDeque<Result<Download, DownloadError>>>,
     download_calls: AtomicUsize,
@@ -181,6 +183,10 @@ impl ReplySender for Replies {
     fn send_reply(&self, reply: Reply, _: Duration) -> BoxFuture<'_, Result<(), ReplyError>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            self.call_times
+                .lock()
+                .expect("lock")
+                .push(tokio::time::Instant::now());
             if let Some(err) = self.failures.lock().expect("lock").pop_front() {
                 return Err(err);
             }

@@ -1,4 +1,4 @@
-//! Retry timing of the real workers in paused time: a real webhook server on loopback, a real
+//! Retry timing of the real workers (platform and reply stage) in paused time: a real webhook server on loopback, a real
 //! SQLite file, and the workers scheduling by tokio's clock (`Clock::Tokio`) instead of the
 //! wall clock, so a retry comes due exactly when paused time reaches it.
 //!
@@ -65,9 +65,15 @@ async fn wait_state(harness: &Harness, message_id: &str, state: &str, limit: Dur
 /// Attempt `n + 1` follows attempt `n` after the backoff of attempt `n`: `[0.8, 1] × cap`,
 /// the cap doubling from 1 s up to 4 s (and a few ms for the store's whole-ms times).
 fn assert_gaps(requests: &[Recorded], caps: &[u32]) {
-    assert_eq!(requests.len(), caps.len() + 1, "attempts");
-    for (n, (pair, cap)) in requests.windows(2).zip(caps).enumerate() {
-        let gap = pair[1].at - pair[0].at;
+    let times: Vec<tokio::time::Instant> = requests.iter().map(|r| r.at).collect();
+    assert_time_gaps(&times, caps);
+}
+
+/// `assert_gaps` for the times of any kind of attempt.
+fn assert_time_gaps(times: &[tokio::time::Instant], caps: &[u32]) {
+    assert_eq!(times.len(), caps.len() + 1, "attempts");
+    for (n, (pair, cap)) in times.windows(2).zip(caps).enumerate() {
+        let gap = pair[1] - pair[0];
         let cap = *cap * SECOND;
         assert!(
             gap >= cap.mul_f64(0.8) && gap <= cap + Duration::from_millis(10),
@@ -146,5 +152,29 @@ async fn a_retry_that_succeeds_is_delivered_and_the_next_message_waits_behind_it
     assert_eq!(keys, ["wx1:m1", "wx1:m1", "wx1:m1", "wx1:m2"]);
     assert_gaps(&requests[..3], &[1, 2]);
     assert!(requests[3].at - requests[2].at < Duration::from_millis(10));
+    harness.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_reply_is_retried_after_the_same_backoff_without_calling_the_platform_again() {
+    let server = Server::start(vec![Step::Json(200, json!({"reply": "hi"}))]).await;
+    let harness = start_paused(
+        &paused_config(5),
+        routing(&[rule("r", "hook")], &[webhook("hook", &server.url)]),
+    )
+    .await;
+    harness
+        .replies
+        .failures
+        .lock()
+        .expect("lock")
+        .extend((0..3).map(|n| ReplyError::Upstream(format!("HTTP 500 ({n})"))));
+    harness.accept(vec![msg("a", "a", "m1", "x")]).await;
+    wait_state(&harness, "m1", "delivered", 60 * SECOND).await;
+    assert_eq!(server.count(), 1, "the platform answered once");
+    let times = harness.replies.call_times.lock().expect("lock").clone();
+    assert_eq!(harness.replies.sent().len(), 1);
+    // Three failed replies, then the one that went through.
+    assert_time_gaps(&times, &[1, 2, 4]);
     harness.stop().await;
 }
