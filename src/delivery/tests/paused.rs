@@ -1,6 +1,7 @@
-//! Retry timing of the real workers (platform and reply stage) in paused time: a real webhook server on loopback, a real
-//! SQLite file, and the workers scheduling by tokio's clock (`Clock::Tokio`) instead of the
-//! wall clock, so a retry comes due exactly when paused time reaches it.
+//! Retry timing of the real workers (platform and reply stage) in paused time: a real webhook
+//! server on loopback, a real SQLite file, and the workers scheduling by tokio's clock
+//! (`Clock::Tokio`) instead of the wall clock, so a retry comes due exactly when paused time
+//! reaches it.
 //!
 //! Paused time moves only while every task is idle: the store's `spawn_blocking` calls hold
 //! it, and the loopback calls complete at one instant, so the platform timeout (3 s) never
