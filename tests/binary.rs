@@ -283,3 +283,56 @@ fn a_second_signal_aborts_a_slow_shutdown() {
     assert_eq!(status.code(), Some(130), "the second signal aborts");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A body over 1 MiB (`metrics::INLINE_ENCODE_MAX`) is encoded on the blocking pool, not on
+/// the worker serving the scrape: 200 instances, one scrape that makes the body that large and
+/// the next one, which takes the other path, must both come whole. A separate process, because
+/// the size of the last body is process-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_body_over_a_mebibyte_is_served_whole() {
+    let sim = start_sim("big").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    let mut text =
+        String::from("listener:\n  poll_interval: 2s\n  health_check_interval: 30s\ninstances:\n");
+    for n in 0..200 {
+        text.push_str(&format!(
+            "  - id: wx-big-{n:03}\n    base_url: http://{}\n    api_key_env: BIG_TEST_KEY\n",
+            sim.addr
+        ));
+    }
+    std::fs::write(&config, text).unwrap();
+    let sidecar = Binary::start(
+        dir.path(),
+        &config,
+        &[("BIG_TEST_KEY".to_owned(), sim.key.clone())],
+    )
+    .await;
+    let whole = |body: &str| {
+        body.ends_with('\n')
+            && ["000", "199"].iter().all(|n| {
+                body.contains(&format!(
+                    "wxauto_client_up{{instance_id=\"wx-big-{n}\"}} 1.0\n"
+                ))
+            })
+    };
+    let first = eventually("a body over 1 MiB", Duration::from_secs(60), || async {
+        let body = sidecar.metrics().await;
+        (body.len() > 1024 * 1024 && whole(&body)).then_some(body)
+    })
+    .await;
+    let second = sidecar.metrics().await;
+    assert!(whole(&second), "the second scrape came incomplete");
+    let families = |body: &str| {
+        body.lines()
+            .filter(|line| line.starts_with("# TYPE"))
+            .count()
+    };
+    assert_eq!(families(&second), families(&first));
+    assert!(
+        second.len() >= first.len() * 9 / 10,
+        "{} then {} bytes",
+        first.len(),
+        second.len()
+    );
+}
