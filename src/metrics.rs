@@ -457,33 +457,28 @@ struct InstanceFamilies(Arc<Shared>);
 impl Source for InstanceFamilies {
     fn encode(&self, encoder: &mut Encoder<'_>) {
         let instances = self.0.instances.read();
-        // Each series' labels start with its instance's: render those once per instance and
-        // family, then push the rest and truncate back.
+        // Each series' labels start with its instance's: rendered once per instance and
+        // family, followed by the rest of the set, rendered once per registry.
         let mut labels = Labels::default();
         encoder.family(&API_REQUESTS);
         for (id, series) in instances.iter() {
-            labels.clear();
-            labels.push("instance_id", id);
-            let instance = labels.len();
+            labels.start("instance_id", id);
             for (request, rest) in self.0.request_labels.iter().enumerate() {
                 if series.present.has(REQUESTS_BIT + request as u32) {
-                    labels.truncate(instance);
-                    labels.append(rest);
-                    encoder.counter_with(&labels, series.requests[request].load(Ordering::Relaxed));
+                    encoder.counter_with(
+                        labels.with(rest),
+                        series.requests[request].load(Ordering::Relaxed),
+                    );
                 }
             }
         }
         encoder.family(&API_DURATION);
         for (id, series) in instances.iter() {
-            labels.clear();
-            labels.push("instance_id", id);
-            let instance = labels.len();
+            labels.start("instance_id", id);
             for (e, rest) in self.0.endpoint_labels.iter().enumerate() {
                 if series.present.has(DURATION_BIT + e as u32) {
                     let (buckets, sum) = series.durations[e].load();
-                    labels.truncate(instance);
-                    labels.append(rest);
-                    encoder.histogram_with(&labels, &self.0.bounds, &buckets, sum);
+                    encoder.histogram_with(labels.with(rest), &self.0.bounds, &buckets, sum);
                 }
             }
         }
@@ -500,15 +495,14 @@ impl Source for InstanceFamilies {
         }
         encoder.family(&LISTENERS_REMOVED_FAMILY);
         for (id, series) in instances.iter() {
-            labels.clear();
-            labels.push("instance_id", id);
-            let instance = labels.len();
+            labels.start("instance_id", id);
             for (r, rest) in self.0.reason_labels.iter().enumerate() {
                 let slot = LISTENERS_REMOVED + r;
                 if series.present.has(COUNTERS_BIT + slot as u32) {
-                    labels.truncate(instance);
-                    labels.append(rest);
-                    encoder.counter_with(&labels, series.counters[slot].load(Ordering::Relaxed));
+                    encoder.counter_with(
+                        labels.with(rest),
+                        series.counters[slot].load(Ordering::Relaxed),
+                    );
                 }
             }
         }

@@ -139,30 +139,25 @@ pub enum Value {
 }
 
 /// Label pairs rendered once as `k="v",k2="v2"` with the values escaped, for the lines of a
-/// histogram series or for series that share their first labels (render the shared ones,
-/// remember `len`, push the rest, `truncate` back).
+/// histogram series or for series that share their first label: `start` renders the shared
+/// one, `with` appends the rest (rendered once too) after it.
 #[derive(Debug, Default)]
-pub struct Labels(String);
+pub struct Labels {
+    text: String,
+    /// Length of what `start` rendered, which `with` keeps.
+    base: usize,
+}
 
 impl Labels {
     /// Appends `key="value"` (the value escaped), after a comma unless it is the first.
     pub fn push(&mut self, key: &str, value: &str) {
-        if !self.0.is_empty() {
-            self.0.push(',');
+        if !self.text.is_empty() {
+            self.text.push(',');
         }
-        self.0.push_str(key);
-        self.0.push_str("=\"");
-        push_label_value(&mut self.0, value);
-        self.0.push('"');
-    }
-
-    /// Appends the labels of `other` (already rendered), after a comma unless this is empty:
-    /// for label sets built once and repeated on many series.
-    pub fn append(&mut self, other: &Labels) {
-        if !self.0.is_empty() && !other.0.is_empty() {
-            self.0.push(',');
-        }
-        self.0.push_str(&other.0);
+        self.text.push_str(key);
+        self.text.push_str("=\"");
+        push_label_value(&mut self.text, value);
+        self.text.push('"');
     }
 
     /// A set rendered from pairs.
@@ -172,28 +167,26 @@ impl Labels {
         rendered
     }
 
-    /// Empties the set (keeping its buffer).
-    pub fn clear(&mut self) {
-        self.0.clear();
+    /// Starts over with `key="value"`, the part each following `with` keeps.
+    pub fn start(&mut self, key: &str, value: &str) {
+        self.text.clear();
+        self.push(key, value);
+        self.base = self.text.len();
     }
 
-    /// The rendered length, for `truncate`.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether no label was pushed.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Drops what was pushed after the set was `len` long.
-    pub fn truncate(&mut self, len: usize) {
-        self.0.truncate(len);
+    /// The part rendered by `start`, then `rest` (already rendered).
+    pub fn with(&mut self, rest: &Labels) -> &Labels {
+        self.text.truncate(self.base);
+        if !self.text.is_empty() && !rest.text.is_empty() {
+            self.text.push(',');
+        }
+        self.text.push_str(&rest.text);
+        self
     }
 
     fn set(&mut self, labels: &[(&str, &str)]) {
-        self.0.clear();
+        self.text.clear();
+        self.base = 0;
         for (key, value) in labels {
             self.push(key, value);
         }
@@ -268,7 +261,7 @@ impl<'a> Encoder<'a> {
         } else {
             ""
         };
-        self.line(suffix, &labels.0, value);
+        self.line(suffix, &labels.text, value);
     }
 
     /// A counter sample.
@@ -305,7 +298,7 @@ impl<'a> Encoder<'a> {
     pub fn histogram_with(&mut self, labels: &Labels, bounds: &Bounds, buckets: &[u64], sum: f64) {
         debug_assert_eq!(buckets.len(), bounds.values.len() + 1);
         self.header();
-        let labels = labels.0.as_str();
+        let labels = labels.text.as_str();
         let count: u64 = buckets.iter().sum();
         let mut cumulative = 0;
         // Every bucket line repeats all but `le` and the number: write that part once into
@@ -565,18 +558,14 @@ mod tests {
         });
         let (rendered, rendered_om) = both(|e| {
             let mut labels = Labels::default();
-            labels.push("id", "a\"b");
-            let shared = labels.len();
+            labels.start("id", "a\"b");
             e.family(&COUNTER);
             for (x, n) in [("1", 1), ("2", 2)] {
-                labels.truncate(shared);
-                labels.push("x", x);
-                e.counter_with(&labels, n);
+                e.counter_with(labels.with(&Labels::of(&[("x", x)])), n);
             }
             e.family(&LATENCY);
-            labels.truncate(shared);
-            labels.push("x", "3");
-            e.histogram_with(&labels, &bounds, &[0, 1], 1.0);
+            let rest = Labels::of(&[("x", "3")]);
+            e.histogram_with(labels.with(&rest), &bounds, &[0, 1], 1.0);
         });
         assert!(
             pairs.contains(r#"demo_requests_total{id="a\"b",x="2"} 2"#),
