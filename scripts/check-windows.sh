@@ -210,6 +210,192 @@ wine_demo_metrics() {
   return "$ok"
 }
 
+# === the service and supervision under Wine ===
+
+# Polls `$@` once a second until it succeeds or `$1` seconds have passed.
+wait_until() {
+  local seconds=$1
+  shift
+  local deadline=$((SECONDS + seconds))
+  until "$@"; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 1
+  done
+}
+
+# `metric_at PORT REGEX`: /metrics on PORT has a line matching REGEX.
+metric_at() {
+  curl -fsS --max-time 5 "http://127.0.0.1:$1/metrics" 2>/dev/null | grep -Eq "$2"
+}
+
+# `sc query NAME` through Wine; prints the answer.
+sc_query() {
+  timeout 60 "$WINE" sc query "$1" </dev/null 2>/dev/null
+}
+
+# `service_state NAME STATE`: the SCM reports the service in STATE (e.g. 1  STOPPED).
+service_state() {
+  sc_query "$1" | grep -Eq "STATE +: $2"
+}
+
+# Starts `wxauto-sidecar.exe simulate` on PORT with KEY, in the background, logging to FILE.
+# Sets $SIMULATOR to its pid (the `timeout` wrapper).
+start_simulator() {
+  (cd "$RUN_DIR" && exec timeout 300 "$WINE" ./wxauto-sidecar.exe simulate --listen "127.0.0.1:$1" \
+    --api-key "$2" --chatter 1s </dev/null >"$3" 2>&1) &
+  SIMULATOR=$!
+}
+
+# The service under Wine's Service Control Manager: `service install`, `sc start` (the
+# sidecar polls a simulator and serves /metrics), `sc stop` (graceful: stop pending, then
+# stopped with exit code 0 and the clean-stop marker in the log), a start with an invalid
+# config (stopped with the service-specific exit code 1, the reason in service-error.log beside
+# the config), `service uninstall`. Wine ends its services when the last other process of the
+# prefix exits (Windows does not), so the simulator, run by the same .exe, keeps the prefix up.
+SERVICE=wxauto-sidecar-check
+wine_service() {
+  local dir=$RUN_DIR/service key=service-check-key
+  local sim_port port
+  rm -rf "$dir" && mkdir -p "$dir" || return 1
+  sim_port=$(free_port)
+  port=$(free_port)
+  start_simulator "$sim_port" "$key" "$dir/simulator.log"
+  printf '%s' "$key" >"$dir/wx.key"
+  cat >"$dir/config.yaml" <<YAML
+server:
+  listen: 127.0.0.1:$port
+instances:
+  - id: wx-main
+    base_url: http://127.0.0.1:$sim_port
+    api_key_file: wx.key
+fixed_listeners:
+  - chat: 文件传输助手
+    instances: ["*"]
+YAML
+  local ok=1
+  local log
+  if wine_exe service install --config service/config.yaml --name "$SERVICE" &&
+    timeout 60 "$WINE" sc start "$SERVICE" </dev/null >/dev/null &&
+    wait_until 60 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
+    wait_until 30 metric_at "$port" '^wxauto_messages_processed_total\{instance_id="wx-main"\} [1-9]' &&
+    echo "running as a service: /metrics on $port, messages received from the simulator" &&
+    timeout 60 "$WINE" sc stop "$SERVICE" </dev/null >/dev/null &&
+    wait_until 30 service_state "$SERVICE" '1 +STOPPED' &&
+    sc_query "$SERVICE" | grep -Eq 'WIN32_EXIT_CODE +: 0 ' &&
+    log=$(ls "$dir"/data/logs/*.log) &&
+    grep -F 'Clean stop recorded.' "$log" &&
+    echo "sc stop: stopped with exit code 0 after the graceful shutdown" &&
+    printf 'instances: []\nlistener:\n  poll_interval: fast\n' >"$dir/config.yaml" &&
+    timeout 60 "$WINE" sc start "$SERVICE" </dev/null >/dev/null &&
+    wait_until 30 service_state "$SERVICE" '1 +STOPPED' &&
+    sc_query "$SERVICE" | grep -Eq 'WIN32_EXIT_CODE +: 1066 ' &&
+    sc_query "$SERVICE" | grep -Eq 'SERVICE_EXIT_CODE +: 1 ' &&
+    grep -F 'exit code 1 (invalid configuration)' "$dir/service-error.log" &&
+    grep -F 'poll_interval' "$dir/service-error.log" &&
+    echo "invalid config: service-specific exit code 1, the reason in service-error.log" &&
+    wine_exe service uninstall --name "$SERVICE" &&
+    ! sc_query "$SERVICE" >/dev/null; then
+    ok=0
+  else
+    sc_query "$SERVICE"
+    tail -n 20 "$dir"/data/logs/*.log "$dir/service-error.log" 2>/dev/null
+    wine_exe service uninstall --name "$SERVICE" 2>/dev/null
+  fi
+  kill "$SIMULATOR" 2>/dev/null
+  "$WINESERVER" -k 2>/dev/null || true
+  wait "$SIMULATOR" 2>/dev/null
+  return "$ok"
+}
+
+# No process has a command line matching `$1`.
+gone() {
+  ! pgrep -f "$1" >/dev/null
+}
+
+# Linux pid of the Wine process whose command line starts with the .exe and then `$1`.
+exe_pid() {
+  pgrep -f "^[^ ]*wxauto-sidecar\.exe $1" | head -n 1
+}
+
+# Process supervision on Windows (a console run): the sidecar starts the simulator as its
+# wxauto server in its own process group and Job Object; a child's exit code is reported
+# (`cmd /c exit 3`); `taskkill /F` of the server is followed by a restart; Ctrl-C stops the
+# sidecar cleanly and the server with it (CTRL_BREAK reaches no console under the test, so the
+# stop ends in TerminateJobObject after stop_timeout); a sidecar killed outright takes its server
+# with it (the job's kill-on-close).
+wine_supervision() {
+  local dir=$RUN_DIR/supervision key=supervision-check-key
+  local sim_port port
+  rm -rf "$dir" && mkdir -p "$dir" || return 1
+  sim_port=$(free_port)
+  port=$(free_port)
+  printf '%s' "$key" >"$dir/wx.key"
+  cat >"$dir/config.yaml" <<YAML
+server:
+  listen: 127.0.0.1:$port
+instances:
+  - id: wx-main
+    base_url: http://127.0.0.1:$sim_port
+    api_key_file: wx.key
+processes:
+  - name: wxauto-api
+    command: ../wxauto-sidecar.exe
+    args: [simulate, --listen, "127.0.0.1:$sim_port", --api-key, $key, --chatter, 1s]
+    instance: wx-main
+    restart: always
+    backoff: { initial: 1s, max: 2s }
+    stop_timeout: 3s
+  - name: exits-3
+    command: cmd
+    args: [/c, exit, "3"]
+    restart: never
+YAML
+  local server_alive="simulate --listen 127.0.0.1:$sim_port"
+  local ok=1 sidecar pid first
+  (cd "$dir" && exec timeout 300 "$WINE" ../wxauto-sidecar.exe run --config config.yaml \
+    </dev/null >"$dir/run1.log" 2>&1) &
+  sidecar=$!
+  if wait_until 60 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
+    wait_until 10 metric_at "$port" '^wxauto_process_last_exit_code\{process="exits-3"\} 3' &&
+    metric_at "$port" '^wxauto_process_state\{process="exits-3",state="exited"\} 1' &&
+    echo "the server runs supervised and is polled; cmd /c exit 3 is reported as exit code 3" &&
+    first=$(curl -fsS "http://127.0.0.1:$port/api/v1/processes" |
+      python3 -c 'import json, sys; print(next(p["pid"] for p in json.load(sys.stdin)["data"] if p["name"] == "wxauto-api"))') &&
+    timeout 60 "$WINE" taskkill /F /PID "$first" </dev/null &&
+    wait_until 30 metric_at "$port" '^wxauto_process_restarts_total\{process="wxauto-api"\} 1' &&
+    wait_until 30 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
+    wait_until 30 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
+    echo "taskkill /F: restarted, polled again" &&
+    pid=$(exe_pid run) && [ -n "$pid" ] && kill -INT "$pid"; then
+    wait "$sidecar"
+    local rc=$?
+    if [ "$rc" -eq 0 ] && grep -F 'Clean stop recorded.' "$dir/run1.log" &&
+      grep -F 'signal="CTRL_BREAK"' "$dir/run1.log" && gone "$server_alive"; then
+      echo "Ctrl-C: exit code 0, clean stop recorded, the server stopped with the sidecar"
+      ok=0
+    fi
+  fi
+  if [ "$ok" -eq 0 ]; then
+    ok=1
+    (cd "$dir" && exec timeout 300 "$WINE" ../wxauto-sidecar.exe run --config config.yaml \
+      </dev/null >"$dir/run2.log" 2>&1) &
+    sidecar=$!
+    if wait_until 60 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
+      ! gone "$server_alive" && pid=$(exe_pid run) && [ -n "$pid" ] &&
+      kill -KILL "$pid" && wait_until 20 gone "$server_alive"; then
+      echo "the sidecar killed outright: its server is gone too (Job Object kill-on-close)"
+      ok=0
+    fi
+  fi
+  if [ "$ok" -ne 0 ]; then
+    tail -n 30 "$dir"/run*.log
+  fi
+  "$WINESERVER" -k 2>/dev/null || true
+  kill "$sidecar" 2>/dev/null
+  { wait "$sidecar"; } 2>/dev/null
+  return "$ok"
+}
+
 step "install Debian packages (${PACKAGES[*]})" install_packages
 step "cargo check --target $TARGET --all-targets (no warnings)" cross_check
 step "cargo build --target $TARGET (wxauto-sidecar.exe)" build_exe
@@ -219,6 +405,8 @@ if [ -f "$EXE" ]; then
   step "wine: wxauto-sidecar.exe --version" wine_version
   step "wine: check-config on examples/config.yaml" wine_check_config
   step "wine: demo answers /metrics" wine_demo_metrics
+  step "wine: the service under the Service Control Manager" wine_service
+  step "wine: a supervised process is restarted and stopped with the sidecar" wine_supervision
 fi
 
 if [ "$failed" -gt 0 ]; then

@@ -475,8 +475,12 @@ async fn serve(
     if !clean {
         tracing::warn!("Shutdown grace period elapsed; stopping anyway.");
     }
-    // The supervisor has finished once the tracker is empty; its answer is ready.
-    clean &= supervisor_task.is_finished() && supervisor_task.await.unwrap_or(false);
+    // The tracker empties as the supervisor's future ends, but tokio stores its answer a moment
+    // later, on the worker that ran it: the handle is awaited (it is about to resolve), never
+    // polled with `is_finished`, which raced and lost the clean-stop marker (seen under Wine).
+    if clean {
+        clean = supervisor_task.await.unwrap_or(false);
+    }
     if let Some(delivery) = &delivery {
         // The actors have handed over what they held; let in-flight deliveries finish.
         delivery_stop.cancel();

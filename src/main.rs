@@ -250,8 +250,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        None => runtime.block_on(run(cli.run, CancellationToken::new())),
-        Some(Command::Run(args)) => runtime.block_on(run(args, CancellationToken::new())),
+        None => exit(runtime.block_on(run(cli.run, CancellationToken::new()))),
+        Some(Command::Run(args)) => exit(runtime.block_on(run(args, CancellationToken::new()))),
         Some(Command::Demo { listen }) => runtime.block_on(demo(listen)),
         Some(Command::CheckConfig {
             config,
@@ -375,45 +375,88 @@ fn service(action: ServiceAction) -> ExitCode {
 }
 
 /// The sidecar as the service runs it: `run --config <path>`, stopping when `shutdown` fires
-/// (the SCM's stop or shutdown request). Returns the process exit code.
+/// (the SCM's stop or shutdown request). Returns the process exit code. A service has no
+/// console: what `run` would print on a failure goes to `service::FAILURE_FILE` beside the
+/// config, and a failure file from an earlier run is removed first.
 #[cfg(windows)]
 fn run_as_service(config: PathBuf, shutdown: CancellationToken) -> u8 {
+    use wxauto_sidecar::service as win;
+    let _ = win::clear_failure(&config);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let result = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
-        Err(_) => return EXIT_RUNTIME,
+        Ok(runtime) => {
+            let args = RunArgs {
+                config: Some(config.clone()),
+                ..RunArgs::default()
+            };
+            runtime.block_on(run(args, shutdown))
+        }
+        Err(error) => Err(Failure::runtime(format!(
+            "wxauto-sidecar: cannot start the async runtime: {error}"
+        ))),
     };
-    let args = RunArgs {
-        config: Some(config),
-        ..RunArgs::default()
-    };
-    let code = runtime.block_on(run(args, shutdown));
-    [EXIT_CONFIG, EXIT_RUNTIME]
-        .into_iter()
-        .find(|known| code == ExitCode::from(*known))
-        .unwrap_or(0)
+    match result {
+        Ok(()) => 0,
+        Err(failure) => {
+            let _ = win::record_failure(&config, failure.code, &failure.message);
+            failure.code
+        }
+    }
+}
+
+/// Why a run ended with a failure: the exit code and what to tell the operator (printed to
+/// stderr in a console; written to the failure file by the Windows service).
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn config(message: String) -> Self {
+        Self {
+            code: EXIT_CONFIG,
+            message,
+        }
+    }
+
+    fn runtime(message: String) -> Self {
+        Self {
+            code: EXIT_RUNTIME,
+            message,
+        }
+    }
+}
+
+/// The console's end of a run: a failure is printed to stderr and becomes the exit code.
+fn exit(result: Result<(), Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("{}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
 }
 
 /// Runs the sidecar until a signal or `shutdown` (the Windows service's stop) ends it.
-async fn run(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
+async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Failure> {
     let Some(path) = args.config.clone() else {
-        eprintln!(
+        return Err(Failure::config(
             "wxauto-sidecar: no configuration: pass --config FILE or set WXAUTO_SIDECAR_CONFIG (or try `wxauto-sidecar demo`)"
-        );
-        return ExitCode::from(EXIT_CONFIG);
+                .to_owned(),
+        ));
     };
     let loaded = match config::load_file(&path) {
         Ok(loaded) => loaded,
         Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!(
-                "wxauto-sidecar: invalid configuration ({} error(s))",
+            return Err(Failure::config(format!(
+                "{errors}\nwxauto-sidecar: invalid configuration ({} error(s))",
                 errors.errors.len()
-            );
-            return ExitCode::from(EXIT_CONFIG);
+            )));
         }
     };
     let level = args
@@ -423,11 +466,10 @@ async fn run(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
     let guard = match logging::init(&level, Some(&loaded.config.logging)) {
         Ok(guard) => guard,
         Err(error) => {
-            eprintln!(
+            return Err(Failure::runtime(format!(
                 "wxauto-sidecar: cannot open the log directory {}: {error}",
                 loaded.config.logging.dir.display()
-            );
-            return ExitCode::from(EXIT_RUNTIME);
+            )));
         }
     };
     let loader_path = path.clone();
@@ -441,9 +483,9 @@ async fn run(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
         log_level: args.log_level.is_none().then(|| guard.level.clone()),
         ..RunOptions::new()
     };
-    let code = serve(loaded, loader, options, shutdown).await;
+    let result = serve(loaded, loader, options, shutdown).await;
     drop(guard);
-    code
+    result
 }
 
 async fn serve(
@@ -451,14 +493,10 @@ async fn serve(
     loader: wxauto_sidecar::supervisor::ConfigLoader,
     options: RunOptions,
     shutdown: CancellationToken,
-) -> ExitCode {
-    match app::run(loaded, loader, options, shutdown, |_| {}).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("wxauto-sidecar: {error}");
-            ExitCode::from(EXIT_RUNTIME)
-        }
-    }
+) -> Result<(), Failure> {
+    app::run(loaded, loader, options, shutdown, |_| {})
+        .await
+        .map_err(|error| Failure::runtime(format!("wxauto-sidecar: {error}")))
 }
 
 async fn demo(listen: Option<SocketAddr>) -> ExitCode {
@@ -499,9 +537,9 @@ async fn demo(listen: Option<SocketAddr>) -> ExitCode {
         watch: false,
         ..RunOptions::new()
     };
-    let code = serve(loaded, loader, options, CancellationToken::new()).await;
+    let result = serve(loaded, loader, options, CancellationToken::new()).await;
     cancel.cancel();
-    code
+    exit(result)
 }
 
 async fn simulate(listen: SocketAddr, config: SimConfig, chatter: std::time::Duration) -> ExitCode {

@@ -109,6 +109,51 @@ pub fn working_dir(config: &Path) -> Option<&Path> {
     config.parent().filter(|dir| !dir.as_os_str().is_empty())
 }
 
+/// The file, beside the config, where the service writes why the sidecar could not start or
+/// stopped with a failure (a service has no console for the errors `run` prints): the exit
+/// code and the same text. Removed at the next start, so it only ever describes the last run.
+pub const FAILURE_FILE: &str = "service-error.log";
+
+/// Where `FAILURE_FILE` goes for this config.
+pub fn failure_file(config: &Path) -> PathBuf {
+    working_dir(config).map_or_else(|| PathBuf::from(FAILURE_FILE), |dir| dir.join(FAILURE_FILE))
+}
+
+/// Removes a failure file left by an earlier run; a missing file is fine.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the service thread, before the sidecar's runtime starts"
+)]
+pub fn clear_failure(config: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(failure_file(config)) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
+/// Writes why the sidecar ended with `code`: a first line with the time and the code, then
+/// `message` as `run` would print it (config errors name file, line and field; no secrets).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the service thread, after the sidecar's runtime ended"
+)]
+pub fn record_failure(config: &Path, code: u8, message: &str) -> std::io::Result<PathBuf> {
+    let path = failure_file(config);
+    let now = chrono::Local::now().format("%Y-%m-%d %H:%M:%S%:z");
+    let meaning = match code {
+        1 => "invalid configuration",
+        _ => "runtime failure",
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "{now} the service stopped with exit code {code} ({meaning})\n{}\n",
+            message.trim_end()
+        ),
+    )?;
+    Ok(path)
+}
+
 /// Why a `service` command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -222,6 +267,26 @@ mod tests {
         assert!(missing.to_string().contains("nope.yaml"), "{missing}");
         let not_file = absolute_config(dir.path()).expect_err("a directory");
         assert!(not_file.to_string().contains("not a file"), "{not_file}");
+    }
+
+    #[test]
+    fn a_failure_is_recorded_beside_the_config_and_cleared_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, "instances: []\n").unwrap();
+        clear_failure(&config).expect("nothing to clear is fine");
+        let message = "config.yaml:3:18: listener.poll_interval: invalid duration \"fast\"\n";
+        let path = record_failure(&config, 1, message).unwrap();
+        assert_eq!(path, dir.path().join(FAILURE_FILE));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (first, rest) = text.split_once('\n').unwrap();
+        assert!(
+            first.ends_with("the service stopped with exit code 1 (invalid configuration)"),
+            "{first}"
+        );
+        assert_eq!(rest, message);
+        clear_failure(&config).unwrap();
+        assert!(!path.exists(), "a new start removes the last run's failure");
     }
 
     #[test]

@@ -349,7 +349,7 @@ impl Actor {
         let mut code = None;
         let stopped = match self.running.take() {
             Some(mut running) => {
-                tracing::info!(process = %self.config.name, signal = self.config.stop_signal.as_str(), "Stopping the process group.");
+                tracing::info!(process = %self.config.name, signal = sys::stop_signal_name(self.config.stop_signal), "Stopping the process group.");
                 code = self.terminate(&mut running, None).await.and_then(exit_code);
                 true
             }

@@ -13,6 +13,11 @@ pub(super) fn configure(command: &mut Command) {
     command.process_group(0);
 }
 
+/// What a stop sends, for the log: the configured signal.
+pub(super) fn stop_signal_name(signal: StopSignal) -> &'static str {
+    signal.as_str()
+}
+
 /// The process group of one child. Dropping it kills whatever is left of the group, so a
 /// supervisor task that panics or is dropped leaves no orphans behind.
 #[derive(Debug)]

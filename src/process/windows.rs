@@ -1,7 +1,8 @@
 //! Windows: each child gets its own console process group (`CREATE_NEW_PROCESS_GROUP`, so
 //! CTRL_BREAK reaches it and its children) and a Job Object with kill-on-close, so the whole
 //! tree dies with `TerminateJobObject` or when the sidecar's handle closes, even if the sidecar
-//! is killed. Compiled for `x86_64-pc-windows-gnu`; not run by this repository's tests.
+//! is killed. `scripts/check-windows.sh` runs it under Wine (exit codes, restart after
+//! `taskkill /F`, stop with the sidecar, kill-on-close); CTRL_BREAK is not exercised there.
 //!
 //! The only `unsafe` in the crate: the Win32 calls below, each on a handle this module owns.
 
@@ -27,6 +28,11 @@ use crate::config::StopSignal;
 /// Starts the child in a new console process group.
 pub(super) fn configure(command: &mut Command) {
     command.creation_flags(CREATE_NEW_PROCESS_GROUP);
+}
+
+/// What a stop sends, for the log: always CTRL_BREAK (`stop_signal` is a unix setting).
+pub(super) fn stop_signal_name(_signal: StopSignal) -> &'static str {
+    "CTRL_BREAK"
 }
 
 /// An owned job handle; closing it kills every process still in the job.
