@@ -142,6 +142,10 @@ pub struct WebConfigHandle {
     state: Mutex<Checked>,
     failures: Counter,
     auth_cache: Mutex<HashMap<(String, [u8; 32]), ()>>,
+    /// bcrypt checks that may run at once (one per core): a flood of wrong passwords queues
+    /// here instead of taking a blocking thread each (the pool grows to 512), and cannot delay
+    /// a request whose credentials are cached.
+    checks: Arc<tokio::sync::Semaphore>,
     /// `/-/healthy` and `/-/ready` answer without basic auth.
     open_probes: bool,
 }
@@ -173,6 +177,9 @@ impl WebConfigHandle {
             }),
             failures,
             auth_cache: Mutex::new(HashMap::new()),
+            checks: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            )),
             open_probes,
         }))
     }
@@ -241,6 +248,20 @@ impl WebConfigHandle {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// One bcrypt check on the blocking pool, once a permit is free (`checks`). The permit
+    /// goes with the check, so a client that hangs up does not free it while bcrypt runs.
+    async fn check(&self, password: String, hash: String) -> bool {
+        let Ok(permit) = Arc::clone(&self.checks).acquire_owned().await else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            bcrypt::verify(&password, &hash).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// `None` when the request may pass, else the 401 to answer.
     pub async fn authorize(
         &self,
@@ -268,8 +289,7 @@ impl WebConfigHandle {
             // Spend the same time as a wrong password (a check against a configured hash of
             // the same cost), so that user names cannot be probed.
             if let Some(other) = config.users.values().next().cloned() {
-                let _ =
-                    tokio::task::spawn_blocking(move || bcrypt::verify(&password, &other)).await;
+                let _ = self.check(password, other).await;
             }
             return Some(denied());
         };
@@ -287,11 +307,7 @@ impl WebConfigHandle {
         }) {
             return None;
         }
-        let verified =
-            tokio::task::spawn_blocking(move || bcrypt::verify(&password, &hash).unwrap_or(false))
-                .await
-                .unwrap_or(false);
-        if !verified {
+        if !self.check(password, hash).await {
             return Some(denied());
         }
         if let Ok(mut cache) = self.auth_cache.lock() {
@@ -396,6 +412,87 @@ mod tests {
         );
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         assert_eq!(basic_credentials(&headers), None);
+    }
+
+    #[test]
+    fn a_bcrypt_cost_outside_4_to_16_is_a_located_error_and_loading_does_not_run_bcrypt() {
+        // A real cost-4 hash with its cost digits rewritten: parsing reads the cost, and only
+        // a verification would spend 2^cost rounds (minutes at 22), so the load must parse.
+        let hash = bcrypt::hash("pw-123456", 4).unwrap();
+        let with_cost = |cost: &str| format!("{}{cost}{}", &hash[..4], &hash[6..]);
+        let file = |cost: &str| format!("basic_auth_users:\n  alice: '{}'\n", with_cost(cost));
+        for cost in ["16", "10", "04"] {
+            assert!(build_text(&file(cost)).is_ok(), "cost {cost} refused");
+        }
+        for (cost, shown) in [("17", "17"), ("22", "22"), ("03", "3")] {
+            let error = error_of(&file(cost));
+            assert!(
+                error.contains(&format!(
+                    "web.yml:2:10: basic_auth_users.alice: bcrypt cost {shown} is outside 4..=16"
+                )),
+                "{error}"
+            );
+            assert!(error.contains("htpasswd -nBC 10 USER"), "{error}");
+        }
+    }
+
+    fn basic(user: &str, password: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {encoded}")).unwrap(),
+        );
+        headers
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bcrypt_checks_wait_for_a_free_core_and_cached_credentials_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web.yml");
+        let hash = bcrypt::hash("pw-123456", 4).unwrap();
+        std::fs::write(&path, format!("basic_auth_users:\n  alice: '{hash}'\n")).unwrap();
+        let handle = WebConfigHandle::load(&path, Counter::default(), false).unwrap();
+        let config = handle.current().await;
+        let good = basic("alice", "pw-123456");
+        assert!(handle.authorize(&config, "/metrics", &good).await.is_none());
+
+        // Every permit taken, as by a flood of wrong passwords: new checks wait, and start
+        // no blocking thread meanwhile.
+        let cores = handle.checks.available_permits();
+        assert!(cores >= 1);
+        let held = Arc::clone(&handle.checks)
+            .acquire_many_owned(cores as u32)
+            .await
+            .unwrap();
+        let second = Duration::from_secs(1);
+        let passed = tokio::time::timeout(second, handle.authorize(&config, "/metrics", &good));
+        assert!(
+            matches!(passed.await, Ok(None)),
+            "cached credentials need no bcrypt check"
+        );
+        let wrong = basic("alice", "guess");
+        let unknown = basic("mallory", "guess");
+        for headers in [&wrong, &unknown] {
+            let waited =
+                tokio::time::timeout(second, handle.authorize(&config, "/metrics", headers));
+            assert!(waited.await.is_err(), "a check ran without a free core");
+        }
+
+        drop(held);
+        for headers in [&wrong, &unknown] {
+            let answer = handle.authorize(&config, "/metrics", headers).await;
+            assert_eq!(
+                answer.map(|response| response.status()),
+                Some(StatusCode::UNAUTHORIZED)
+            );
+        }
+        assert_eq!(
+            handle.checks.available_permits(),
+            cores,
+            "every permit came back"
+        );
     }
 
     #[test]
