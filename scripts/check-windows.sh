@@ -246,6 +246,25 @@ start_simulator() {
   SIMULATOR=$!
 }
 
+# `prepare_run NAME KEY`: a fresh $RUN_DIR/NAME holding wx.key (KEY) and the head of a config
+# (listen address, one instance wx-main on the simulator's port) for the caller to extend. Sets
+# $DIR, $SIM_PORT (for the simulator) and $PORT (the sidecar's).
+prepare_run() {
+  DIR=$RUN_DIR/$1
+  rm -rf "$DIR" && mkdir -p "$DIR" || return 1
+  SIM_PORT=$(free_port)
+  PORT=$(free_port)
+  printf '%s' "$2" >"$DIR/wx.key"
+  cat >"$DIR/config.yaml" <<YAML
+server:
+  listen: 127.0.0.1:$PORT
+instances:
+  - id: wx-main
+    base_url: http://127.0.0.1:$SIM_PORT
+    api_key_file: wx.key
+YAML
+}
+
 # The service under Wine's Service Control Manager: `service install`, `sc start` (the
 # sidecar polls a simulator and serves /metrics), `sc stop` (graceful: stop pending, then
 # stopped with exit code 0 and the clean-stop marker in the log), a start with an invalid
@@ -254,20 +273,11 @@ start_simulator() {
 # prefix exits (Windows does not), so the simulator, run by the same .exe, keeps the prefix up.
 SERVICE=wxauto-sidecar-check
 wine_service() {
-  local dir=$RUN_DIR/service key=service-check-key
-  local sim_port port
-  rm -rf "$dir" && mkdir -p "$dir" || return 1
-  sim_port=$(free_port)
-  port=$(free_port)
+  local key=service-check-key
+  prepare_run service "$key" || return 1
+  local dir=$DIR sim_port=$SIM_PORT port=$PORT
   start_simulator "$sim_port" "$key" "$dir/simulator.log"
-  printf '%s' "$key" >"$dir/wx.key"
-  cat >"$dir/config.yaml" <<YAML
-server:
-  listen: 127.0.0.1:$port
-instances:
-  - id: wx-main
-    base_url: http://127.0.0.1:$sim_port
-    api_key_file: wx.key
+  cat >>"$dir/config.yaml" <<YAML
 fixed_listeners:
   - chat: 文件传输助手
     instances: ["*"]
@@ -324,19 +334,10 @@ exe_pid() {
 # stop ends in TerminateJobObject after stop_timeout); a sidecar killed outright takes its server
 # with it (the job's kill-on-close).
 wine_supervision() {
-  local dir=$RUN_DIR/supervision key=supervision-check-key
-  local sim_port port
-  rm -rf "$dir" && mkdir -p "$dir" || return 1
-  sim_port=$(free_port)
-  port=$(free_port)
-  printf '%s' "$key" >"$dir/wx.key"
-  cat >"$dir/config.yaml" <<YAML
-server:
-  listen: 127.0.0.1:$port
-instances:
-  - id: wx-main
-    base_url: http://127.0.0.1:$sim_port
-    api_key_file: wx.key
+  local key=supervision-check-key
+  prepare_run supervision "$key" || return 1
+  local dir=$DIR sim_port=$SIM_PORT port=$PORT
+  cat >>"$dir/config.yaml" <<YAML
 processes:
   - name: wxauto-api
     command: ../wxauto-sidecar.exe
