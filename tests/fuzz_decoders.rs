@@ -1,6 +1,7 @@
 //! Property-based fuzzing of the decoders that read untrusted input: the YAML config decoder
-//! (`config::decode`, `config::load_file`) and the wxauto answer decoders (the envelope,
-//! `listen/get` and `get-next-new` batches, `get-all-messages` history, health).
+//! (`config::decode`, `config::load_file`), the web config check (`check-config
+//! --web.config.file`, the same reader `run` uses) and the wxauto answer decoders (the
+//! envelope, `listen/get` and `get-next-new` batches, `get-all-messages` history, health).
 //!
 //! Each property runs `PROPTEST_CASES` cases (default 256, so `cargo test` stays fast);
 //! `scripts/fuzz` runs the same properties with a large budget. A failure prints the minimal
@@ -13,6 +14,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::{Map, Value, json};
 use wxauto_sidecar::config::{self, ConfigErrors, Loaded};
+use wxauto_sidecar::http::web_config::{WebConfigError, check_file};
 use wxauto_sidecar::wxauto::HealthInfo;
 use wxauto_sidecar::wxauto::types::{parse_batches, parse_envelope, parse_history};
 
@@ -88,6 +90,63 @@ fn assert_clear(result: &Result<Loaded, ConfigErrors>, input: &str) {
             }
         }
     }
+}
+
+/// The web config file name every checked text is written under.
+const WEB_FILE: &str = "web-fuzz.yml";
+
+/// Writes `bytes` as a web config and checks it as `check-config --no-secrets` does (the TLS
+/// files it names are not read): Ok, or one error that names the file and, for anything but an
+/// unreadable file, the line and column, with a message, and never a password hash of the
+/// example (a bcrypt hash is an offline-crackable stand-in for the password).
+fn assert_web_clear(bytes: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(WEB_FILE);
+    std::fs::write(&path, bytes).unwrap();
+    let Err(error) = check_file(&path, false) else {
+        return;
+    };
+    let shown = error.to_string();
+    let input = String::from_utf8_lossy(bytes);
+    assert!(
+        !shown.contains(EXAMPLE_HASH),
+        "a password hash in {shown:?}"
+    );
+    let (line, column, message) = match &error {
+        WebConfigError::Parse {
+            line,
+            column,
+            message,
+            ..
+        }
+        | WebConfigError::Invalid {
+            line,
+            column,
+            message,
+            ..
+        } => (*line, *column, message),
+        WebConfigError::Read { .. } => panic!("the file was written: {shown}"),
+    };
+    assert!(
+        line >= 1 && column >= 1,
+        "not located: {shown}\ninput: {input:?}"
+    );
+    let lines = input.lines().count().max(1) as u64;
+    assert!(line <= lines + 1, "line {line} of {lines}: {shown}");
+    let prefix = format!("{}:{line}:{column}: ", path.display());
+    assert!(shown.starts_with(&prefix), "{shown}");
+    assert!(!message.trim().is_empty(), "no message: {shown}");
+}
+
+/// The hash of `prometheus` in examples/web-config.yml.
+const EXAMPLE_HASH: &str = "$2y$10$Lf1ZRWxaEsc7P0vh5zk8q.5L8W3rvlt9Y3g4sIQE9RwF3rU0Yl7Qe";
+
+/// The shipped web config example as a document model.
+fn web_example() -> Yaml {
+    let text = include_str!("../examples/web-config.yml");
+    assert!(text.contains(EXAMPLE_HASH));
+    let value: Value = serde_saphyr::from_str(text).expect("the example is YAML");
+    Yaml::from_json(&value)
 }
 
 // === a YAML document model, to write valid documents and mutations of them ===
@@ -707,6 +766,49 @@ proptest! {
         assert_clear(&decode(&text), &text);
     }
 
+}
+
+proptest! {
+    #![proptest_config(budget())]
+
+    // --- the web config check ---
+
+    #[test]
+    fn web_config_check_never_panics_on_arbitrary_text(text in any::<String>()) {
+        assert_web_clear(text.as_bytes());
+    }
+
+    #[test]
+    fn web_config_check_never_panics_on_yaml_like_text(
+        text in "([ -~]|\n|\t|[:{}\\[\\],&*!|>#'\"-]|文){0,300}",
+    ) {
+        assert_web_clear(text.as_bytes());
+    }
+
+    #[test]
+    fn mutated_web_configs_check_or_give_located_errors(
+        mutations in prop::collection::vec(mutation(), 1..4),
+        flow in any::<bool>(),
+    ) {
+        let mut document = web_example();
+        for mutation in &mutations {
+            apply(&mut document, mutation);
+        }
+        let text = if flow { document.flow() } else { document.block() };
+        assert_web_clear(text.as_bytes());
+    }
+
+    #[test]
+    fn web_configs_with_arbitrary_bytes_give_a_located_error_or_check(
+        inserts in prop::collection::vec((any::<Index>(), any::<u8>()), 1..6),
+    ) {
+        let mut bytes = web_example().block().into_bytes();
+        for (at, byte) in &inserts {
+            let at = at.index(bytes.len() + 1);
+            bytes.insert(at, *byte);
+        }
+        assert_web_clear(&bytes);
+    }
 }
 
 proptest! {
