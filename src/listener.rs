@@ -92,7 +92,8 @@ pub struct InstanceActor {
     held: Held,
     /// The upstream session the ids of taken messages belong to.
     session: UpstreamSession,
-    /// This actor saw the instance down: the next connection starts a new epoch.
+    /// An outage began and no probe has passed since: the next connection starts a new epoch
+    /// (once per outage, however often a passing probe is followed by a failing poll).
     was_down: bool,
     /// Re-read the active chats' histories at the next connection (after an unclean stop or
     /// an actor crash).
@@ -104,6 +105,11 @@ pub struct InstanceActor {
     stopping: CancellationToken,
     /// The current outage already recorded its one error.
     outage_recorded: bool,
+    /// From the first failure until a poll succeeds: an outage ends when messages can be
+    /// taken again, not when `/api/health` (which needs no key) answers.
+    in_outage: bool,
+    /// A poll has succeeded since the actor started ("Instance is up." once, then "recovered").
+    polled_once: bool,
 }
 
 // === impl InstanceActor ===
@@ -166,6 +172,8 @@ impl InstanceActor {
             history_missing: false,
             stopping: CancellationToken::new(),
             outage_recorded: false,
+            in_outage: false,
+            polled_once: false,
         })
     }
 
@@ -276,20 +284,35 @@ impl InstanceActor {
             }
             let now = Instant::now();
             if self.schedule.probe_due(now) {
-                match self.probe_and_recover().await {
+                let was_up = self.connectivity == Connectivity::Up;
+                let mut result = self
+                    .probe_and_recover()
+                    .await
+                    .map_err(|error| (error.to_string(), error.kind()));
+                if result.is_ok() && was_up {
+                    // (A recovery re-added every active chat already.)
+                    result = self
+                        .retry_refused_chats()
+                        .await
+                        .map_err(|error| (error.to_string(), error.kind()));
+                }
+                match result {
                     Ok(()) => self
                         .schedule
                         .probe_passed(Instant::now(), self.settings.listener.health_check_interval),
-                    Err(error) => {
-                        self.go_down(&error.to_string(), error.kind());
+                    Err((message, kind)) => {
+                        self.go_down(&message, kind);
                         self.schedule.probe_failed(Instant::now());
                     }
                 }
             }
             if self.connectivity == Connectivity::Up && self.schedule.poll_due(Instant::now()) {
-                if let Err(error) = self.poll().await {
-                    self.go_down(&error.to_string(), error.kind());
-                    self.schedule.poll_failed(Instant::now());
+                match self.poll().await {
+                    Ok(()) => self.polled_ok(),
+                    Err(error) => {
+                        self.go_down(&error.to_string(), error.kind());
+                        self.schedule.poll_failed(Instant::now());
+                    }
                 }
                 self.schedule
                     .polled(Instant::now(), self.settings.listener.poll_interval);
@@ -431,7 +454,7 @@ impl InstanceActor {
                 Ok(())
             }
             Err(error) => {
-                if error.is_instance_failure() {
+                if error.is_instance_failure_for_chat() {
                     self.go_down(&error.to_string(), error.kind());
                 }
                 Err(ReplyError::Upstream(error.to_string()))

@@ -391,6 +391,14 @@ impl Simulator {
         info!(name = %self.inner.config.name, fault = ?fault, "Simulated fault set.");
     }
 
+    /// The chats this simulated WeChat account does not have: `listen/add` of one answers
+    /// HTTP 500 with code 3001, as the real server does (an empty list: every chat exists).
+    pub fn set_missing_chats(&self, chats: &[&str]) {
+        self.lock()
+            .set_missing(chats.iter().map(|chat| (*chat).to_owned()).collect());
+        info!(name = %self.inner.config.name, chats = chats.len(), "Simulated missing chats set.");
+    }
+
     /// Back to a fresh state, as after a server restart: online, not initialised, nothing
     /// queued, no fault, counters at zero, uptime from zero. The configuration is kept, and
     /// message ids keep counting so they stay unique.

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::InstanceActor;
 use super::filter;
+use crate::event::Component;
 use crate::message::StoredChat;
 use crate::monitor::ChatState;
 use crate::wxauto::WxautoError;
@@ -26,6 +27,10 @@ pub(super) struct Chat {
     pub(super) error_count: u64,
     /// Where the chat's history stood when it was first listened (see `StoredChat`).
     pub(super) baseline: Option<String>,
+    /// The server refused to listen to it (a chat this account does not have): recorded as
+    /// an error once, then retried quietly at every passing probe while it stays active
+    /// (a fixed chat), until a `listen/add` succeeds.
+    pub(super) refused: bool,
 }
 
 impl Chat {
@@ -41,6 +46,7 @@ impl Chat {
             message_count: 0,
             error_count: 0,
             baseline: None,
+            refused: false,
         }
     }
 
@@ -67,6 +73,7 @@ impl Chat {
             message_count: stored.message_count,
             error_count: stored.error_count,
             baseline: stored.baseline.clone(),
+            refused: false,
         }
     }
 
@@ -105,6 +112,7 @@ impl Chat {
             message_count: state.message_count,
             error_count: state.error_count,
             baseline: None,
+            refused: false,
         }
     }
 
@@ -149,13 +157,43 @@ impl InstanceActor {
         Ok(())
     }
 
+    /// Tries again to listen to the active chats the server refused (fixed chats it did not
+    /// have yet: the account may have joined the group since). Quiet: each was recorded as an
+    /// error when first refused.
+    pub(super) async fn retry_refused_chats(&mut self) -> Result<(), WxautoError> {
+        let mut names: Vec<String> = self
+            .chats
+            .iter()
+            .filter(|(_, chat)| chat.active && chat.refused)
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        for name in names {
+            if self.stopping.is_cancelled() {
+                break;
+            }
+            self.add_chat(&name).await?;
+        }
+        Ok(())
+    }
+
     /// `listen/add` for a chat already marked active in the table. Instance failures propagate;
-    /// a refusal of this one chat is recorded and the chat is marked inactive.
+    /// a refusal of this one chat (even with HTTP 500: a chat the account does not have) is
+    /// recorded once, naming the chat, and the chat is marked inactive, unless it is fixed:
+    /// then it stays active and is retried at every passing probe.
     pub(super) async fn add_chat(&mut self, name: &str) -> Result<(), WxautoError> {
         match self.client.listen_add(name).await {
             Ok(()) => {
                 let mut first = false;
                 if let Some(chat) = self.chats.get_mut(name) {
+                    if chat.refused {
+                        chat.refused = false;
+                        tracing::info!(
+                            instance_id = %self.instance.id,
+                            chat = %crate::logging::chat(name),
+                            "The server listens to the chat it refused before."
+                        );
+                    }
                     chat.active = true;
                     if !chat.announced {
                         // New or reactivated: its idle timer starts now. A re-add after a
@@ -171,13 +209,23 @@ impl InstanceActor {
                 }
                 Ok(())
             }
-            Err(error) if error.is_instance_failure() => Err(error),
+            Err(error) if error.is_instance_failure_for_chat() => Err(error),
             Err(error) => {
-                self.chat_error(name, &error);
-                if let Some(chat) = self.chats.get_mut(name)
-                    && !chat.fixed
-                {
-                    chat.active = false;
+                let again = self.chats.get(name).is_some_and(|chat| chat.refused);
+                if again {
+                    if let Some(chat) = self.chats.get_mut(name) {
+                        chat.error_count += 1;
+                    }
+                    tracing::debug!(instance_id = %self.instance.id, "listen/add refused again: {error}");
+                } else {
+                    self.chat_error(name, &error);
+                }
+                if let Some(chat) = self.chats.get_mut(name) {
+                    if chat.fixed {
+                        chat.refused = true;
+                    } else {
+                        chat.active = false;
+                    }
                 }
                 Ok(())
             }
@@ -192,7 +240,7 @@ impl InstanceActor {
         }
         let history = match self.client.get_all_messages(name).await {
             Ok(history) => history,
-            Err(error) if error.is_instance_failure() => return Err(error),
+            Err(error) if error.is_instance_failure_for_chat() => return Err(error),
             Err(error) => {
                 if error.is_missing_endpoint() {
                     self.note_history_missing();
@@ -238,11 +286,18 @@ impl InstanceActor {
         self.add_chat(name).await
     }
 
+    /// Records a refusal about one chat, naming it (as log lines name chats, so
+    /// `logging.redact_chat_names` applies), and counts it on the chat.
     pub(super) fn chat_error(&mut self, name: &str, error: &WxautoError) {
         if let Some(chat) = self.chats.get_mut(name) {
             chat.error_count += 1;
         }
-        self.record_client_error(error);
+        self.monitor.record_error(
+            Component::Client,
+            error.kind(),
+            Some(&self.instance.id),
+            &format!("{error} (chat {})", crate::logging::chat(name)),
+        );
     }
 
     pub(super) fn set_inactive(&mut self, name: &str) {
@@ -268,7 +323,7 @@ impl InstanceActor {
             }
             match self.client.listen_remove(&name).await {
                 Ok(()) => {}
-                Err(error) if error.is_instance_failure() => return Err(error),
+                Err(error) if error.is_instance_failure_for_chat() => return Err(error),
                 // "Not listened" upstream: it is gone already, which is what we wanted.
                 Err(error) => {
                     tracing::debug!(instance_id = %self.instance.id, "listen/remove refused: {error}")

@@ -53,15 +53,28 @@ impl InstanceActor {
                 self.recover_pending = false;
             }
             self.connectivity = Connectivity::Up;
-            self.outage_recorded = false;
-            match was {
-                Connectivity::Unknown => {
-                    tracing::info!(instance_id = %self.instance.id, "Instance is up.")
-                }
-                _ => tracing::info!(instance_id = %self.instance.id, "Instance recovered."),
-            }
+            // The outage (and its one error) ends with the first poll that succeeds
+            // (`polled_ok`): /api/health needs no key, so a rejected key passes the probe
+            // and fails every poll.
+            tracing::debug!(instance_id = %self.instance.id, was = ?was, "Probe passed; polling.");
         }
         Ok(())
+    }
+
+    /// A poll succeeded: the instance is up for real, and an outage is over (the next one
+    /// records its error again, and the backoff starts from its first step).
+    pub(super) fn polled_ok(&mut self) {
+        if !self.polled_once {
+            self.polled_once = true;
+            tracing::info!(instance_id = %self.instance.id, "Instance is up.");
+        } else if self.in_outage {
+            tracing::info!(instance_id = %self.instance.id, "Instance recovered.");
+        }
+        if self.in_outage {
+            self.in_outage = false;
+            self.outage_recorded = false;
+            self.schedule.recovered();
+        }
     }
 
     pub(super) async fn probe(&mut self) -> Result<HealthInfo, ProbeError> {
@@ -116,12 +129,12 @@ impl InstanceActor {
         self.session = session;
     }
 
-    /// Marks the instance down. Only the transition records an error; retries of a known-down
-    /// instance show in `wxauto_api_requests_total` alone.
+    /// Marks the instance down. Only the start of an outage records an error; retries of a
+    /// known-down instance show in `wxauto_api_requests_total` alone.
     pub(super) fn go_down(&mut self, message: &str, kind: ErrorKind) {
-        // `Recovering` after `Down` is still the same outage: a probe that passes while the
-        // re-adds fail (a rejected key, where only /api/health is unauthenticated) must not
-        // record an error per retry.
+        // An outage lasts until a poll succeeds: a probe that passes while the re-adds or the
+        // polls fail (a rejected key, where only /api/health is unauthenticated; a server
+        // whose message reads fail) is still the same outage, with one error and one epoch.
         // Down while its supervised process restarts is expected: no new outage error.
         let expected = self.monitor.processes().expected_down(&self.instance.id);
         if !self.outage_recorded && !expected {
@@ -136,7 +149,10 @@ impl InstanceActor {
             tracing::debug!(instance_id = %self.instance.id, "Instance still down: {message}");
         }
         self.connectivity = Connectivity::Down;
-        self.was_down = true;
+        if !self.in_outage {
+            self.in_outage = true;
+            self.was_down = true;
+        }
     }
 }
 

@@ -85,7 +85,7 @@ impl InstanceActor {
             }
             let history = match self.client.get_all_messages(&name).await {
                 Ok(history) => history,
-                Err(error) if error.is_instance_failure() => return Err(error),
+                Err(error) if error.is_instance_failure_for_chat() => return Err(error),
                 Err(error) if error.is_missing_endpoint() => {
                     self.note_history_missing();
                     break;

@@ -1,6 +1,7 @@
 //! When an actor probes its instance and polls it next: the health-check period while the
 //! instance is up, a jittered exponential backoff (`crate::backoff`) while it is down, back at
-//! its first step after the first probe that passes.
+//! its first step after the first poll that succeeds (a probe that passes while the polls
+//! fail, as with a rejected key, keeps backing off).
 //!
 //! Pure bookkeeping on `Instant`s the actor passes in, so the timing can be tested without an
 //! instance; the actor's own paused-time tests (`listener/tests.rs`) check it drives the real
@@ -57,12 +58,16 @@ impl Schedule {
         self.next_probe
     }
 
-    /// A probe passed at `now`: the next one after `interval`, the backoff back at its first
-    /// step, and the poll due at once if it was later.
+    /// A probe passed at `now`: the next one after `interval`, and the poll due at once if it
+    /// was later. The backoff keeps its step until a poll succeeds (`recovered`).
     pub(super) fn probe_passed(&mut self, now: Instant, interval: Duration) {
-        self.backoff.reset();
         self.next_probe = now + interval;
         self.next_poll = self.next_poll.min(now);
+    }
+
+    /// A poll succeeded after an outage: the next outage backs off from the first step.
+    pub(super) fn recovered(&mut self) {
+        self.backoff.reset();
     }
 
     /// A probe failed at `now`: the instance is down; the next probe waits out the next
@@ -130,11 +135,11 @@ mod tests {
     }
 
     #[test]
-    fn a_passing_probe_resets_the_backoff_and_makes_the_poll_due() {
+    fn a_passing_probe_makes_the_poll_due_and_a_passing_poll_resets_the_backoff() {
         let start = Instant::now();
         let mut schedule = Schedule::new(config(), start);
         let mut now = start;
-        for _ in 0..5 {
+        for _ in 0..3 {
             now += schedule.probe_failed(now);
         }
         schedule.polled(now, 60 * SECOND);
@@ -142,10 +147,21 @@ mod tests {
         assert_eq!(schedule.next_probe(), now + 30 * SECOND);
         assert!(
             schedule.poll_due(now),
-            "a recovery makes the poll due at once"
+            "a passing probe makes the poll due at once"
         );
         assert_eq!(schedule.wake(true), now);
-        // The next outage (seen by a poll) starts again at the first step.
+        // The poll fails (a rejected key passes the probe): the same outage, whose backoff
+        // goes on from its fourth step instead of starting over.
+        let delay = schedule.poll_failed(now);
+        assert!(
+            in_step(delay, 8 * SECOND),
+            "{delay:?}: the backoff started over"
+        );
+        now += delay;
+        schedule.probe_passed(now, 30 * SECOND);
+        // This time the poll succeeds: the next outage (seen by a poll) starts again at the
+        // first step.
+        schedule.recovered();
         schedule.polled(now, SECOND / 10);
         let later = now + SECOND / 10;
         let delay = schedule.poll_failed(later);

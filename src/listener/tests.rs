@@ -27,12 +27,51 @@ const SECOND: Duration = Duration::from_secs(1);
 const HEALTH: &str = "GET /api/health";
 const POLL: &str = "GET /api/message/get-next-new";
 
-/// A sink that takes everything (these tests send no messages).
-struct Accepting;
+/// A sink that takes everything (these tests send no messages) and keeps the epochs of the
+/// upstream sessions the actor saved.
+#[derive(Default)]
+struct Accepting {
+    epochs: std::sync::Mutex<Vec<u32>>,
+}
 
 impl MessageSink for Accepting {
     fn accept(&self, _: Vec<InboundMessage>) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn save_session(
+        &self,
+        _instance_id: &str,
+        session: crate::message::UpstreamSession,
+    ) -> BoxFuture<'_, Result<(), SinkError>> {
+        self.epochs.lock().expect("epochs").push(session.epoch);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// How a test's actor and simulator start.
+struct Options {
+    backoff: BackoffConfig,
+    fault: Fault,
+    /// The key the actor sends (the simulator accepts `KEY` only).
+    client_key: &'static str,
+    fixed_chats: Vec<String>,
+    health_check_interval: Duration,
+    /// WeChat initialised before the actor starts (with the right key), so that
+    /// `/api/health` says connected without the actor calling anything that needs a key.
+    initialized: bool,
+}
+
+impl Options {
+    fn new(backoff: BackoffConfig, fault: Fault) -> Self {
+        Self {
+            backoff,
+            fault,
+            client_key: KEY,
+            fixed_chats: Vec::new(),
+            health_check_interval: 30 * SECOND,
+            initialized: false,
+        }
     }
 }
 
@@ -40,6 +79,8 @@ impl MessageSink for Accepting {
 /// would stop the actor.
 struct Running {
     sim: Simulator,
+    monitor: Arc<Monitor>,
+    sink: Arc<Accepting>,
     cancel: CancellationToken,
     actor: tokio::task::JoinHandle<()>,
     _commands: mpsc::Sender<InstanceCommand>,
@@ -48,6 +89,18 @@ struct Running {
 
 impl Running {
     async fn start(backoff: BackoffConfig, fault: Fault) -> Self {
+        Self::start_with(Options::new(backoff, fault)).await
+    }
+
+    async fn start_with(options: Options) -> Self {
+        let Options {
+            backoff,
+            fault,
+            client_key,
+            fixed_chats,
+            health_check_interval,
+            initialized,
+        } = options;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let sim = Simulator::new(SimConfig {
             api_key: KEY.to_owned(),
@@ -64,23 +117,32 @@ impl Running {
         let addr = listener.local_addr().expect("addr");
         let cancel = CancellationToken::new();
         tokio::spawn(sim.clone().serve(listener, cancel.clone()));
+        if initialized {
+            let answer = reqwest::Client::new()
+                .post(format!("http://{addr}/api/wechat/initialize"))
+                .header("X-API-Key", KEY)
+                .send()
+                .await
+                .expect("initialize");
+            assert!(answer.status().is_success(), "{}", answer.status());
+        }
         let instance = InstanceConfig {
             id: "wx-paused".to_owned(),
             base_url: format!("http://{addr}"),
-            api_key: Secret::new(KEY),
+            api_key: Secret::new(client_key),
             api_key_source: KeySource::Inline,
             enabled: true,
         };
         let (settings, updates) = watch::channel(ActorSettings {
             listener: ListenerConfig {
                 poll_interval: SECOND / 10,
-                health_check_interval: 30 * SECOND,
+                health_check_interval,
                 listener_timeout: 3600 * SECOND,
                 max_listeners_per_instance: 10,
                 request_timeout: 10 * SECOND,
                 backoff,
             },
-            fixed_chats: Vec::new(),
+            fixed_chats,
         });
         let metrics = Metrics::register(&mut crate::metrics::Registry::default());
         let monitor = Arc::new(Monitor::new(
@@ -89,12 +151,13 @@ impl Running {
             300 * SECOND,
         ));
         let (commands, receiver) = mpsc::channel(4);
+        let sink = Arc::new(Accepting::default());
         let actor = InstanceActor::new(
             instance,
             updates,
             metrics,
-            monitor,
-            Arc::new(Accepting),
+            Arc::clone(&monitor),
+            Arc::clone(&sink) as Arc<dyn MessageSink>,
             receiver,
             Vec::new(),
             Held::default(),
@@ -104,6 +167,8 @@ impl Running {
         let actor = tokio::spawn(actor.run(cancel.clone()));
         Self {
             sim,
+            monitor,
+            sink,
             cancel,
             actor,
             _commands: commands,
@@ -139,6 +204,15 @@ impl Running {
             seen = now;
         }
         times
+    }
+
+    /// The error texts recorded for the instance, oldest first.
+    fn errors(&self) -> Vec<String> {
+        self.monitor
+            .recent_errors(100)
+            .into_iter()
+            .map(|record| record.error_message)
+            .collect()
     }
 
     async fn stop(self) {
@@ -233,5 +307,88 @@ async fn an_up_instance_is_polled_every_poll_interval_and_probed_every_health_ch
         gap + STEP >= 30 * SECOND && gap <= 30 * SECOND + STEP,
         "the next probe came {gap:?} later, not at the 30 s health check"
     );
+    running.stop().await;
+}
+
+/// A rejected key: `/api/health` needs none, so every probe passes and every poll fails with
+/// 401. Before, each passing probe ended the outage: an error, a new epoch and a backoff back
+/// at its first step on every cycle (about one a second). Now the outage lasts until a poll
+/// succeeds: one error, one new epoch, and probes that back off as for a dead instance.
+#[tokio::test(start_paused = true)]
+async fn a_rejected_key_is_one_outage_that_backs_off() {
+    let running = Running::start_with(Options {
+        client_key: "wrong-key-0123456789",
+        initialized: true,
+        ..Options::new(
+            BackoffConfig {
+                initial: SECOND,
+                max: 8 * SECOND,
+            },
+            Fault::None,
+        )
+    })
+    .await;
+    let times = running.wait_calls(HEALTH, 6, 60 * SECOND).await;
+    for (n, (pair, cap)) in times.windows(2).zip([1, 2, 4, 8]).enumerate() {
+        assert_step(pair[1] - pair[0], cap * SECOND, &format!("gap {}", n + 1));
+    }
+    // Every probe passed and was followed by one failing poll.
+    let polls = running.calls(POLL);
+    assert!((5..=6).contains(&polls), "{polls} polls for 6 probes");
+    let errors = running.errors();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("API key rejected"), "{}", errors[0]);
+    let epochs = running.sink.epochs.lock().expect("epochs").clone();
+    assert!(
+        epochs.iter().all(|epoch| *epoch <= 1),
+        "one outage, one new epoch at most: {epochs:?}"
+    );
+    running.stop().await;
+}
+
+/// A fixed chat the account does not have: the server refuses its `listen/add` with HTTP 500
+/// and code 3001. Before, that took the whole instance down at every recovery, so no other
+/// chat was ever polled. Now it is one error naming the chat; the instance is polled; the chat
+/// is tried again at each passing probe and listened once the account has it.
+#[tokio::test(start_paused = true)]
+async fn a_chat_the_account_lacks_does_not_stop_the_instance() {
+    let running = Running::start_with(Options {
+        fixed_chats: vec!["ghost".to_owned(), "real".to_owned()],
+        health_check_interval: 5 * SECOND,
+        ..Options::new(
+            BackoffConfig {
+                initial: SECOND,
+                max: 8 * SECOND,
+            },
+            Fault::None,
+        )
+    })
+    .await;
+    running.sim.set_missing_chats(&["ghost"]);
+    running.wait_calls(POLL, 20, 10 * SECOND).await;
+    assert_eq!(running.sim.snapshot().listened, ["real"]);
+    // Through two more passing probes: tried again, quietly.
+    let probes = running.calls(HEALTH);
+    running.wait_calls(HEALTH, probes + 2, 20 * SECOND).await;
+    let errors = running.errors();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].contains("code 3001") && errors[0].contains("(chat ghost)"),
+        "{}",
+        errors[0]
+    );
+    // `real` once; `ghost` at the start and at each of the two probes since.
+    let adds = running.calls("POST /api/message/listen/add");
+    assert!(
+        adds >= 4,
+        "ghost was not tried again: {adds} listen/add calls"
+    );
+    // The account joins the chat: the next probe listens to it.
+    running.sim.set_missing_chats(&[]);
+    let probes = running.calls(HEALTH);
+    running.wait_calls(HEALTH, probes + 1, 10 * SECOND).await;
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(running.sim.snapshot().listened, ["ghost", "real"]);
+    assert_eq!(running.errors().len(), 1);
     running.stop().await;
 }

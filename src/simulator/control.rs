@@ -4,6 +4,8 @@
 //! - `POST /_sim/inject` `{chat, sender?, content, count?}` or `{chat, message: {...}, count?}`
 //! - `POST /_sim/wechat` `{online}`
 //! - `POST /_sim/fault` `{mode: none|http500|garbage|wrong_types|slow|hang, delay_ms?}`
+//! - `POST /_sim/missing` `{chats: [...]}`: chats the account does not have (`listen/add` of
+//!   one fails with HTTP 500, code 3001)
 //! - `POST /_sim/media` `{chat, sender?, mtype, file_path?, content?, data_base64?}`: a media
 //!   message; `data_base64` makes `/api/file/download` serve those bytes for `file_path`
 //! - `POST /_sim/reset` (answers the fresh state)
@@ -65,6 +67,12 @@ struct WechatRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct MissingRequest {
+    chats: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FaultRequest {
     mode: String,
     delay_ms: Option<u64>,
@@ -81,6 +89,7 @@ pub(super) fn routes() -> Router<Simulator> {
         )
         .route("/wechat", post(wechat))
         .route("/fault", post(fault))
+        .route("/missing", post(missing))
         .route("/reset", post(reset))
         .route("/restart", post(restart))
         .route("/state", get(state))
@@ -187,6 +196,18 @@ async fn fault(State(sim): State<Simulator>, body: Bytes) -> Response {
         _ => None,
     };
     Json(json!({ "mode": fault.mode(), "delay_ms": delay_ms })).into_response()
+}
+
+/// `{"chats": [...]}`: the chats the account does not have (see `Simulator::set_missing_chats`).
+async fn missing(State(sim): State<Simulator>, body: Bytes) -> Response {
+    match parse::<MissingRequest>(&body) {
+        Ok(request) => {
+            let chats: Vec<&str> = request.chats.iter().map(String::as_str).collect();
+            sim.set_missing_chats(&chats);
+            Json(json!({ "missing": request.chats })).into_response()
+        }
+        Err(message) => bad_request(&message),
+    }
 }
 
 async fn reset(State(sim): State<Simulator>) -> Response {

@@ -2,7 +2,7 @@
 //! It is synchronous and knows nothing of HTTP beyond status codes, so every wxauto rule lives
 //! here once and the HTTP layer only parses requests and renders envelopes.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::mem;
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,10 @@ pub(super) struct State {
     calls: BTreeMap<String, u64>,
     listen_log: Vec<ListenEvent>,
     initialize_calls: u64,
+    /// Chats this WeChat account does not have (a group it is not in): `listen/add` of one
+    /// fails as the real server fails it, HTTP 500 with code 3001. Kept by `reset` and
+    /// `restart`: the account is the same.
+    missing: BTreeSet<String>,
 }
 
 struct Unread {
@@ -124,6 +128,7 @@ impl State {
             calls: BTreeMap::new(),
             listen_log: Vec::new(),
             initialize_calls: 0,
+            missing: BTreeSet::new(),
         }
     }
 
@@ -132,6 +137,7 @@ impl State {
         *self = Self {
             id_prefix: mem::take(&mut self.id_prefix),
             next_id,
+            missing: mem::take(&mut self.missing),
             ..Self::new("")
         };
     }
@@ -145,12 +151,17 @@ impl State {
             id_prefix: mem::take(&mut self.id_prefix),
             main,
             history,
+            missing: mem::take(&mut self.missing),
             ..Self::new("")
         };
     }
 
     pub fn set_fault(&mut self, fault: Fault) {
         self.fault = fault;
+    }
+
+    pub fn set_missing(&mut self, chats: BTreeSet<String>) {
+        self.missing = chats;
     }
 
     pub fn set_online(&mut self, online: bool) {
@@ -273,6 +284,13 @@ impl State {
     pub fn listen_add(&mut self, nickname: Option<String>) -> Result<Value, WxError> {
         self.ensure_ready()?;
         let nickname = nickname.ok_or_else(WxError::missing_params)?;
+        if self.missing.contains(&nickname) {
+            return Err(WxError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                3001,
+                format!("添加监听失败: 找不到会话 {nickname}"),
+            ));
+        }
         // Adding twice is fine on the real server: the window just stays open. Unread
         // main-window messages stay where they are; they were already unread.
         if !self.caches.contains_key(&nickname) {

@@ -328,6 +328,46 @@ async fn listen_get_is_destructive_and_answers_one_chat_per_call() {
     assert_eq!(only_chat(&body).map(|(chat, _)| chat).as_deref(), Some("A"));
 }
 
+/// A chat the account does not have: `listen/add` fails as the real server fails it (HTTP
+/// 500, code 3001), set through the control surface and kept by a restart.
+#[tokio::test]
+async fn listen_add_of_a_chat_the_account_lacks_is_refused_with_3001() {
+    let h = start().await;
+    h.initialize().await;
+    let (status, body) = h
+        .control(
+            Method::POST,
+            "/missing",
+            Some(json!({ "chats": ["ghost"] })),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["missing"]),
+        (StatusCode::OK, &json!(["ghost"]))
+    );
+    assert_error(
+        &h.post("/api/message/listen/add", json!({ "nickname": "ghost" }))
+            .await,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        3001,
+    );
+    h.listen("A").await;
+    h.sim.restart();
+    h.initialize().await;
+    assert_error(
+        &h.post(
+            "/api/message/listen/add",
+            json!({ "who": "ghost", "nickname": "ghost" }),
+        )
+        .await,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        3001,
+    );
+    h.sim.set_missing_chats(&[]);
+    h.listen("ghost").await;
+    assert_eq!(h.sim.snapshot().listened, ["ghost"]);
+}
+
 #[tokio::test]
 async fn listen_add_and_remove_follow_the_server_rules() {
     let h = start().await;

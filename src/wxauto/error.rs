@@ -101,6 +101,21 @@ impl WxautoError {
         }
     }
 
+    /// For a call about one chat (`listen/add`, `listen/remove`, a send, the chat's history):
+    /// true only when the instance itself failed. An answer in the server's envelope with
+    /// any code but 2001 ("WeChat not initialised") is about that chat, even with HTTP 500:
+    /// the server answers a `listen/add` it cannot carry out (a chat this account does not
+    /// have) with HTTP 500 and code 3001. Such a refusal must not stop the polls of every other
+    /// chat; whether the instance works is for the probe and the polls to say.
+    pub fn is_instance_failure_for_chat(&self) -> bool {
+        match self {
+            Self::HttpStatus {
+                code: Some(code), ..
+            } => *code == 2001,
+            _ => self.is_instance_failure(),
+        }
+    }
+
     /// True for the error that means "this chat is not listened" (send to an unknown chat).
     pub fn is_not_listened(&self) -> bool {
         matches!(

@@ -14,6 +14,48 @@ fn every_endpoint_indexes_its_own_metric_label() {
     assert_eq!(Endpoint::GetAllMessages.label(), "get_all_messages");
 }
 
+/// A chat this account does not have is refused with HTTP 500 and code 3001: a polling
+/// failure with that answer stops the instance, a call about one chat does not. Without an
+/// envelope (a proxy's 502, a crashed server) or with 2001, both stop it.
+#[test]
+fn a_refusal_about_one_chat_is_not_an_instance_failure() {
+    let http = |status, code| WxautoError::HttpStatus {
+        endpoint: "listen_add",
+        status,
+        code,
+        message: "添加监听失败".to_owned(),
+    };
+    let refused = http(500, Some(3001));
+    assert!(refused.is_instance_failure());
+    assert!(!refused.is_instance_failure_for_chat());
+    assert!(!http(500, Some(5000)).is_instance_failure_for_chat());
+    assert!(!http(404, Some(3001)).is_instance_failure_for_chat());
+    assert!(http(502, None).is_instance_failure_for_chat());
+    assert!(http(500, Some(2001)).is_instance_failure_for_chat());
+    let api_code = |code| WxautoError::ApiCode {
+        endpoint: "listen_add",
+        code,
+        message: String::new(),
+    };
+    assert!(api_code(2001).is_instance_failure_for_chat());
+    assert!(!api_code(3001).is_instance_failure_for_chat());
+    for transport in [
+        WxautoError::Timeout {
+            endpoint: "listen_add",
+        },
+        WxautoError::Connect {
+            endpoint: "listen_add",
+            reason: "refused".to_owned(),
+        },
+        WxautoError::Auth {
+            endpoint: "listen_add",
+            message: String::new(),
+        },
+    ] {
+        assert!(transport.is_instance_failure_for_chat(), "{transport}");
+    }
+}
+
 #[test]
 fn a_key_echoed_across_the_cut_is_still_redacted() {
     let _ = rustls::crypto::ring::default_provider().install_default();
