@@ -121,6 +121,9 @@ pub struct ListenerConfig {
     pub health_check_interval: Duration,
     /// A chat with no message for this long becomes inactive and is removed upstream.
     pub listener_timeout: Duration,
+    /// An inactive chat is forgotten (dropped from the chat table, the store, the monitor API
+    /// and the health score's `listeners` part) this long after it became inactive.
+    pub forget_inactive_after: Duration,
     /// Cap on active chats per instance.
     pub max_listeners_per_instance: usize,
     /// Timeout of every call to a wxauto instance.

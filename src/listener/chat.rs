@@ -31,6 +31,9 @@ pub(super) struct Chat {
     /// an error once, then retried quietly at every passing probe while it stays active
     /// (a fixed chat), until a `listen/add` succeeds.
     pub(super) refused: bool,
+    /// When it last became inactive; an inactive chat is forgotten
+    /// `listener.forget_inactive_after` later.
+    pub(super) inactive_since: Option<Instant>,
 }
 
 impl Chat {
@@ -47,6 +50,7 @@ impl Chat {
             error_count: 0,
             baseline: None,
             refused: false,
+            inactive_since: None,
         }
     }
 
@@ -74,6 +78,7 @@ impl Chat {
             error_count: stored.error_count,
             baseline: stored.baseline.clone(),
             refused: false,
+            inactive_since: (!stored.active).then(Instant::now),
         }
     }
 
@@ -113,12 +118,29 @@ impl Chat {
             error_count: state.error_count,
             baseline: None,
             refused: false,
+            inactive_since: (!state.active).then(Instant::now),
         }
     }
 
     /// Listened, not fixed, and without a message for `timeout`: due for listen/remove.
     pub(super) fn is_idle(&self, now: Instant, timeout: Duration) -> bool {
         self.active && !self.fixed && now.duration_since(self.last_activity) >= timeout
+    }
+
+    /// Not listened any more (timed out, refused, no longer fixed): its forgetting timer
+    /// starts now.
+    pub(super) fn deactivate(&mut self) {
+        self.active = false;
+        self.inactive_since = Some(Instant::now());
+    }
+
+    /// Inactive for `after`: due to be dropped from the table.
+    pub(super) fn is_forgotten(&self, now: Instant, after: Duration) -> bool {
+        !self.active
+            && !self.fixed
+            && self
+                .inactive_since
+                .is_some_and(|since| now.duration_since(since) >= after)
     }
 
     pub(super) fn touch(&mut self, messages: u64) {
@@ -224,7 +246,7 @@ impl InstanceActor {
                     if chat.fixed {
                         chat.refused = true;
                     } else {
-                        chat.active = false;
+                        chat.deactivate();
                     }
                 }
                 Ok(())
@@ -302,7 +324,22 @@ impl InstanceActor {
 
     pub(super) fn set_inactive(&mut self, name: &str) {
         if let Some(chat) = self.chats.get_mut(name) {
-            chat.active = false;
+            chat.deactivate();
+        }
+    }
+
+    /// Drops the chats inactive for `listener.forget_inactive_after`: a chat that timed out
+    /// (or was refused, or is no longer fixed) stays visible as inactive for that long, then
+    /// leaves the table, the store, the monitor API and the health score. If it writes again
+    /// it comes back through the main window as a new chat.
+    pub(super) fn forget_inactive_chats(&mut self) {
+        let after = self.settings.listener.forget_inactive_after;
+        let now = Instant::now();
+        let before = self.chats.len();
+        self.chats.retain(|_, chat| !chat.is_forgotten(now, after));
+        let forgotten = before - self.chats.len();
+        if forgotten > 0 {
+            tracing::debug!(instance_id = %self.instance.id, chats = forgotten, "Inactive chats forgotten.");
         }
     }
 
@@ -334,6 +371,7 @@ impl InstanceActor {
                 .record_listener_removed(&self.instance.id, "timeout");
             tracing::debug!(instance_id = %self.instance.id, "Chat timed out and was removed.");
         }
+        self.forget_inactive_chats();
         Ok(())
     }
 }

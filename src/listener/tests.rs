@@ -57,6 +57,8 @@ struct Options {
     client_key: &'static str,
     fixed_chats: Vec<String>,
     health_check_interval: Duration,
+    listener_timeout: Duration,
+    forget_inactive_after: Duration,
     /// WeChat initialised before the actor starts (with the right key), so that
     /// `/api/health` says connected without the actor calling anything that needs a key.
     initialized: bool,
@@ -70,6 +72,8 @@ impl Options {
             client_key: KEY,
             fixed_chats: Vec::new(),
             health_check_interval: 30 * SECOND,
+            listener_timeout: 3600 * SECOND,
+            forget_inactive_after: 3600 * SECOND,
             initialized: false,
         }
     }
@@ -99,6 +103,8 @@ impl Running {
             client_key,
             fixed_chats,
             health_check_interval,
+            listener_timeout,
+            forget_inactive_after,
             initialized,
         } = options;
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -137,7 +143,8 @@ impl Running {
             listener: ListenerConfig {
                 poll_interval: SECOND / 10,
                 health_check_interval,
-                listener_timeout: 3600 * SECOND,
+                listener_timeout,
+                forget_inactive_after,
                 max_listeners_per_instance: 10,
                 request_timeout: 10 * SECOND,
                 backoff,
@@ -150,6 +157,7 @@ impl Running {
             Arc::new(ProcessCollector::new()),
             300 * SECOND,
         ));
+        monitor.register_instance("wx-paused", true);
         let (commands, receiver) = mpsc::channel(4);
         let sink = Arc::new(Accepting::default());
         let actor = InstanceActor::new(
@@ -390,5 +398,63 @@ async fn a_chat_the_account_lacks_does_not_stop_the_instance() {
     tokio::time::sleep(SECOND).await;
     assert_eq!(running.sim.snapshot().listened, ["ghost", "real"]);
     assert_eq!(running.errors().len(), 1);
+    running.stop().await;
+}
+
+/// A chat that went quiet: inactive (removed upstream) after `listener_timeout`, still shown as
+/// inactive, then forgotten `forget_inactive_after` later, so the health score's `listeners`
+/// part, which counts inactive chats, does not keep its deduction for chats that simply went
+/// quiet. A later message brings it back as a new chat.
+#[tokio::test(start_paused = true)]
+async fn a_quiet_chat_times_out_and_is_forgotten_later() {
+    let running = Running::start_with(Options {
+        listener_timeout: 10 * SECOND,
+        forget_inactive_after: 20 * SECOND,
+        ..Options::new(
+            BackoffConfig {
+                initial: SECOND,
+                max: 8 * SECOND,
+            },
+            Fault::None,
+        )
+    })
+    .await;
+    let chats = |running: &Running| running.monitor.chats_of("wx-paused");
+    let deduction = |running: &Running| running.monitor.snapshot().health.deductions.listeners;
+    running.sim.inject("quiet", "alice", "hello");
+    let listened = Instant::now();
+    running
+        .wait_calls("POST /api/message/listen/add", 1, 5 * SECOND)
+        .await;
+    assert_eq!(running.sim.snapshot().listened, ["quiet"]);
+    // Timed out: removed upstream, still in the table as inactive (a deduction of 20: one chat,
+    // inactive).
+    running
+        .wait_calls("POST /api/message/listen/remove", 1, 20 * SECOND)
+        .await;
+    let removed = Instant::now() - listened;
+    assert!(removed >= 10 * SECOND, "removed after {removed:?}");
+    tokio::time::sleep(SECOND).await;
+    let now = chats(&running);
+    assert_eq!(now.len(), 1);
+    assert!(!now[0].1.active);
+    assert_eq!(deduction(&running), 20);
+    // Forgotten 20 s after it became inactive, not before.
+    tokio::time::sleep(15 * SECOND).await;
+    assert_eq!(chats(&running).len(), 1, "forgotten too early");
+    tokio::time::sleep(5 * SECOND).await;
+    assert!(chats(&running).is_empty(), "{:?}", chats(&running));
+    assert_eq!(deduction(&running), 0);
+    // It writes again: a new chat, listened again.
+    running.sim.inject("quiet", "alice", "back");
+    running
+        .wait_calls("POST /api/message/listen/add", 2, 5 * SECOND)
+        .await;
+    tokio::time::sleep(SECOND).await;
+    assert!(
+        chats(&running)
+            .first()
+            .is_some_and(|(name, chat)| name == "quiet" && chat.active)
+    );
     running.stop().await;
 }

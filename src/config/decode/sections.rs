@@ -49,6 +49,7 @@ const LISTENER_KEYS: &[&str] = &[
     "poll_interval",
     "health_check_interval",
     "listener_timeout",
+    "forget_inactive_after",
     "max_listeners_per_instance",
     "request_timeout",
     "backoff",
@@ -213,6 +214,7 @@ fn listener(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ListenerConfig {
             poll_interval: secs(5),
             health_check_interval: secs(30),
             listener_timeout: secs(30 * 60),
+            forget_inactive_after: secs(60 * 60),
             max_listeners_per_instance: 30,
             request_timeout: secs(10),
             backoff: default_backoff,
@@ -222,6 +224,7 @@ fn listener(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ListenerConfig {
         poll_interval: fields.duration_or(ctx, "poll_interval", secs(5)),
         health_check_interval: fields.duration_or(ctx, "health_check_interval", secs(30)),
         listener_timeout: fields.duration_or(ctx, "listener_timeout", secs(30 * 60)),
+        forget_inactive_after: fields.duration_or(ctx, "forget_inactive_after", secs(60 * 60)),
         max_listeners_per_instance: to_usize(fields.int_or(
             ctx,
             "max_listeners_per_instance",

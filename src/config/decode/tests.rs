@@ -72,6 +72,7 @@ listener:
   poll_interval: 2s
   health_check_interval: 15s
   listener_timeout: 1h
+  forget_inactive_after: 2h
   max_listeners_per_instance: 12
   request_timeout: 3s
   backoff: {initial: 500ms, max: 2m}
@@ -171,6 +172,7 @@ storage:
     assert_eq!(listener.poll_interval, Duration::from_secs(2));
     assert_eq!(listener.health_check_interval, Duration::from_secs(15));
     assert_eq!(listener.listener_timeout, Duration::from_secs(3600));
+    assert_eq!(listener.forget_inactive_after, Duration::from_secs(7200));
     assert_eq!(listener.max_listeners_per_instance, 12);
     assert_eq!(listener.request_timeout, Duration::from_secs(3));
     assert_eq!(listener.backoff.initial, Duration::from_millis(500));
@@ -319,7 +321,7 @@ storage:
     assert_eq!(
         loaded.warnings,
         [format!(
-            "{}:21:14: instances[2].api_key: inline API key; prefer api_key_env or api_key_file",
+            "{}:22:14: instances[2].api_key: inline API key; prefer api_key_env or api_key_file",
             config_path.display()
         )]
     );
@@ -338,6 +340,7 @@ fn empty_instances_is_valid_and_everything_defaults() {
     assert_eq!(listener.poll_interval, Duration::from_secs(5));
     assert_eq!(listener.health_check_interval, Duration::from_secs(30));
     assert_eq!(listener.listener_timeout, Duration::from_secs(30 * 60));
+    assert_eq!(listener.forget_inactive_after, Duration::from_secs(60 * 60));
     assert_eq!(listener.max_listeners_per_instance, 30);
     assert_eq!(listener.request_timeout, Duration::from_secs(10));
     assert_eq!(listener.backoff.initial, Duration::from_secs(1));
