@@ -47,8 +47,33 @@ impl Deadline {
 /// Exit code when a second signal aborts the graceful shutdown.
 pub const ABORT_EXIT_CODE: i32 = 130;
 
-/// Spawns the signal listener. The first SIGTERM/SIGINT cancels `shutdown`; a second one ends
-/// the process at once. On unix, SIGHUP calls `on_hangup` (the caller asks for a reload), like
+/// A signal this soon after the first is the same request, not a second one: `timeout(1)`
+/// signals its command and then its whole process group, and a terminal's Ctrl-C reaches a
+/// wrapper script and the sidecar at once, so one stop can arrive twice within microseconds.
+/// A person asking again to abort a slow stop takes longer than this.
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(1);
+
+/// What a SIGTERM/SIGINT means, given when the first one came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The first: stop gracefully.
+    Graceful,
+    /// Within `REPEAT_WINDOW` of the first: the same request delivered twice.
+    Repeat,
+    /// Later: abort the graceful stop.
+    Abort,
+}
+
+fn classify(first: Option<Instant>, now: Instant) -> Stop {
+    match first {
+        None => Stop::Graceful,
+        Some(first) if now.duration_since(first) < REPEAT_WINDOW => Stop::Repeat,
+        Some(_) => Stop::Abort,
+    }
+}
+
+/// Spawns the signal listener. The first SIGTERM/SIGINT cancels `shutdown`; a second one, at
+/// least `REPEAT_WINDOW` later, ends the process at once. On unix, SIGHUP calls `on_hangup` (the caller asks for a reload), like
 /// the watcher's `on_change`: this module knows nothing of the supervisor.
 pub fn spawn(shutdown: CancellationToken, on_hangup: Arc<dyn Fn() + Send + Sync>) {
     // Installed before returning, not in the task: the caller reports ready next, and until a
@@ -64,17 +89,21 @@ pub fn spawn(shutdown: CancellationToken, on_hangup: Arc<dyn Fn() + Send + Sync>
     #[cfg(not(unix))]
     drop(on_hangup);
     tokio::spawn(async move {
-        let mut received = 0u32;
+        let mut first = None;
         loop {
             match signals.next().await {
-                Signal::Terminate => {
-                    received += 1;
-                    if received == 1 {
+                Signal::Terminate => match classify(first, Instant::now()) {
+                    Stop::Graceful => {
+                        first = Some(Instant::now());
                         tracing::info!(
                             "Shutdown signal received; stopping gracefully (send it again to abort)."
                         );
                         shutdown.cancel();
-                    } else {
+                    }
+                    Stop::Repeat => tracing::info!(
+                        "Shutdown signal received again within a second: the same stop, still graceful."
+                    ),
+                    Stop::Abort => {
                         eprintln!("wxauto-sidecar: second signal received; aborting");
                         #[allow(
                             clippy::disallowed_methods,
@@ -82,7 +111,7 @@ pub fn spawn(shutdown: CancellationToken, on_hangup: Arc<dyn Fn() + Send + Sync>
                         )]
                         std::process::exit(ABORT_EXIT_CODE);
                     }
-                }
+                },
                 #[cfg(unix)]
                 Signal::Hangup => {
                     tracing::info!("SIGHUP received; reloading the configuration.");
@@ -153,6 +182,16 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signal_within_a_second_of_the_first_is_the_same_stop() {
+        let first = Instant::now();
+        assert_eq!(classify(None, first), Stop::Graceful);
+        assert_eq!(classify(Some(first), first), Stop::Repeat);
+        let just_before = first + REPEAT_WINDOW - Duration::from_millis(1);
+        assert_eq!(classify(Some(first), just_before), Stop::Repeat);
+        assert_eq!(classify(Some(first), first + REPEAT_WINDOW), Stop::Abort);
+    }
 
     /// Three stages that never finish take the grace once, not once each.
     #[tokio::test(start_paused = true)]

@@ -272,13 +272,34 @@ fn a_second_signal_aborts_a_slow_shutdown() {
         child.try_wait().unwrap().is_none(),
         "still stopping gracefully"
     );
+    // The same stop delivered twice (`timeout` signals its command, then its process group;
+    // Ctrl-C reaches a wrapper script and the sidecar at once): not an abort.
+    let term = || {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    term();
+    wait_for("the repeat is seen", &|| {
+        stderr().contains("received again within a second")
+    });
     assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
+        started.elapsed() < wxauto_sidecar::shutdown::REPEAT_WINDOW,
+        "the repeat came too late to test"
     );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a repeat within a second aborted the graceful stop"
+    );
+    // Asked again later: abort.
+    wait_for("a second has passed", &|| {
+        started.elapsed() > wxauto_sidecar::shutdown::REPEAT_WINDOW
+    });
+    term();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "the second signal aborts");
     assert!(started.elapsed() < Duration::from_secs(5));
