@@ -201,6 +201,8 @@ struct Shared {
     request_labels: Vec<Labels>,
     endpoint_labels: Vec<Labels>,
     reason_labels: Vec<Labels>,
+    /// Upstream calls of removed instances, so that `api_calls_made` never goes down.
+    removed_calls: AtomicU64,
 }
 
 /// A per-instance counter family (`InstanceLabels` or `ReasonLabels`), shaped like
@@ -353,6 +355,7 @@ impl Metrics {
                 .into_iter()
                 .map(|reason| Labels::of(&[("reason", reason)]))
                 .collect(),
+            removed_calls: AtomicU64::new(0),
         });
         let counter = |slot| InstanceCounter {
             shared: Arc::clone(&shared),
@@ -429,25 +432,34 @@ impl Metrics {
             .add(INIT_MASK);
     }
 
-    /// Drops every series of a removed instance.
+    /// Drops every series of a removed instance; its calls stay counted in `api_calls_made`.
     pub fn remove_instance(&self, instance_id: &str) {
-        self.shared.instances.remove(instance_id);
+        if let Some(series) = self.shared.instances.remove(instance_id) {
+            self.shared
+                .removed_calls
+                .fetch_add(calls_of(&series), Ordering::Relaxed);
+        }
     }
 
-    /// Total upstream calls made so far (the statistics' `api_calls_made`).
+    /// Upstream calls made since start (the statistics' `api_calls_made`): those of
+    /// `instance_ids` and of every instance removed before.
     pub fn api_calls_made(&self, instance_ids: &[String]) -> u64 {
-        instance_ids
+        let current: u64 = instance_ids
             .iter()
             .filter_map(|id| self.shared.instances.get(id))
-            .map(|series| {
-                series
-                    .requests
-                    .iter()
-                    .map(|count| count.load(Ordering::Relaxed))
-                    .sum::<u64>()
-            })
-            .sum()
+            .map(|series| calls_of(&series))
+            .sum();
+        current + self.shared.removed_calls.load(Ordering::Relaxed)
     }
+}
+
+/// An instance's upstream calls, every endpoint and outcome.
+fn calls_of(series: &InstanceSeries) -> u64 {
+    series
+        .requests
+        .iter()
+        .map(|count| count.load(Ordering::Relaxed))
+        .sum()
 }
 
 /// The hand-written per-instance families, walked in instance id order.

@@ -116,11 +116,12 @@ impl<S> Table<S> {
     }
 
     /// Drops the entry of `key` and so every series it holds.
-    pub fn remove(&self, key: &str) {
+    /// Removes an entry; returns it, if there was one.
+    pub fn remove(&self, key: &str) -> Option<Arc<S>> {
         self.map
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(key);
+            .remove(key)
     }
 
     /// Every entry, in key order, for a scrape.

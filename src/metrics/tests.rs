@@ -29,6 +29,10 @@ fn an_instance_starts_at_zero_and_leaves_no_series_behind() {
         !text.contains("\"wx-a\""),
         "series of a removed instance remain"
     );
+    // The statistic counts calls since start: a removed instance's calls stay in it.
+    assert_eq!(metrics.api_calls_made(&["wx-b".to_owned()]), 1);
+    metrics.observe_api_call("wx-b", 0, ApiOutcome::Success, Duration::from_millis(3));
+    assert_eq!(metrics.api_calls_made(&["wx-b".to_owned()]), 2);
     assert!(text.contains("instance_id=\"wx-b\""));
     // HELP lines end with exactly one period (the registry appends it).
     assert!(
@@ -591,7 +595,21 @@ fn the_hand_written_families_expose_what_prometheus_client_exposed() {
         .flat_map(|id| reference::Reference::api_sets(id))
         .filter_map(|labels| reference.api_requests.get(&labels).map(|c| c.get()))
         .sum();
-    assert_eq!(metrics.api_calls_made(&ids), calls);
+    // Plus the calls of the instances removed (each removal keeps the calls made until then).
+    let mut live = std::collections::HashMap::new();
+    let mut removed = 0;
+    for op in operations() {
+        match op {
+            Op::Call(id, ..) => *live.entry(id).or_insert(0) += 1,
+            Op::Remove(id) => removed += live.remove(id).unwrap_or(0),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        removed, 28,
+        "wx-gone's and wx-late's calls before their removal"
+    );
+    assert_eq!(metrics.api_calls_made(&ids), calls + removed);
 }
 
 #[test]
