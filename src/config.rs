@@ -8,6 +8,7 @@ mod diff;
 mod process;
 pub mod watch;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,6 +36,10 @@ pub struct Config {
     pub listener: ListenerConfig,
     /// `instances:`, in file order, ids unique.
     pub instances: Vec<InstanceConfig>,
+    /// The listener settings of the instances that set `instances[].listener`: the global
+    /// `listener:` with their keys over it (`listener_for`). Not part of `InstanceConfig`, so
+    /// that changing them applies live instead of restarting the instance.
+    pub instance_listeners: BTreeMap<String, ListenerConfig>,
     /// `fixed_listeners:`.
     pub fixed_listeners: Vec<FixedListener>,
     /// `platforms:`, ids unique.
@@ -524,6 +529,14 @@ impl Default for MediaConfig {
 // === impl Config ===
 
 impl Config {
+    /// The listener settings of an instance: its `instances[].listener` keys over the global
+    /// `listener:` section.
+    pub fn listener_for(&self, instance_id: &str) -> &ListenerConfig {
+        self.instance_listeners
+            .get(instance_id)
+            .unwrap_or(&self.listener)
+    }
+
     /// The enabled instances, in file order.
     pub fn enabled_instances(&self) -> impl Iterator<Item = &InstanceConfig> {
         self.instances.iter().filter(|instance| instance.enabled)

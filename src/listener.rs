@@ -297,9 +297,11 @@ impl InstanceActor {
                         .map_err(|error| (error.to_string(), error.kind()));
                 }
                 match result {
-                    Ok(()) => self
-                        .schedule
-                        .probe_passed(Instant::now(), self.settings.listener.health_check_interval),
+                    Ok(()) => self.schedule.probe_passed(
+                        Instant::now(),
+                        self.settings.listener.health_check_interval,
+                        !was_up,
+                    ),
                     Err((message, kind)) => {
                         self.go_down(&message, kind);
                         self.schedule.probe_failed(Instant::now());

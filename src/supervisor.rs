@@ -307,7 +307,7 @@ impl Supervisor {
 
     fn settings_for(&self, instance_id: &str) -> ActorSettings {
         ActorSettings {
-            listener: self.config.listener.clone(),
+            listener: self.config.listener_for(instance_id).clone(),
             fixed_chats: self
                 .config
                 .fixed_chats_for(instance_id)

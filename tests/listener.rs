@@ -567,3 +567,27 @@ async fn a_restart_keeps_the_chat_table_and_re_adds_upstream() {
     .await;
     sidecar.stop().await;
 }
+
+/// `instances[].listener` reaches that instance's actor only: one instance polled every
+/// 100 ms (the global section), the other with its own hour-long poll interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_polls_at_its_own_interval() {
+    let fast = start_sim("own-fast").await;
+    let slow = start_sim("own-slow").await;
+    let (text, env) = config_for(&[("wx-fast", &fast), ("wx-slow", &slow)], "");
+    let own = "api_key_env: KEY_WX_SLOW\n";
+    assert!(text.contains(own));
+    let text = text.replacen(
+        own,
+        &format!("{own}    listener:\n      poll_interval: 1h\n"),
+        1,
+    );
+    let sidecar = start_sidecar(text, env).await;
+    eventually("the slow instance polled once", DEADLINE, || async {
+        (polls(&slow) >= 1).then_some(())
+    })
+    .await;
+    keeps_polling(&fast, 10).await;
+    assert_eq!(polls(&slow), 1, "wx-slow polled at the global 100 ms");
+    sidecar.stop().await;
+}

@@ -158,7 +158,8 @@ impl ConfigDiff {
 
         Self {
             instances,
-            listener_changed: old.listener != new.listener,
+            listener_changed: old.listener != new.listener
+                || old.instance_listeners != new.instance_listeners,
             fixed_listeners_changed: old.fixed_listeners != new.fixed_listeners,
             rules_changed: !same_list(&old.rules, &new.rules, same_rule),
             platforms_changed: !same_list(&old.platforms, &new.platforms, same_platform),
@@ -493,6 +494,33 @@ rules:
             assert_eq!(diff.summary(), *summary, "{from:?} -> {to:?}");
             assert!(!diff.is_empty());
         }
+    }
+
+    /// An instance's own listener keys are settings: changing them sends every actor its
+    /// settings (`listener_changed`) and restarts no instance.
+    #[test]
+    fn an_instance_listener_change_is_a_live_setting() {
+        let own = changed(
+            "api_key_env: KEY}\n  - {id: wx-b",
+            "api_key_env: KEY, listener: {poll_interval: 1s}}\n  - {id: wx-b",
+        );
+        let diff = ConfigDiff::between(&config(BASE), &own);
+        assert!(diff.listener_changed, "{diff:?}");
+        assert!(diff.instances.is_empty(), "{diff:?}");
+        assert_eq!(
+            own.listener_for("wx-a").poll_interval,
+            std::time::Duration::from_secs(1)
+        );
+        assert_eq!(
+            own.listener_for("wx-b").poll_interval,
+            std::time::Duration::from_secs(5)
+        );
+        let slower = changed(
+            "api_key_env: KEY}\n  - {id: wx-b",
+            "api_key_env: KEY, listener: {poll_interval: 2s}}\n  - {id: wx-b",
+        );
+        assert!(ConfigDiff::between(&own, &slower).listener_changed);
+        assert!(ConfigDiff::between(&own, &own).is_empty());
     }
 
     #[test]

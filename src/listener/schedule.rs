@@ -58,11 +58,15 @@ impl Schedule {
         self.next_probe
     }
 
-    /// A probe passed at `now`: the next one after `interval`, and the poll due at once if it
-    /// was later. The backoff keeps its step until a poll succeeds (`recovered`).
-    pub(super) fn probe_passed(&mut self, now: Instant, interval: Duration) {
+    /// A probe passed at `now`: the next one after `interval`. When the instance was not up
+    /// before it (`came_up`), the poll is due at once; an instance that stays up keeps its own
+    /// poll period, even one longer than the health check's. The backoff keeps its step until
+    /// a poll succeeds (`recovered`).
+    pub(super) fn probe_passed(&mut self, now: Instant, interval: Duration, came_up: bool) {
         self.next_probe = now + interval;
-        self.next_poll = self.next_poll.min(now);
+        if came_up {
+            self.next_poll = self.next_poll.min(now);
+        }
     }
 
     /// A poll succeeded after an outage: the next outage backs off from the first step.
@@ -143,7 +147,7 @@ mod tests {
             now += schedule.probe_failed(now);
         }
         schedule.polled(now, 60 * SECOND);
-        schedule.probe_passed(now, 30 * SECOND);
+        schedule.probe_passed(now, 30 * SECOND, true);
         assert_eq!(schedule.next_probe(), now + 30 * SECOND);
         assert!(
             schedule.poll_due(now),
@@ -158,7 +162,7 @@ mod tests {
             "{delay:?}: the backoff started over"
         );
         now += delay;
-        schedule.probe_passed(now, 30 * SECOND);
+        schedule.probe_passed(now, 30 * SECOND, true);
         // This time the poll succeeds: the next outage (seen by a poll) starts again at the
         // first step.
         schedule.recovered();
@@ -174,11 +178,25 @@ mod tests {
         assert!(in_step(delay, 2 * SECOND), "{delay:?}");
     }
 
+    /// Polling every minute with a health check every 30 s: a probe that passes while the
+    /// instance stays up does not bring the poll forward.
+    #[test]
+    fn a_probe_of_an_instance_that_stays_up_keeps_the_poll_period() {
+        let start = Instant::now();
+        let mut schedule = Schedule::new(config(), start);
+        schedule.probe_passed(start, 30 * SECOND, true);
+        schedule.polled(start, 60 * SECOND);
+        let probe = start + 30 * SECOND;
+        schedule.probe_passed(probe, 30 * SECOND, false);
+        assert!(!schedule.poll_due(probe));
+        assert_eq!(schedule.wake(true), start + 60 * SECOND);
+    }
+
     #[test]
     fn while_up_the_earlier_of_probe_and_poll_wakes_the_actor() {
         let start = Instant::now();
         let mut schedule = Schedule::new(config(), start);
-        schedule.probe_passed(start, 30 * SECOND);
+        schedule.probe_passed(start, 30 * SECOND, true);
         schedule.polled(start, SECOND);
         assert_eq!(schedule.wake(true), start + SECOND);
         assert_eq!(schedule.wake(false), start + 30 * SECOND);

@@ -4,7 +4,7 @@
 
 mod instances;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -100,12 +100,12 @@ pub(super) fn config(ctx: &mut Ctx<'_>, root: &Node) -> Option<Config> {
     let storage = storage(ctx, fields.get_raw("storage"));
     let media = media(ctx, fields.get_raw("media"));
 
-    let (instances, known_ids) = match fields.get_raw("instances") {
+    let (instances, known_ids, instance_listeners) = match fields.get_raw("instances") {
         // `instances: []` is valid (nothing to poll yet); a bare `instances:` is not a list.
-        Some(node) => instances(ctx, node, "instances"),
+        Some(node) => instances(ctx, node, "instances", &listener),
         None => {
             fields.required(ctx, "instances");
-            (Vec::new(), KnownIds::new())
+            (Vec::new(), KnownIds::new(), BTreeMap::new())
         }
     };
     let fixed_listeners = fixed_listeners(ctx, fields.get("fixed_listeners"), &known_ids);
@@ -117,6 +117,7 @@ pub(super) fn config(ctx: &mut Ctx<'_>, root: &Node) -> Option<Config> {
         server,
         listener,
         instances,
+        instance_listeners,
         fixed_listeners,
         platforms,
         rules,
@@ -204,35 +205,58 @@ fn socket_addr(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<SocketAddr>
     }
 }
 
+/// The `listener:` section's defaults.
+fn default_listener() -> ListenerConfig {
+    ListenerConfig {
+        poll_interval: secs(5),
+        health_check_interval: secs(30),
+        listener_timeout: secs(30 * 60),
+        forget_inactive_after: secs(60 * 60),
+        max_listeners_per_instance: 30,
+        request_timeout: secs(10),
+        backoff: BackoffConfig {
+            initial: secs(1),
+            max: secs(60),
+        },
+    }
+}
+
 fn listener(ctx: &mut Ctx<'_>, node: Option<&Node>) -> ListenerConfig {
-    let default_backoff = BackoffConfig {
-        initial: secs(1),
-        max: secs(60),
-    };
-    let Some(fields) = ctx.section(node, "listener", LISTENER_KEYS) else {
-        return ListenerConfig {
-            poll_interval: secs(5),
-            health_check_interval: secs(30),
-            listener_timeout: secs(30 * 60),
-            forget_inactive_after: secs(60 * 60),
-            max_listeners_per_instance: 30,
-            request_timeout: secs(10),
-            backoff: default_backoff,
-        };
+    listener_over(ctx, node, "listener", &default_listener())
+}
+
+/// A listener section at `path` (`listener`, or `instances[i].listener`), every key it does
+/// not set taken from `defaults` (the built-in defaults, or the global section).
+pub(super) fn listener_over(
+    ctx: &mut Ctx<'_>,
+    node: Option<&Node>,
+    path: &str,
+    defaults: &ListenerConfig,
+) -> ListenerConfig {
+    let Some(fields) = ctx.section(node, path, LISTENER_KEYS) else {
+        return defaults.clone();
     };
     ListenerConfig {
-        poll_interval: fields.duration_or(ctx, "poll_interval", secs(5)),
-        health_check_interval: fields.duration_or(ctx, "health_check_interval", secs(30)),
-        listener_timeout: fields.duration_or(ctx, "listener_timeout", secs(30 * 60)),
-        forget_inactive_after: fields.duration_or(ctx, "forget_inactive_after", secs(60 * 60)),
+        poll_interval: fields.duration_or(ctx, "poll_interval", defaults.poll_interval),
+        health_check_interval: fields.duration_or(
+            ctx,
+            "health_check_interval",
+            defaults.health_check_interval,
+        ),
+        listener_timeout: fields.duration_or(ctx, "listener_timeout", defaults.listener_timeout),
+        forget_inactive_after: fields.duration_or(
+            ctx,
+            "forget_inactive_after",
+            defaults.forget_inactive_after,
+        ),
         max_listeners_per_instance: to_usize(fields.int_or(
             ctx,
             "max_listeners_per_instance",
             IntRange::at_least(1),
-            30,
+            i128::try_from(defaults.max_listeners_per_instance).unwrap_or(i128::MAX),
         )),
-        request_timeout: fields.duration_or(ctx, "request_timeout", secs(10)),
-        backoff: backoff(ctx, &fields, default_backoff),
+        request_timeout: fields.duration_or(ctx, "request_timeout", defaults.request_timeout),
+        backoff: backoff(ctx, &fields, defaults.backoff),
     }
 }
 

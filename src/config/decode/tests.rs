@@ -664,7 +664,7 @@ fn instance_errors() {
     check(
         "instances:\n  - id: a\n    base_url: http://h\n    api_key_env: WX_KEY\n    port: 1\n",
         &[
-            "5:5: instances[0].port: unknown key \"port\"; allowed keys: id, base_url, api_key_env, api_key_file, api_key, enabled",
+            "5:5: instances[0].port: unknown key \"port\"; allowed keys: id, base_url, api_key_env, api_key_file, api_key, enabled, listener",
         ],
     );
 }
@@ -1350,4 +1350,46 @@ fn coze_api_base_credentials_are_warned_about_not_kept() {
         loaded.warnings
     );
     assert!(!loaded.warnings[0].contains("coze-pass-Xy12"));
+}
+
+/// `instances[].listener` sets that instance's listener keys over the global section; the
+/// keys it leaves out come from the global section, and instances without one use it whole.
+#[test]
+fn an_instance_listener_section_overrides_the_global_one_key_by_key() {
+    let loaded = valid(
+        "listener:\n  poll_interval: 10s\n  listener_timeout: 2h\n  backoff: {initial: 2s, max: 30s}\n\
+         instances:\n  - id: busy\n    base_url: http://h\n    api_key_env: WX_KEY\n    listener:\n      \
+         poll_interval: 1s\n      max_listeners_per_instance: 80\n      backoff: {max: 5s}\n  \
+         - id: plain\n    base_url: http://h\n    api_key_env: WX_KEY\n",
+    );
+    let config = &loaded.config;
+    let busy = config.listener_for("busy");
+    assert_eq!(busy.poll_interval, Duration::from_secs(1));
+    assert_eq!(busy.max_listeners_per_instance, 80);
+    assert_eq!(busy.listener_timeout, Duration::from_secs(7200), "global");
+    assert_eq!(
+        busy.health_check_interval,
+        Duration::from_secs(30),
+        "default"
+    );
+    assert_eq!(
+        (busy.backoff.initial, busy.backoff.max),
+        (Duration::from_secs(2), Duration::from_secs(5))
+    );
+    assert_eq!(config.listener_for("plain"), &config.listener);
+    assert_eq!(config.listener_for("unknown"), &config.listener);
+    assert_eq!(config.instance_listeners.len(), 1);
+    // Errors name the instance's key path and position.
+    check(
+        &with_instance("    listener:\n      poll_interval: 0s\n      bogus: 1\n"),
+        &[
+            "6:22: instances[0].listener.poll_interval: must be greater than zero",
+            "7:7: instances[0].listener.bogus: unknown key \"bogus\"; allowed keys: poll_interval, health_check_interval, listener_timeout, forget_inactive_after, max_listeners_per_instance, request_timeout, backoff",
+        ],
+    );
+    // An instance's backoff.initial above the global max it inherits is an error there.
+    check(
+        &with_instance("    listener:\n      backoff: {initial: 2m}\n"),
+        &["6:26: instances[0].listener.backoff: initial (2m) must not exceed max (1m)"],
+    );
 }

@@ -3,8 +3,10 @@
 use super::super::keys;
 use super::super::node::{Node, NodeKind};
 use super::super::reader::{Ctx, index};
-use super::{KnownIds, http_url};
-use crate::config::{FixedListener, InstanceConfig, InstanceSelector};
+use std::collections::BTreeMap;
+
+use super::{KnownIds, http_url, listener_over};
+use crate::config::{FixedListener, InstanceConfig, InstanceSelector, ListenerConfig};
 
 const INSTANCE_KEYS: &[&str] = &[
     "id",
@@ -13,33 +15,47 @@ const INSTANCE_KEYS: &[&str] = &[
     "api_key_file",
     "api_key",
     "enabled",
+    "listener",
 ];
 const FIXED_LISTENER_KEYS: &[&str] = &["chat", "instances"];
 
+/// The instances, their ids, and the listener settings of those with `listener:` keys of
+/// their own (over `global`).
 pub(super) fn instances(
     ctx: &mut Ctx<'_>,
     node: &Node,
     path: &str,
-) -> (Vec<InstanceConfig>, KnownIds) {
+    global: &ListenerConfig,
+) -> (
+    Vec<InstanceConfig>,
+    KnownIds,
+    BTreeMap<String, ListenerConfig>,
+) {
     let mut known = KnownIds::new();
+    let mut listeners = BTreeMap::new();
     let Some(items) = ctx.seq(node, path) else {
-        return (Vec::new(), known);
+        return (Vec::new(), known, listeners);
     };
     let mut instances = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        if let Some(instance) = instance(ctx, item, &index(path, i), &mut known) {
+        if let Some((instance, own)) = instance(ctx, item, &index(path, i), &mut known, global) {
+            if let Some(own) = own {
+                listeners.insert(instance.id.clone(), own);
+            }
             instances.push(instance);
         }
     }
-    (instances, known)
+    (instances, known, listeners)
 }
 
+/// One instance, and its own listener settings when it has a `listener:` map.
 fn instance(
     ctx: &mut Ctx<'_>,
     node: &Node,
     path: &str,
     known: &mut KnownIds,
-) -> Option<InstanceConfig> {
+    global: &ListenerConfig,
+) -> Option<(InstanceConfig, Option<ListenerConfig>)> {
     let fields = ctx.map(node, path)?;
     fields.check_allowed(ctx, INSTANCE_KEYS, "");
     let id = fields.required(ctx, "id").and_then(|id_node| {
@@ -65,14 +81,18 @@ fn instance(
         .and_then(|url_node| http_url(ctx, url_node, &fields.path_of("base_url")));
     let key = keys::api_key(ctx, &fields);
     let enabled = fields.bool_or(ctx, "enabled", true);
+    let listener = fields
+        .get_raw("listener")
+        .map(|node| listener_over(ctx, Some(node), &fields.path_of("listener"), global));
     let (api_key, api_key_source) = key?;
-    Some(InstanceConfig {
+    let instance = InstanceConfig {
         id: id?,
         base_url: base_url?,
         api_key,
         api_key_source,
         enabled,
-    })
+    };
+    Some((instance, listener))
 }
 
 /// `[A-Za-z0-9_.-]{1,64}`: ids become metric label values and file-name parts.
