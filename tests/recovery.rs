@@ -447,7 +447,14 @@ async fn a_reply_to_a_chat_whose_listener_vanished_relistens_and_goes_out() {
     })
     .await;
     assert!(sim.sim.snapshot().listened.contains(&"gus".to_owned()));
-    let metrics = sidecar.metrics().await;
+    // The simulator records the send before its answer reaches the sidecar, which counts the
+    // outcome then: wait for the success before reading the error count beside it.
+    let metrics = eventually("the reply is counted", DEADLINE, || async {
+        let metrics = sidecar.metrics().await;
+        let success = "wxauto_replies_total{instance_id=\"wx-r\",outcome=\"success\"}";
+        (metric_value(&metrics, success) == Some(1.0)).then_some(metrics)
+    })
+    .await;
     assert_eq!(
         metric_value(
             &metrics,
@@ -455,12 +462,5 @@ async fn a_reply_to_a_chat_whose_listener_vanished_relistens_and_goes_out() {
         ),
         Some(0.0),
         "no failed reply attempt"
-    );
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "wxauto_replies_total{instance_id=\"wx-r\",outcome=\"success\"}"
-        ),
-        Some(1.0)
     );
 }
