@@ -1,8 +1,11 @@
 //! The CLI's commands that need no running sidecar of their own: `check-config`,
 //! `import-mgt`, and `health` (a short report from a running sidecar's `/api/v1/health`); the
-//! exit codes; `HttpAccess`, how `health` and `dead` reach a sidecar behind a web config (TLS
-//! CA, basic auth). The argument parsing stays in `main.rs`.
+//! exit codes; `Output`, how they and `dead` write stdout; `HttpAccess`, how `health` and
+//! `dead` reach a sidecar behind a web config (TLS CA, basic auth). The argument parsing stays
+//! in `main.rs`.
 
+use std::fmt::Display;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,6 +21,47 @@ pub const EXIT_RUNTIME: u8 = 2;
 /// Exit code for a command-line usage error (sysexits' `EX_USAGE`): a typo in a unit file is
 /// not fixed by restarting, so the shipped systemd unit lists it in `RestartPreventExitStatus=`.
 pub const EXIT_USAGE: u8 = 64;
+
+/// The standard output of `check-config`, `health` and `dead`. A reader that went away (`| head`
+/// closed the pipe) has seen what it wanted: later lines are dropped and the command keeps its
+/// exit code, as `git log | head` does. Any other write failure (a full disk) is reported on
+/// stderr and the command fails with `EXIT_RUNTIME`. `println!` would panic in both cases.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// The first write error; nothing more is written after one.
+    error: Option<io::Error>,
+}
+
+impl Output {
+    /// Writes one line.
+    pub fn line(&mut self, line: impl Display) {
+        if self.error.is_some() {
+            return;
+        }
+        let mut stdout = io::stdout().lock();
+        if let Err(error) = writeln!(stdout, "{line}") {
+            self.error = Some(error);
+        }
+    }
+
+    /// Flushes, and answers the exit code: `code`, or `EXIT_RUNTIME` after a write failure
+    /// other than a closed pipe.
+    pub fn finish(mut self, code: u8) -> u8 {
+        if self.error.is_none()
+            && let Err(error) = io::stdout().lock().flush()
+        {
+            self.error = Some(error);
+        }
+        match self.error {
+            None => code,
+            Some(error) if error.kind() == io::ErrorKind::BrokenPipe => code,
+            Some(error) => {
+                eprintln!("wxauto-sidecar: cannot write to stdout: {error}");
+                EXIT_RUNTIME
+            }
+        }
+    }
+}
 
 /// `import-mgt`: the YAML goes to `--out` or stdout, the report to stderr (never a secret).
 pub fn import_mgt(options: &ImportOptions) -> u8 {
@@ -107,12 +151,13 @@ pub fn check_config(path: &Path, no_secrets: bool, web_config_file: Option<PathB
     } else {
         ""
     };
+    let mut out = Output::default();
     let (config_ok, from_config) = match checked {
         Ok((warnings, web_config_file)) => {
             for warning in &warnings {
                 eprintln!("warning: {warning}");
             }
-            println!("{}: valid{suffix}", path.display());
+            out.line(format_args!("{}: valid{suffix}", path.display()));
             (true, web_config_file)
         }
         Err(errors) => {
@@ -130,7 +175,7 @@ pub fn check_config(path: &Path, no_secrets: bool, web_config_file: Option<PathB
                 } else {
                     ""
                 };
-                println!("{}: valid web config{suffix}", web.display());
+                out.line(format_args!("{}: valid web config{suffix}", web.display()));
             }
             Err(error) => {
                 eprintln!("{}", crate::secret::redact(&error.to_string()));
@@ -139,11 +184,11 @@ pub fn check_config(path: &Path, no_secrets: bool, web_config_file: Option<PathB
             }
         }
     }
-    if config_ok && web_ok {
+    out.finish(if config_ok && web_ok {
         EXIT_OK
     } else {
         EXIT_CONFIG
-    }
+    })
 }
 
 /// `wxauto-sidecar health --url`: prints a short report; returns the exit code.
@@ -211,6 +256,13 @@ impl HttpAccess {
 
 /// `health` with TLS and basic-auth options.
 pub async fn health_command_with(url: &str, access: &HttpAccess) -> i32 {
+    let mut out = Output::default();
+    let code = health_report(url, access, &mut out).await;
+    i32::from(out.finish(code))
+}
+
+/// Writes the report line; answers 0 healthy, 1 warning, 2 critical or unreachable.
+async fn health_report(url: &str, access: &HttpAccess, out: &mut Output) -> u8 {
     let url = format!("{}/api/v1/health", url.trim_end_matches('/'));
     let (client, password) = match access.client() {
         Ok(client) => client,
@@ -224,18 +276,22 @@ pub async fn health_command_with(url: &str, access: &HttpAccess) -> i32 {
         Ok(response) => match response.json().await {
             Ok(body) => body,
             Err(error) => {
-                println!("critical: {url} did not answer with JSON: {error}");
+                out.line(format_args!(
+                    "critical: {url} did not answer with JSON: {error}"
+                ));
                 return 2;
             }
         },
         Err(error) => {
-            println!("critical: {url} is unreachable: {error}");
+            out.line(format_args!("critical: {url} is unreachable: {error}"));
             return 2;
         }
     };
     let data = &body["data"];
     let Some(score) = data["health_score"].as_u64() else {
-        println!("critical: {url} answered without a health_score");
+        out.line(format_args!(
+            "critical: {url} answered without a health_score"
+        ));
         return 2;
     };
     let status = data["overall_status"].as_str().unwrap_or("critical");
@@ -249,7 +305,7 @@ pub async fn health_command_with(url: &str, access: &HttpAccess) -> i32 {
         .collect();
     let clients = &data["api_clients_summary"];
     let chats = &data["listeners_summary"];
-    println!(
+    out.line(format_args!(
         "{status}: score {score}/100 (lost: {}); clients {}/{} connected; listeners {}/{} active; listener {}",
         if lost.is_empty() {
             "none".to_owned()
@@ -263,7 +319,7 @@ pub async fn health_command_with(url: &str, access: &HttpAccess) -> i32 {
         data["message_listener"]["status"]
             .as_str()
             .unwrap_or("unknown"),
-    );
+    ));
     match status {
         "healthy" => 0,
         "warning" => 1,

@@ -5,6 +5,7 @@
 
 mod decode;
 mod diff;
+mod log_filter;
 mod process;
 pub mod watch;
 
@@ -22,6 +23,7 @@ pub use decode::{
 };
 pub(crate) use decode::{utf8_error_position, yaml_error_parts, yaml_options};
 pub use diff::{ConfigDiff, InstanceChange, ProcessChange, process_changes};
+pub use log_filter::{LOG_LEVELS, parse_log_filter};
 pub use process::{CrashLoopConfig, ProcessConfig, RestartPolicy, StopSignal};
 
 /// The default `server.listen` address (docs/reference.md, "Names").
@@ -441,7 +443,8 @@ pub struct HealthConfig {
 /// `logging:` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggingConfig {
-    /// A `tracing` filter directive, e.g. `info` or `wxauto_sidecar=debug`.
+    /// A `tracing` filter, e.g. `info` or `info,wxauto_sidecar=debug`, as `parse_log_filter`
+    /// answers it.
     pub level: String,
     /// Directory of the daily log files.
     pub dir: PathBuf,

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::cli::HttpAccess;
+use crate::cli::{HttpAccess, Output};
 
 /// What to do with the dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,8 +17,9 @@ pub enum DeadAction {
 }
 
 /// Runs one action against the sidecar at `url` (through its web config, if any, with
-/// `access`); `ids` selects rows (empty: all). Returns the exit code: 0 done, 2 the sidecar is
-/// unreachable or refused.
+/// `access`); `ids` selects rows (empty: all). Returns the exit code: 0 done (also when stdout
+/// was closed early, `dead list | head`), 2 the sidecar is unreachable or refused, or stdout
+/// failed.
 pub async fn run(
     url: &str,
     access: &HttpAccess,
@@ -79,35 +80,36 @@ pub async fn run(
         return 2;
     }
     let data = &body["data"];
+    let mut out = Output::default();
     match action {
-        DeadAction::List => print_list(data, &body),
-        DeadAction::Retry => println!(
+        DeadAction::List => print_list(&mut out, data, &body),
+        DeadAction::Retry => out.line(format_args!(
             "{} dead letter(s) queued for another delivery",
             data["retried"]
-        ),
-        DeadAction::Purge => println!("{} dead letter(s) purged", data["purged"]),
+        )),
+        DeadAction::Purge => out.line(format_args!("{} dead letter(s) purged", data["purged"])),
     }
-    0
+    i32::from(out.finish(0))
 }
 
-fn print_list(data: &Value, body: &Value) {
+fn print_list(out: &mut Output, data: &Value, body: &Value) {
     let letters = data.as_array().map(Vec::as_slice).unwrap_or_default();
-    println!(
+    out.line(format_args!(
         "{} dead letter(s) shown of {}",
         letters.len(),
         body["total_count"].as_u64().unwrap_or(letters.len() as u64)
-    );
+    ));
     if letters.is_empty() {
         return;
     }
-    println!("ID\tINSTANCE\tCHAT\tPLATFORM\tATTEMPTS\tDEAD AT\tLAST ERROR");
+    out.line("ID\tINSTANCE\tCHAT\tPLATFORM\tATTEMPTS\tDEAD AT\tLAST ERROR");
     for letter in letters {
         let attempts = if letter["reply_pending"] == json!(true) {
             format!("reply {}", letter["reply_attempts"])
         } else {
             letter["attempts"].to_string()
         };
-        println!(
+        out.line(format_args!(
             "{}\t{}\t{}\t{}\t{}\t{}\t{}",
             letter["id"],
             text(&letter["instance_id"]),
@@ -116,7 +118,7 @@ fn print_list(data: &Value, body: &Value) {
             attempts,
             text(&letter["dead_at"]),
             text(&letter["last_error"]),
-        );
+        ));
     }
 }
 

@@ -481,9 +481,9 @@ impl Inner {
         }
     }
 
-    /// Takes the sent reply `msg` is the echo of, if any. A private chat's peer (sender ==
-    /// chat) and the person we replied to never count as echoes; each reply absorbs at most
-    /// one echo.
+    /// Takes the sent reply `msg` is the echo of, if any. A private chat's peer (the chat is
+    /// named after them, `InboundMessage::is_group`) and the person we replied to never count
+    /// as echoes; each reply absorbs at most one echo.
     fn take_echo(&self, msg: &InboundMessage) -> Option<((String, String), SentReply)> {
         if !msg.is_group() {
             return None;

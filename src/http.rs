@@ -11,6 +11,8 @@
 //!   (lifecycle-gated; 404 for an unknown name)
 //! - `GET /api/v1/messages/dead?limit=N`; `POST /api/v1/messages/dead/{retry,purge}`
 //!   (lifecycle-gated; body optional `{"ids": [...]}`)
+//! - under `/api/v1`, an unknown path is a 404 and a wrong method a 405 (with `Allow`), both
+//!   in the JSON envelope
 
 mod api;
 mod dead;

@@ -202,8 +202,10 @@ struct RunArgs {
     /// Listen address (overrides `server.listen`).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// Log filter (overrides `logging.level`), e.g. `debug`.
-    #[arg(long, value_name = "LEVEL")]
+    /// Log filter (overrides `logging.level`): a level (trace, debug, info, warn, error, off)
+    /// or `target=level` directives, comma-separated, e.g. `info,wxauto_sidecar=debug`.
+    // Checked here: a typo is a usage error (exit 64), never a filter that logs nothing.
+    #[arg(long, value_name = "LEVEL", value_parser = config::parse_log_filter)]
     log_level: Option<String>,
     /// Allow POST /-/reload, /api/v1/reload and /api/v1/restart.
     #[arg(long)]

@@ -54,9 +54,11 @@ impl InboundMessage {
             .unwrap_or(&self.sender)
     }
 
-    /// True when the chat is a group (the sender is not the chat itself).
+    /// True when the chat is a group. wxauto names a private chat after the friend as WeChat
+    /// shows them, which is the remark when one is set, else the nickname: a chat named after
+    /// its sender or the sender's remark is private.
     pub fn is_group(&self) -> bool {
-        self.sender != self.chat
+        self.chat != self.sender && Some(self.chat.as_str()) != self.sender_remark.as_deref()
     }
 
     /// The key every delivery of this message carries (the webhook's `Idempotency-Key`):
@@ -299,5 +301,29 @@ pub trait ReplySender: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Download, DownloadError>> {
         let _ = (instance_id, file_path, max_bytes);
         Box::pin(async { Err(DownloadError::Unsupported) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chat_named_after_the_sender_or_their_remark_is_private() {
+        let check = |chat: &str, sender: &str, remark: Option<&str>, group: bool| {
+            let message = InboundMessage {
+                chat: chat.to_owned(),
+                sender: sender.to_owned(),
+                sender_remark: remark.map(str::to_owned),
+                ..InboundMessage::default()
+            };
+            assert_eq!(message.is_group(), group, "{chat} / {sender} / {remark:?}");
+        };
+        check("alice", "alice", None, false);
+        // wxauto names a friend's chat after the remark when one is set.
+        check("Bobby", "bob", Some("Bobby"), false);
+        check("bob", "bob", Some("Bobby"), false);
+        check("team", "bob", Some("Bobby"), true);
+        check("team", "bob", None, true);
     }
 }

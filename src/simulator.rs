@@ -39,8 +39,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// The shortest chatter period; `tokio::time::interval` panics on zero.
 const MIN_CHATTER_PERIOD: Duration = Duration::from_millis(10);
 
-/// Demo chats: (chat name, possible senders). A private chat's only sender is the chat itself,
-/// which is how the sidecar tells private chats from groups.
+/// Demo chats: (chat name, possible senders). A private chat's only sender is the chat itself
+/// (or has the chat's name as remark), which is how the sidecar tells private chats from groups.
 const CHATTER_CHATS: &[(&str, &[&str])] = &[
     ("技术交流群", &["张三", "李四", "王五"]),
     ("张三", &["张三"]),

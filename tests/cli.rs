@@ -1,5 +1,6 @@
 //! The real binary's command line: usage errors exit 64 (never restarted by the shipped unit),
-//! `check-config --no-secrets`, `service` off Windows, and a relative `--config` watched live.
+//! log-level typos, `check-config --no-secrets`, `service` off Windows, and a relative
+//! `--config` watched live.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -50,6 +51,43 @@ fn usage_errors_exit_64_and_help_and_version_exit_0() {
     }
     let version = run(&["--version"]);
     assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn a_log_level_typo_is_an_error_not_silence() {
+    // `tracing` takes a bare word for a target name: `--log-level bogus` would log nothing.
+    // The config file does not exist: an accepted level would end in exit 1, not 64.
+    for level in ["bogus", "warnn", "info,wxauto_sidecar"] {
+        let output = run(&["run", "--config", "missing.yaml", "--log-level", level]);
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(64), "{level}: {text}");
+        for part in [
+            "--log-level",
+            "unknown log level",
+            "trace, debug, info, warn, error, off, or target=level",
+        ] {
+            assert!(text.contains(part), "{level}: {text}");
+        }
+    }
+
+    // In the file: a located error, from the decoder `run` and every reload use too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    let config = path.to_str().unwrap();
+    std::fs::write(&path, "instances: []\nlogging:\n  level: bogus\n").unwrap();
+    let output = run(&["check-config", "--config", config]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let expected = format!("{config}:3:10: logging.level: unknown log level \"bogus\"");
+    assert!(stderr(&output).contains(&expected), "{}", stderr(&output));
+
+    // Levels in any case and `target=level` lists still pass.
+    std::fs::write(
+        &path,
+        "instances: []\nlogging:\n  level: \"WARN, wxauto_sidecar=debug\"\n",
+    )
+    .unwrap();
+    let output = run(&["check-config", "--config", config]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
 }
 
 #[test]

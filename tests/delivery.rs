@@ -714,6 +714,53 @@ async fn replies_go_to_the_right_chat_and_echo_is_ignored() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_at_sender_ats_in_groups_and_never_in_a_chat_named_by_remark() {
+    let sim = start_sim("at", "wx-at").await;
+    let hook = start_hook(Arc::new(|_, _| Answer::Reply)).await;
+    let (text, env) = config(&[&sim], &hook, "2s", "");
+    let text = text.replace(
+        "    platform: hook\n",
+        "    platform: hook\n    reply_at_sender: true\n",
+    );
+    let _sidecar = Sidecar::start(&text, env);
+
+    // wxauto names a 1:1 chat after the friend as WeChat shows them: the remark when one is
+    // set. The same friend in a group, a plain 1:1 chat, and a group member without remark.
+    let from_bob = |content: &str| json!({"type": "friend", "sender": "bob", "sender_remark": "Bobby", "content": content});
+    sim.sim.inject_message("Bobby", from_bob("hi from bob"));
+    sim.sim.inject_message("team", from_bob("hi team"));
+    sim.sim.inject("carol", "carol", "hi from carol");
+    sim.sim.inject("team", "dave", "hi from dave");
+    let sent = eventually("four replies sent", Duration::from_secs(15), || async {
+        let sent = sim.sim.snapshot().sent;
+        (sent.len() >= 4).then_some(sent)
+    })
+    .await;
+    let mut at_lists: Vec<(String, String, Vec<String>)> = sent
+        .into_iter()
+        .map(|sent| (sent.who, sent.message, sent.at_list))
+        .collect();
+    at_lists.sort();
+    let expected = |who: &str, message: &str, at: &[&str]| {
+        (
+            who.to_owned(),
+            message.to_owned(),
+            at.iter().map(|name| (*name).to_owned()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        at_lists,
+        vec![
+            expected("Bobby", "ack hi from bob", &[]),
+            expected("carol", "ack hi from carol", &[]),
+            expected("team", "ack hi from dave", &["dave"]),
+            expected("team", "ack hi team", &["Bobby"]),
+        ],
+        "an @ in groups only (by remark), none in 1:1 chats"
+    );
+}
+
 // === kill and restart ===
 
 /// SIGKILL is Unix; the rest of this file runs everywhere.

@@ -150,6 +150,45 @@ async fn api_envelope_fields_and_bad_queries() {
     let errors = sidecar.get_json("/api/v1/errors?limit=100").await;
     assert_eq!(errors["success"], true);
     assert!(errors["count"].is_number());
+
+    // A wrong method: the same envelope, 405, and the methods the path takes in `Allow`; an
+    // unknown path stays the 404 envelope, whatever the method. (method, path, status, Allow)
+    for (method, path, status, allow) in [
+        ("POST", "/api/v1/status", 405, "GET,HEAD"),
+        ("DELETE", "/api/v1/errors", 405, "GET,HEAD"),
+        ("GET", "/api/v1/reload", 405, "POST"),
+        ("PUT", "/api/v1/processes/x/restart", 405, "POST"),
+        ("GET", "/api/v1/messages/dead/purge", 405, "POST"),
+        ("POST", "/api/v1/nothing", 404, ""),
+    ] {
+        let what = format!("{method} {path}");
+        let response = sidecar
+            .http
+            .request(method.parse().unwrap(), sidecar.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{what}");
+        let allowed = response
+            .headers()
+            .get("allow")
+            .map_or(String::new(), |value| {
+                value.to_str().unwrap().replace(' ', "")
+            });
+        assert_eq!(allowed, allow, "{what}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/json",
+            "{what}"
+        );
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["success"], false, "{what}");
+        assert!(body["timestamp"].as_str().unwrap().contains('T'), "{body}");
+        if status == 405 {
+            let error = body["error"].as_str().unwrap();
+            assert!(error.contains(method), "{body}");
+        }
+    }
     sidecar.stop().await;
 }
 

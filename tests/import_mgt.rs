@@ -1,5 +1,6 @@
 //! `import-mgt` on a WXAUTO-MGT database built here from the documented schema, through the
-//! real binary: the YAML, the secrets file and its mode, secret hygiene, and the decoder.
+//! real binary: the YAML, the secrets file and its mode, secret hygiene, the decoder, and the
+//! notes on rules that route differently.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -287,6 +288,9 @@ fn import_mgt_writes_a_config_and_secrets_that_check_config_accepts() {
         "retry_limit is not mapped",
         "1 manually added listener(s)",
         "WXAUTO_API_KEY_WXAUTO_A1B2C3D4, WXAUTO_API_KEY_WXAUTO_BACKUP, PLATFORM_API_KEY_DIFY_11111111",
+        // The regex:VIP rule cannot match the group's name; the catch-all can.
+        "rule \"rule_aaaaaaaa\" answers only @-mentions: WXAUTO-MGT dropped the other messages of \
+         its chats, here they fall through to rule \"rule_dddddddd\", which may match",
     ] {
         assert!(stderr.contains(part), "missing {part:?} in:\n{stderr}");
     }
@@ -453,4 +457,100 @@ fn import_mgt_refuses_what_is_not_a_wxauto_mgt_database() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.stdout.is_empty());
+}
+
+/// Where the sidecar routes differently, in a database shaped like the one the audit found: an
+/// "@bot only" VIP rule above a catch-all (WXAUTO-MGT dropped the VIP group's other messages,
+/// the sidecar hands them to the catch-all), and an @-only rule with an empty at_name (which
+/// WXAUTO-MGT let every message through).
+#[test]
+fn import_mgt_notes_the_rules_that_route_differently() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("mgt.db")).unwrap();
+    conn.execute_batch(SCHEMA).unwrap();
+    let now = 1_764_000_000_i64;
+    conn.execute(
+        "INSERT INTO instances (instance_id, name, base_url, api_key, created_at, updated_at) \
+         VALUES ('wxauto_1a2b', 'main', 'http://10.0.0.5:5000', ?1, ?2, ?2)",
+        rusqlite::params![SECRETS[0], now],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO service_platforms (platform_id, name, type, config, create_time, \
+         update_time) VALUES ('keyword_12345678', 'kw', 'keyword', ?1, ?2, ?2)",
+        rusqlite::params![
+            r#"{"rules": [{"keywords": ["价格"], "match_type": "contains", "replies": ["免费"]}]}"#,
+            now
+        ],
+    )
+    .unwrap();
+    for (id, instance, chat, priority, only_at, at_name) in [
+        ("rule_1", "*", "*", 0, 0, ""),
+        ("rule_2", "wxauto_1a2b", "VIP群", 10, 1, "小助手, bot"),
+        ("rule_3", "*", "regex:team", 5, 1, ""),
+    ] {
+        conn.execute(
+            "INSERT INTO delivery_rules (rule_id, name, instance_id, chat_pattern, platform_id, \
+             priority, create_time, update_time, only_at_messages, at_name) \
+             VALUES (?1, ?1, ?2, ?3, 'keyword_12345678', ?4, ?5, ?5, ?6, ?7)",
+            rusqlite::params![id, instance, chat, priority, now, only_at, at_name],
+        )
+        .unwrap();
+    }
+    drop(conn);
+
+    let output = import(&["--db", "mgt.db", "--out", "config.yaml"], dir.path());
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("wrote config.yaml: 1 instance, 1 platform, 3 rules"),
+        "{stderr}"
+    );
+    for part in [
+        "rule \"rule_2\" answers only @-mentions: WXAUTO-MGT dropped the other messages of its \
+         chats, here they fall through to rule \"rule_1\", which may match the same chats",
+        "rule \"rule_3\" is marked @-only but names no one (at_name is empty), so WXAUTO-MGT \
+         passed every message; imported without only_at",
+    ] {
+        assert!(stderr.contains(part), "missing {part:?} in:\n{stderr}");
+    }
+    assert!(!stderr.contains("skipped rule"), "{stderr}");
+    // rule_3 falls through nowhere: it has no @-filter.
+    assert!(!stderr.contains("rule \"rule_3\" answers only"), "{stderr}");
+
+    // The config routes as the notes say.
+    let yaml = std::fs::read_to_string(dir.path().join("config.yaml")).unwrap();
+    assert!(
+        yaml.contains("#   - rule \"rule_2\" answers only @-mentions"),
+        "{yaml}"
+    );
+    let lookup = |_: &str| Some("a-key-from-the-vault".to_owned());
+    let config = config::decode(&yaml, None, &lookup)
+        .unwrap_or_else(|errors| panic!("{errors}\n{yaml}"))
+        .config;
+    let routing = wxauto_sidecar::delivery::Routing::new(
+        &config.rules,
+        &config.platforms,
+        crate::util::http_client(),
+    );
+    let route = |chat: &str, content: &str| {
+        let message = wxauto_sidecar::message::InboundMessage {
+            instance_id: "wxauto_1a2b".to_owned(),
+            chat: chat.to_owned(),
+            sender: "bob".to_owned(),
+            content: content.to_owned(),
+            ..Default::default()
+        };
+        match routing.route(&message) {
+            wxauto_sidecar::delivery::RouteDecision::Deliver { rule_id, .. } => rule_id,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(route("VIP群", "@小助手 价格?"), "rule_2");
+    assert_eq!(
+        route("VIP群", "价格?"),
+        "rule_1",
+        "the un-@ed message falls through"
+    );
+    assert_eq!(route("team-a", "价格?"), "rule_3", "no @ needed");
 }

@@ -4,7 +4,7 @@
 //! server that sends no message ids is two messages, not one deduplicated away.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -291,6 +291,24 @@ fn dead(url: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs the binary with stdout a pipe whose reading end is closed at once, before the command
+/// can have asked the sidecar anything (`dead list | head -0`); returns the exit code and
+/// stderr.
+fn into_closed_pipe(args: &[&str]) -> (i32, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_retried_and_purged_with_the_cli() {
     let setup = Setup::new("dl", "").await;
@@ -311,6 +329,32 @@ async fn dead_letters_are_listed_retried_and_purged_with_the_cli() {
     assert!(out.contains("2 dead letter(s) shown of 2"), "{out}");
     assert!(out.contains("erin") && out.contains("frank"), "{out}");
     assert!(out.contains("HTTP 400"), "the last error is shown: {out}");
+    // A reader that stops early (`| head`) ends the command quietly, with its usual exit code.
+    let (code, err) = into_closed_pipe(&["dead", "list", "--url", &base]);
+    assert_eq!(
+        (code, err.as_str()),
+        (0, ""),
+        "dead list into a closed pipe"
+    );
+    let health = Command::new(BIN)
+        .args(["health", "--url", &base])
+        .output()
+        .unwrap();
+    let (code, err) = into_closed_pipe(&["health", "--url", &base]);
+    assert_eq!((code, err.as_str()), (health.status.code().unwrap(), ""));
+    // Any other write failure is a runtime failure, said on stderr.
+    #[cfg(target_os = "linux")]
+    {
+        let output = Command::new(BIN)
+            .args(["dead", "list", "--url", &base])
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{err}");
+        assert!(err.contains("cannot write to stdout"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
     let (status, body) = sidecar
         .request(reqwest::Method::GET, "/api/v1/messages/dead?limit=1")
         .await;
@@ -403,7 +447,14 @@ async fn a_reply_to_a_chat_whose_listener_vanished_relistens_and_goes_out() {
     })
     .await;
     assert!(sim.sim.snapshot().listened.contains(&"gus".to_owned()));
-    let metrics = sidecar.metrics().await;
+    // The simulator records the send before its answer reaches the sidecar, which counts the
+    // outcome then: wait for the success before reading the error count beside it.
+    let metrics = eventually("the reply is counted", DEADLINE, || async {
+        let metrics = sidecar.metrics().await;
+        let success = "wxauto_replies_total{instance_id=\"wx-r\",outcome=\"success\"}";
+        (metric_value(&metrics, success) == Some(1.0)).then_some(metrics)
+    })
+    .await;
     assert_eq!(
         metric_value(
             &metrics,
@@ -411,12 +462,5 @@ async fn a_reply_to_a_chat_whose_listener_vanished_relistens_and_goes_out() {
         ),
         Some(0.0),
         "no failed reply attempt"
-    );
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "wxauto_replies_total{instance_id=\"wx-r\",outcome=\"success\"}"
-        ),
-        Some(1.0)
     );
 }

@@ -707,4 +707,36 @@ async fn reload_applies_a_new_log_level_live() {
         (debug_lines() > 0).then_some(())
     })
     .await;
+
+    // A typo is an invalid file like any other: the running config and filter stay, and the
+    // failure is logged with its location (a filter of target "debugg" would log nothing).
+    let failures = value(&scrape().await.unwrap(), FAILURES);
+    let (typo, _) = with_level("debugg");
+    write_by_rename(&files.config, &typo);
+    eventually("the reload failure", DEADLINE, || async {
+        let text = scrape().await?;
+        (metric_value(&text, FAILURES).is_some_and(|n| n > failures)
+            && metric_value(&text, LAST_OK) == Some(0.0))
+        .then_some(())
+    })
+    .await;
+    // The lines are written after the counter moves.
+    eventually("the located error in the log", DEADLINE, || async {
+        let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+        let line = log
+            .lines()
+            .find(|line| line.contains("logging.level: unknown log level \"debugg\""))?;
+        has_location(line, "config.yaml").then_some(())
+    })
+    .await;
+    assert_eq!(
+        value(&scrape().await.unwrap(), HASH),
+        hash,
+        "the old config stays"
+    );
+    let seen = debug_lines();
+    eventually("debug lines go on", DEADLINE, || async {
+        (debug_lines() > seen).then_some(())
+    })
+    .await;
 }

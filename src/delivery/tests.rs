@@ -1470,6 +1470,7 @@ async fn dify_keeps_the_conversation_per_chat_and_drops_a_stale_one() {
         ),
         Step::Json(200, json!({"answer": "a2", "conversation_id": "conv-2"})),
         Step::Json(200, json!({"answer": "a3", "conversation_id": "conv-2"})),
+        Step::Json(200, json!({"answer": "a4", "conversation_id": "conv-3"})),
     ])
     .await;
     let platform = PlatformConfig {
@@ -1493,8 +1494,16 @@ async fn dify_keeps_the_conversation_per_chat_and_drops_a_stale_one() {
         harness.accept(vec![message]).await;
         harness.wait_state(id, "delivered").await;
     }
+    // A 1:1 chat with the same friend: wxauto names it after the remark. The user is the
+    // sender alone, as in any private chat.
+    let mut private = msg("Bobby", "bob", "m4", "q4");
+    private.sender_remark = Some("Bobby".to_owned());
+    harness.accept(vec![private]).await;
+    harness.wait_state("m4", "delivered").await;
     let requests = server.requests();
-    assert_eq!(requests.len(), 4);
+    assert_eq!(requests.len(), 5);
+    assert_eq!(requests[4].body["user"], "Bobby");
+    assert!(requests[4].body.get("conversation_id").is_none());
     assert_eq!(requests[0].path, "/v1/chat-messages");
     assert_eq!(
         requests[0]
@@ -1515,7 +1524,7 @@ async fn dify_keeps_the_conversation_per_chat_and_drops_a_stale_one() {
     assert_eq!(requests[2].body["query"], "q2");
     assert_eq!(requests[3].body["conversation_id"], "conv-2");
     let texts: Vec<String> = harness.replies.sent().into_iter().map(|r| r.text).collect();
-    assert_eq!(texts, ["a1", "a2", "a3"]);
+    assert_eq!(texts, ["a1", "a2", "a3", "a4"]);
     harness.stop().await;
 }
 

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -69,7 +69,18 @@ pub(super) fn router() -> Router<AppState> {
         .route("/messages/dead", get(super::dead::list))
         .route("/messages/dead/retry", post(super::dead::retry))
         .route("/messages/dead/purge", post(super::dead::purge))
+        // After every route: it becomes each route's answer to the methods it lacks.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+}
+
+/// A path of the API asked with a method it does not take: the envelope with 405. axum adds
+/// the `Allow` header (the route's methods) to this answer, as to its own empty 405.
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} not allowed here (the Allow header lists the methods that are)"),
+    )
 }
 
 async fn status(State(state): State<AppState>) -> Response {

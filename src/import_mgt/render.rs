@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use super::read::{MgtDb, MgtInstance, MgtRule};
 use crate::secret::Secret;
 
+mod fall_through;
 mod platforms;
 mod values;
 
@@ -77,6 +78,9 @@ pub(super) fn plan(db: &MgtDb, source: &str) -> Plan {
     fixed_listeners(&mut b, db);
     let platform_ids = platforms(&mut b, &db.platforms);
     rules(&mut b, &db.rules, &instance_ids, &platform_ids);
+    for note in fall_through::notes(&b.out) {
+        b.note(note);
+    }
     if db.manual_listeners > 0 {
         b.note(format!(
             "{} manually added listener(s) in table listeners are not imported: the sidecar adds \
@@ -338,10 +342,21 @@ fn rules(
             .map(|name| name.trim_start_matches('@').to_owned())
             .filter(|name| !name.is_empty())
             .collect();
-        if rule.only_at && at_names.is_empty() {
+        // WXAUTO-MGT applied the @-filter only with a non-empty at_name: an empty one let
+        // every message through, which is a rule without the filter here.
+        let only_at = rule.only_at && !rule.at_name.is_empty();
+        if rule.only_at && !only_at {
             b.note(format!(
-                "skipped {label}: it answers only @-mentions but names no one to mention (at_name \
-                 is empty)"
+                "{label} is marked @-only but names no one (at_name is empty), so WXAUTO-MGT \
+                 passed every message; imported without only_at, it takes every message of its \
+                 chats"
+            ));
+        }
+        if only_at && at_names.is_empty() {
+            b.note(format!(
+                "skipped {label}: it answers only @-mentions but its at_name {:?} names no one \
+                 to mention",
+                rule.at_name
             ));
             continue;
         }
@@ -366,7 +381,12 @@ fn rules(
         }
         block.push(format!("    platform: {}", quote(platform)));
         block.push(format!("    priority: {}", rule.priority));
-        if rule.only_at {
+        if rule.only_at && !only_at {
+            block.push(
+                "    # @-only in WXAUTO-MGT, but its empty at_name passed every message".to_owned(),
+            );
+        }
+        if only_at {
             block.push("    only_at: true".to_owned());
             let names: Vec<String> = at_names.iter().map(|name| quote(name)).collect();
             block.push(format!("    at_names: [{}]", names.join(", ")));

@@ -218,12 +218,110 @@ fn chat_patterns_keep_their_meaning() {
     for skipped in [
         "rule \"lookaround\": its regex uses syntax",
         "rule \"empty\": its chat pattern is empty",
-        "rule \"at-nobody\": it answers only @-mentions",
+        "rule \"at-nobody\": it answers only @-mentions but its at_name \"  \" names no one",
         "rule \"off\": disabled",
         "rule \"lost\": its platform \"gone_12345678\" was not imported",
     ] {
         assert!(has_note(&plan, skipped), "{skipped}: {:?}", plan.notes);
     }
+}
+
+/// WXAUTO-MGT's first matching rule took a message even when its @-filter dropped it; the
+/// sidecar falls through. Every @-only rule with a rule behind it that may share its chats is
+/// named, with those rules; an @-only rule with an empty at_name passed everything there.
+#[test]
+fn at_only_rules_that_now_fall_through_are_noted() {
+    let at_only = |id: &str, chat: &str, priority: i64, at_name: &str| MgtRule {
+        only_at: true,
+        at_name: at_name.to_owned(),
+        priority,
+        ..rule(id, chat, "kw")
+    };
+    let db = MgtDb {
+        instances: vec![
+            instance("wx1", "key-one", json!({})),
+            instance("wx2", "key-two", json!({})),
+        ],
+        platforms: vec![platform("kw", "keyword", json!({"rules": []}))],
+        rules: vec![
+            at_only("vip", "VIP群", 10, "小助手, bot"),
+            rule("catch-all", "*", "kw"),
+            MgtRule {
+                priority: 5,
+                ..rule("team-list", "售前, 售后", "kw")
+            },
+            at_only("pre-sales", "售前", 8, "bot"),
+            MgtRule {
+                instance_id: "wx2".to_owned(),
+                ..at_only("wx2-only", "regex:内部", 20, "bot")
+            },
+            MgtRule {
+                instance_id: "wx1".to_owned(),
+                priority: 15,
+                ..rule("wx1-internal", "regex:内部", "kw")
+            },
+            at_only("last", "*", -5, "bot"),
+            at_only("anyone", "regex:team", 3, ""),
+        ],
+        ..MgtDb::default()
+    };
+    let (plan, config) = decoded(&db);
+    let note_of = |id: &str| {
+        let start = format!("rule {id:?} answers only @-mentions");
+        plan.notes
+            .iter()
+            .find(|note| note.starts_with(&start))
+            .cloned()
+    };
+    // Behind "vip": the two `*` rules; neither the list, the other exact name nor the regex
+    // can match "VIP群".
+    let vip = note_of("vip").expect("a note for vip");
+    assert!(
+        vip.ends_with(
+            "here they fall through to rules \"catch-all\", \"last\", which may match the same chats"
+        ),
+        "{vip}"
+    );
+    assert!(
+        vip.contains("WXAUTO-MGT dropped the other messages"),
+        "{vip}"
+    );
+    // Behind "pre-sales" (priority 8): the list naming 售前, then the catch-alls.
+    let pre_sales = note_of("pre-sales").expect("a note for pre-sales");
+    assert!(
+        pre_sales.contains("rules \"team-list\", \"catch-all\", \"last\""),
+        "{pre_sales}"
+    );
+    // Another instance's rule is not behind "wx2-only"; the catch-alls are.
+    let wx2 = note_of("wx2-only").expect("a note for wx2-only");
+    assert!(!wx2.contains("wx1-internal"), "{wx2}");
+    assert!(wx2.contains("\"catch-all\""), "{wx2}");
+    // Nothing is tried after "last".
+    assert_eq!(note_of("last"), None, "{:?}", plan.notes);
+
+    // An empty at_name: imported as a rule without the @-filter, with a note saying why.
+    let anyone = config.rules.iter().find(|r| r.id == "anyone").unwrap();
+    assert!(!anyone.only_at && anyone.at_names.is_empty());
+    assert!(
+        has_note(
+            &plan,
+            "rule \"anyone\" is marked @-only but names no one (at_name is empty)"
+        ),
+        "{:?}",
+        plan.notes
+    );
+    assert_eq!(note_of("anyone"), None);
+    assert!(
+        plan.yaml
+            .contains("  - id: \"anyone\"\n    instance: \"*\"\n    chat: \"regex:(?:team).*\""),
+        "{}",
+        plan.yaml
+    );
+    // The notes are in the YAML's closing comment too.
+    assert!(
+        plan.yaml
+            .contains("#   - rule \"vip\" answers only @-mentions")
+    );
 }
 
 #[test]

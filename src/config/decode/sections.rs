@@ -387,14 +387,14 @@ fn log_format(ctx: &mut Ctx<'_>, fields: &Fields<'_>) -> LogFormat {
     }
 }
 
-/// A `tracing_subscriber::EnvFilter` directive string, checked now so that a reload cannot
-/// install a filter the logger would reject.
+/// A log filter (`parse_log_filter`), checked now so that a reload cannot install a filter the
+/// logger would reject, nor one that a typo turned into "log nothing".
 fn log_level(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<String> {
     let level = ctx.non_empty_string(node, path)?;
-    match tracing_subscriber::EnvFilter::try_new(&level) {
-        Ok(_) => Some(level),
-        Err(err) => {
-            ctx.error(node, path, format!("invalid log filter {level:?}: {err}"));
+    match crate::config::parse_log_filter(&level) {
+        Ok(filter) => Some(filter),
+        Err(message) => {
+            ctx.error(node, path, message);
             None
         }
     }

@@ -601,6 +601,29 @@ fn section_value_errors() {
             "5:16: logging.file_prefix: must be a file name prefix, not a path (use logging.dir)",
         ],
     );
+    // A bare word is a target name to `tracing` (`warnn` would log nothing at all), so only
+    // level names may stand alone.
+    check(
+        &with_empty_instances("logging:\n  level: warnn\n"),
+        &[
+            "3:10: logging.level: unknown log level \"warnn\"; expected one of trace, debug, info, warn, error, off, or target=level (e.g. info,wxauto_sidecar=debug)",
+        ],
+    );
+    check(
+        &with_empty_instances("logging:\n  level: \"hyper=warn,  wxauto_sidecar\"\n"),
+        &[
+            "3:10: logging.level: unknown log level \"wxauto_sidecar\"; expected one of trace, debug, info, warn, error, off, or target=level (e.g. info,wxauto_sidecar=debug)",
+        ],
+    );
+    assert_eq!(
+        valid(&with_empty_instances(
+            "logging:\n  level: WARN, hyper=off\n"
+        ))
+        .config
+        .logging
+        .level,
+        "WARN,hyper=off"
+    );
     check(
         &with_empty_instances("logging:\n  format: yaml\n  redact_chat_names: sometimes\n"),
         &[
