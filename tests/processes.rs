@@ -185,6 +185,20 @@ async fn a_crashing_child_is_backed_off_counted_and_goes_fatal() {
         Some(3.0)
     );
     assert!(series("wxauto_process_start_time_seconds{process=\"crasher\"}").unwrap() > 1.0e9);
+    // The row's `start_time` is RFC 3339, like every `start_time` of the API; the unix seconds
+    // the metric shows are beside it.
+    let row = process(&sidecar, "crasher").await;
+    assert_eq!(check_time_fields(&row, "crasher"), 1, "{row}");
+    let seconds = row["start_time_seconds"].as_f64().unwrap();
+    assert_eq!(
+        series("wxauto_process_start_time_seconds{process=\"crasher\"}"),
+        Some(seconds)
+    );
+    let text = row["start_time"].as_str().unwrap();
+    let millis = chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap()
+        .timestamp_millis();
+    assert!((millis as f64 / 1000.0 - seconds).abs() <= 0.001, "{row}");
 
     // Reported in the health document and the status, without changing the score's formula.
     let health = sidecar.get_json("/api/v1/health").await;

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::{AppState, store_counts};
-use crate::clock::rfc3339;
+use crate::clock::{rfc3339, rfc3339_of_seconds};
 use crate::monitor::{ERROR_RING_CAPACITY, report};
 
 /// An API failure: the one place errors become status codes and JSON.
@@ -180,7 +180,12 @@ async fn restart(State(state): State<AppState>) -> Result<Response, ApiError> {
         .map_err(|message| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))?;
     let snap = state.monitor.snapshot();
     Ok(ok(
-        json!({"restarted": true, "running": snap.running, "start_time": snap.listener_start_time}),
+        json!({
+            "restarted": true,
+            "running": snap.running,
+            "start_time": snap.listener_start_time.map(rfc3339_of_seconds),
+            "start_time_seconds": snap.listener_start_time,
+        }),
         &[],
     ))
 }

@@ -7,18 +7,13 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 
 use super::{ErrorRecord, Snapshot};
-use crate::clock::format_uptime;
+use crate::clock::{format_uptime, rfc3339_of_seconds};
 use crate::metrics::process::ProcessSample;
 
 const MB: f64 = 1024.0 * 1024.0;
 
 fn round2(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
-}
-
-fn rfc3339_of(seconds: f64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds.max(0.0));
-    crate::clock::rfc3339(time)
 }
 
 /// `GET /api/v1/status`.
@@ -35,7 +30,8 @@ pub fn status(snap: &Snapshot, process: &ProcessSample) -> Value {
         "last_error_message": snap.last_error.as_ref().map(|error| error.error_message.clone()),
         "memory_usage_mb": round2(process.resident_bytes as f64 / MB),
         "cpu_percent": round2(process.cpu_percent),
-        "start_time": snap.listener_start_time,
+        "start_time": snap.listener_start_time.map(rfc3339_of_seconds),
+        "start_time_seconds": snap.listener_start_time,
     })
 }
 
@@ -118,8 +114,9 @@ pub fn statistics(snap: &Snapshot, api_calls_made: u64) -> Value {
         "config_reload_failures": snap.reload.failures,
         "uptime_seconds": round2(snap.uptime_seconds),
         "uptime_formatted": format_uptime(snap.uptime_seconds),
-        "start_time": snap.listener_start_time.map(rfc3339_of),
-        "current_time": rfc3339_of(snap.now),
+        "start_time": snap.listener_start_time.map(rfc3339_of_seconds),
+        "start_time_seconds": snap.listener_start_time,
+        "current_time": rfc3339_of_seconds(snap.now),
         "error_rate": snap.error_ratio,
         "recent_errors_count": snap.window_errors,
         "window_messages": snap.window_messages,
@@ -148,7 +145,7 @@ pub fn health(
     let listeners = listeners(snap, counts);
     let active = active_count(&listeners);
     json!({
-        "timestamp": rfc3339_of(snap.now),
+        "timestamp": rfc3339_of_seconds(snap.now),
         "health_score": snap.health.score,
         "overall_status": snap.health.status,
         "deductions": snap.health.deductions,
