@@ -242,6 +242,83 @@ async fn reload_in_place_rewrite_removes_an_instance_and_all_its_series() {
     assert_eq!(footprint(&a), before, "wx-a was restarted");
 }
 
+/// Every reply, drop and media series of `id`, as `/metrics` names them.
+fn delivery_series(id: &str) -> Vec<String> {
+    let mut series = Vec::new();
+    for outcome in ["success", "error"] {
+        series.push(format!(
+            "wxauto_replies_total{{instance_id=\"{id}\",outcome=\"{outcome}\"}}"
+        ));
+    }
+    for reason in ["no_rule", "at_filter", "duplicate", "echo", "cap"] {
+        series.push(format!(
+            "wxauto_messages_dropped_total{{instance_id=\"{id}\",reason=\"{reason}\"}}"
+        ));
+    }
+    for outcome in ["success", "error", "too_large", "disabled", "unavailable"] {
+        series.push(format!(
+            "wxauto_media_downloads_total{{instance_id=\"{id}\",outcome=\"{outcome}\"}}"
+        ));
+    }
+    series
+}
+
+/// The reply, drop and media counters of an instance exist at 0 from the start of the process
+/// (before its first message, so `rate()` and WxautoRepliesFailing see the first failures),
+/// appear at 0 for an instance a reload adds and go with one a reload removes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_series_exist_at_zero_from_the_start_and_follow_reloads() {
+    let (a, b) = (start_sim("a").await, start_sim("b").await);
+    let files = files();
+    // The environment has both keys from the start.
+    let (text, env) = config_for(&[("wx-a", &a), ("wx-b", &b)], ROUTING);
+    let (only_a, _) = config_for(&[("wx-a", &a)], ROUTING);
+    write_in_place(&files.config, &only_a);
+    let binary = Binary::start(files.dir.path(), &files.config, &env).await;
+    // Ready means the config was applied: no message has been taken, none is needed.
+    let metrics = binary.metrics().await;
+    for series in delivery_series("wx-a") {
+        assert_eq!(
+            metric_value(&metrics, &series),
+            Some(0.0),
+            "{series}:\n{metrics}"
+        );
+    }
+
+    write_by_rename(&files.config, &text);
+    let hash = expected_hash(&text, &env);
+    let metrics = wait_for(&binary, "wx-b added", |text| {
+        metric_value(text, HASH) == Some(hash)
+    })
+    .await;
+    for series in delivery_series("wx-b") {
+        assert_eq!(
+            metric_value(&metrics, &series),
+            Some(0.0),
+            "{series}:\n{metrics}"
+        );
+    }
+
+    let (only_b, _) = config_for(&[("wx-b", &b)], ROUTING);
+    write_by_rename(&files.config, &only_b);
+    let hash = expected_hash(&only_b, &env);
+    let metrics = wait_for(&binary, "wx-a removed", |text| {
+        metric_value(text, HASH) == Some(hash)
+    })
+    .await;
+    for series in delivery_series("wx-a") {
+        assert_eq!(
+            metric_value(&metrics, &series),
+            None,
+            "{series} stayed:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        metric_value(&metrics, &delivery_series("wx-b")[0]),
+        Some(0.0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_invalid_yaml_keeps_the_running_config() {
     let a = start_sim("a").await;
