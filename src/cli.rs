@@ -249,8 +249,12 @@ pub async fn health_command_with(url: &str, access: &HttpAccess) -> i32 {
         .collect();
     let clients = &data["api_clients_summary"];
     let chats = &data["listeners_summary"];
+    let disabled = match clients["disabled_instances"].as_array().map(Vec::len) {
+        Some(n) if n > 0 => format!(" ({n} disabled)"),
+        _ => String::new(),
+    };
     println!(
-        "{status}: score {score}/100 (lost: {}); clients {}/{} connected; listeners {}/{} active; listener {}",
+        "{status}: score {score}/100 (lost: {}); clients {}/{} connected{disabled}; listeners {}/{} active; listener {}",
         if lost.is_empty() {
             "none".to_owned()
         } else {

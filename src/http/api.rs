@@ -88,14 +88,9 @@ async fn health(State(state): State<AppState>) -> Response {
 
 async fn clients(State(state): State<AppState>) -> Response {
     let snap = state.monitor.snapshot();
-    let (total, connected) = report::client_counts(&snap);
-    ok(
-        Value::Array(report::clients(&snap)),
-        &[
-            ("total_count", json!(total)),
-            ("connected_count", json!(connected)),
-        ],
-    )
+    let rows = report::clients(&snap);
+    let summary = report::client_summary(&snap, &rows);
+    ok(Value::Array(rows), &summary)
 }
 
 async fn listeners(State(state): State<AppState>) -> Response {

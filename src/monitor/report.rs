@@ -35,10 +35,12 @@ pub fn status(snap: &Snapshot, process: &ProcessSample) -> Value {
     })
 }
 
-/// `GET /api/v1/clients` rows; disabled instances are listed with `enabled: false`.
+/// `GET /api/v1/clients` rows: the enabled instances, the ones the health score counts. A
+/// disabled instance is not polled, so it has no connectivity to show; `client_summary` names it.
 pub fn clients(snap: &Snapshot) -> Vec<Value> {
     snap.instances
         .values()
+        .filter(|state| state.enabled)
         .map(|state| {
             json!({
                 "instance_id": state.instance_id,
@@ -55,17 +57,24 @@ pub fn clients(snap: &Snapshot) -> Vec<Value> {
         .collect()
 }
 
-/// `(total_count, connected_count)` over enabled instances.
-pub fn client_counts(snap: &Snapshot) -> (usize, usize) {
-    let enabled = snap.instances.values().filter(|state| state.enabled);
-    let (mut total, mut connected) = (0, 0);
-    for state in enabled {
-        total += 1;
-        if state.connected {
-            connected += 1;
-        }
-    }
-    (total, connected)
+/// The fields beside the `clients` rows: `total_count` and `connected_count` count those rows,
+/// and `disabled_instances` names the configured instances left out of them.
+pub fn client_summary(snap: &Snapshot, rows: &[Value]) -> Vec<(&'static str, Value)> {
+    let connected = rows
+        .iter()
+        .filter(|row| row["connected"] == Value::Bool(true))
+        .count();
+    let disabled: Vec<&str> = snap
+        .instances
+        .values()
+        .filter(|state| !state.enabled)
+        .map(|state| state.instance_id.as_str())
+        .collect();
+    vec![
+        ("total_count", json!(rows.len())),
+        ("connected_count", json!(connected)),
+        ("disabled_instances", json!(disabled)),
+    ]
 }
 
 /// Messages the store holds per `(instance_id, chat)`.
@@ -141,7 +150,11 @@ pub fn health(
 ) -> Value {
     let mut listener = status(snap, process);
     listener["status"] = json!(if snap.running { "running" } else { "stopped" });
-    let (total, connected) = client_counts(snap);
+    let clients = clients(snap);
+    let clients_summary: serde_json::Map<String, Value> = client_summary(snap, &clients)
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect();
     let listeners = listeners(snap, counts);
     let active = active_count(&listeners);
     json!({
@@ -150,8 +163,8 @@ pub fn health(
         "overall_status": snap.health.status,
         "deductions": snap.health.deductions,
         "message_listener": listener,
-        "api_clients": clients(snap),
-        "api_clients_summary": {"total_count": total, "connected_count": connected},
+        "api_clients": clients,
+        "api_clients_summary": clients_summary,
         "listeners": listeners,
         "listeners_summary": {"total_count": listeners.len(), "active_count": active},
         "statistics": statistics(snap, api_calls_made),
