@@ -359,14 +359,7 @@ async fn every_time_field_is_rfc3339_or_unix_seconds_as_documented() {
     })
     .await;
     let mut checked = 0;
-    for path in [
-        "/api/v1/status",
-        "/api/v1/health",
-        "/api/v1/clients",
-        "/api/v1/listeners",
-        "/api/v1/statistics",
-        "/api/v1/errors?limit=100",
-    ] {
+    for path in MONITOR_GETS {
         checked += check_time_fields(&sidecar.get_json(path).await, path);
     }
     assert!(checked > 20, "only {checked} time fields: walker broken?");
@@ -389,14 +382,8 @@ async fn every_time_field_is_rfc3339_or_unix_seconds_as_documented() {
         status["start_time_seconds"]
     );
 
-    let response = sidecar
-        .http
-        .post(sidecar.url("/api/v1/restart"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let answer: serde_json::Value = response.json().await.unwrap();
+    let (code, answer) = sidecar.post("/api/v1/restart").await;
+    assert_eq!(code, 200, "{answer}");
     check_time_fields(&answer, "restart");
     let restarted = answer["data"]["start_time_seconds"].as_f64().unwrap();
     assert!(restarted >= seconds, "{answer}");

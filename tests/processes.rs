@@ -101,12 +101,6 @@ async fn wait_state(sidecar: &Sidecar, name: &str, state: &str) -> Value {
     .await
 }
 
-async fn post(sidecar: &Sidecar, path: &str) -> (u16, Value) {
-    let response = sidecar.http.post(sidecar.url(path)).send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 fn pids_of(row: &Value) -> Vec<u64> {
     row["group_pids"]
         .as_array()
@@ -211,7 +205,7 @@ async fn a_crashing_child_is_backed_off_counted_and_goes_fatal() {
     assert_eq!(status["data"]["processes"]["fatal_count"], 1, "{status}");
 
     // A manual start forgets the history: it runs (and fails) again.
-    let (code, body) = post(&sidecar, "/api/v1/processes/crasher/start").await;
+    let (code, body) = sidecar.post("/api/v1/processes/crasher/start").await;
     assert_eq!(code, 200, "{body}");
     let row = eventually("a new round of starts", DEADLINE, || async {
         let row = process(&sidecar, "crasher").await;
@@ -233,7 +227,7 @@ async fn process_commands_are_gated_and_unknown_names_are_404() {
     );
     let sidecar = start_sidecar_with(text.clone(), Vec::new(), false).await;
     wait_state(&sidecar, "sleeper", "running").await;
-    let (code, body) = post(&sidecar, "/api/v1/processes/sleeper/stop").await;
+    let (code, body) = sidecar.post("/api/v1/processes/sleeper/stop").await;
     assert_eq!(code, 403, "{body}");
     assert_eq!(process(&sidecar, "sleeper").await["state"], "running");
     sidecar.stop().await;
@@ -263,14 +257,14 @@ async fn process_commands_are_gated_and_unknown_names_are_404() {
         .await
         .unwrap();
     assert!(links.contains("/api/v1/processes"), "{links}");
-    let (code, body) = post(&sidecar, "/api/v1/processes/nope/restart").await;
+    let (code, body) = sidecar.post("/api/v1/processes/nope/restart").await;
     assert_eq!(code, 404, "{body}");
     assert_eq!(body["success"], false);
-    let (code, _) = post(&sidecar, "/api/v1/processes/sleeper/explode").await;
+    let (code, _) = sidecar.post("/api/v1/processes/sleeper/explode").await;
     assert_eq!(code, 404);
     let running = wait_state(&sidecar, "sleeper", "running").await;
     let pid = running["pid"].as_u64().unwrap();
-    let (code, body) = post(&sidecar, "/api/v1/processes/sleeper/stop").await;
+    let (code, body) = sidecar.post("/api/v1/processes/sleeper/stop").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["state"], "stopped", "{body}");
     assert!(!alive(pid), "stopped process {pid} still alive");
@@ -281,7 +275,7 @@ async fn process_commands_are_gated_and_unknown_names_are_404() {
             .await,
         Some(1.0)
     );
-    let (code, body) = post(&sidecar, "/api/v1/processes/sleeper/start").await;
+    let (code, body) = sidecar.post("/api/v1/processes/sleeper/start").await;
     assert_eq!(code, 200, "{body}");
     let state = body["data"]["state"].as_str().unwrap().to_owned();
     assert!(state == "starting" || state == "running", "{body}");
@@ -312,7 +306,7 @@ async fn restart_replaces_the_child_and_its_grandchild() {
     assert_eq!(stat(grandchild).unwrap().2, leader);
     assert_eq!(group_members(leader).len(), 2);
 
-    let (code, body) = post(&sidecar, "/api/v1/processes/tree/restart").await;
+    let (code, body) = sidecar.post("/api/v1/processes/tree/restart").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["restarts"], 1, "{body}");
     for pid in &old {
@@ -453,7 +447,7 @@ async fn a_linked_instance_down_while_its_process_restarts_records_no_outage() {
         .await;
     }
     // The process restarts; meanwhile both instances go down.
-    let (code, body) = post(&sidecar, "/api/v1/processes/api/restart").await;
+    let (code, body) = sidecar.post("/api/v1/processes/api/restart").await;
     assert_eq!(code, 200, "{body}");
     linked.sim.set_fault(Fault::Http500);
     plain.sim.set_fault(Fault::Http500);

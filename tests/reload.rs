@@ -136,16 +136,27 @@ fn footprint(sim: &Sim) -> Footprint {
     }
 }
 
+/// The binary on a config with `wx-a` alone; returns the files, the binary and the config
+/// with `wx-b` added. The environment has both keys from the start.
+async fn start_with_a_of_two(
+    a: &Sim,
+    b: &Sim,
+    extra: &str,
+) -> (Files, Binary, String, Vec<(String, String)>) {
+    let files = files();
+    let (text, env) = config_for(&[("wx-a", a), ("wx-b", b)], extra);
+    let (only_a, _) = config_for(&[("wx-a", a)], extra);
+    write_in_place(&files.config, &only_a);
+    let binary = Binary::start(files.dir.path(), &files.config, &env).await;
+    (files, binary, text, env)
+}
+
 // === cases ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_rename_on_save_adds_an_instance_and_leaves_the_other_running() {
     let (a, b) = (start_sim("a").await, start_sim("b").await);
-    let files = files();
-    let (text, env) = config_for(&[("wx-a", &a), ("wx-b", &b)], FIXED_ALL);
-    let (only_a, _) = config_for(&[("wx-a", &a)], FIXED_ALL);
-    write_in_place(&files.config, &only_a);
-    let binary = Binary::start(files.dir.path(), &files.config, &env).await;
+    let (files, binary, text, env) = start_with_a_of_two(&a, &b, FIXED_ALL).await;
     wait_up(&binary, &a, "wx-a").await;
     let before = footprint(&a);
     assert_eq!(
@@ -342,16 +353,7 @@ async fn reload_disabling_a_down_instance_takes_it_out_of_connectivity_and_the_s
         "{stdout}"
     );
     assert_eq!(output.status.code(), Some(0), "{stdout}");
-    let page = binary
-        .http
-        .get(binary.url("/"))
-        .header("accept", "text/html")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, page) = binary.request(Method::GET, "/?view=status").await;
     assert!(
         page.contains("<tr data-instance=\"wx-down\"><td><b>wx-down</b></td><td><span class=\"badge disabled\" data-state=\"disabled\">"),
         "{page}"
@@ -385,54 +387,23 @@ fn delivery_series(id: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_series_exist_at_zero_from_the_start_and_follow_reloads() {
     let (a, b) = (start_sim("a").await, start_sim("b").await);
-    let files = files();
-    // The environment has both keys from the start.
-    let (text, env) = config_for(&[("wx-a", &a), ("wx-b", &b)], ROUTING);
-    let (only_a, _) = config_for(&[("wx-a", &a)], ROUTING);
-    write_in_place(&files.config, &only_a);
-    let binary = Binary::start(files.dir.path(), &files.config, &env).await;
+    let (files, binary, text, env) = start_with_a_of_two(&a, &b, ROUTING).await;
+    let check = |metrics: &str, id: &str, want: Option<f64>| {
+        for series in delivery_series(id) {
+            assert_eq!(metric_value(metrics, &series), want, "{series}:\n{metrics}");
+        }
+    };
     // Ready means the config was applied: no message has been taken, none is needed.
-    let metrics = binary.metrics().await;
-    for series in delivery_series("wx-a") {
-        assert_eq!(
-            metric_value(&metrics, &series),
-            Some(0.0),
-            "{series}:\n{metrics}"
-        );
-    }
-
-    write_by_rename(&files.config, &text);
-    let hash = expected_hash(&text, &env);
-    let metrics = wait_for(&binary, "wx-b added", |text| {
-        metric_value(text, HASH) == Some(hash)
-    })
-    .await;
-    for series in delivery_series("wx-b") {
-        assert_eq!(
-            metric_value(&metrics, &series),
-            Some(0.0),
-            "{series}:\n{metrics}"
-        );
-    }
-
+    check(&binary.metrics().await, "wx-a", Some(0.0));
     let (only_b, _) = config_for(&[("wx-b", &b)], ROUTING);
-    write_by_rename(&files.config, &only_b);
-    let hash = expected_hash(&only_b, &env);
-    let metrics = wait_for(&binary, "wx-a removed", |text| {
-        metric_value(text, HASH) == Some(hash)
-    })
-    .await;
-    for series in delivery_series("wx-a") {
-        assert_eq!(
-            metric_value(&metrics, &series),
-            None,
-            "{series} stayed:\n{metrics}"
-        );
+    for (config, what) in [(&text, "wx-b added"), (&only_b, "wx-a removed")] {
+        write_by_rename(&files.config, config);
+        let hash = expected_hash(config, &env);
+        let metrics = wait_for(&binary, what, |text| metric_value(text, HASH) == Some(hash)).await;
+        check(&metrics, "wx-b", Some(0.0));
+        let a_after = if config == &text { Some(0.0) } else { None };
+        check(&metrics, "wx-a", a_after);
     }
-    assert_eq!(
-        metric_value(&metrics, &delivery_series("wx-b")[0]),
-        Some(0.0)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

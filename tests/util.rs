@@ -86,6 +86,13 @@ impl Sidecar {
         response.json().await.unwrap()
     }
 
+    /// POSTs to `path`: the status and the JSON body (null if it is not JSON).
+    pub async fn post(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self.http.post(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(self.url("/metrics"))
@@ -107,6 +114,16 @@ impl Sidecar {
         let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
     }
 }
+
+/// The monitor API's GET endpoints, the errors (with a valid `limit`) last.
+pub const MONITOR_GETS: [&str; 6] = [
+    "/api/v1/status",
+    "/api/v1/health",
+    "/api/v1/clients",
+    "/api/v1/listeners",
+    "/api/v1/statistics",
+    "/api/v1/errors?limit=100",
+];
 
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()

@@ -1698,13 +1698,10 @@ async fn metric_families_are_preinitialised() {
     // The first drop is counted on top of the 0.
     harness.accept(vec![msg("nobody", "x", "m1", "x")]).await;
     harness.accept(vec![msg("nobody", "x", "m1", "x")]).await;
-    let metrics = harness.metrics();
+    let duplicate = r#"wxauto_messages_dropped_total{instance_id="wx1",reason="duplicate"} 1"#;
     assert!(
-        has_line(
-            &metrics,
-            r#"wxauto_messages_dropped_total{instance_id="wx1",reason="duplicate"} 1"#
-        ),
-        "{metrics}"
+        has_line(&harness.metrics(), duplicate),
+        "missing {duplicate}"
     );
     // A connection failure (nothing listens on port 9) is retried, counted and reported.
     let errors = eventually("the connect error is reported", async || {
