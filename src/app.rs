@@ -281,6 +281,9 @@ async fn wire(
             }
             // Read live, like the retention days: the diff does not track it.
             delivery.set_media(MediaSettings::from_config(config));
+            // Every configured instance (disabled ones too, like the monitor's series) has its
+            // series from the start: the startup call has an empty diff.
+            delivery.add_instances(config.instances.iter().map(|instance| instance.id.as_str()));
             for (id, change) in &diff.instances {
                 if *change == config::InstanceChange::Removed {
                     delivery.remove_instance(id);

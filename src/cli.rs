@@ -305,8 +305,12 @@ async fn health_report(url: &str, access: &HttpAccess, out: &mut Output) -> u8 {
         .collect();
     let clients = &data["api_clients_summary"];
     let chats = &data["listeners_summary"];
+    let disabled = match clients["disabled_instances"].as_array().map(Vec::len) {
+        Some(n) if n > 0 => format!(" ({n} disabled)"),
+        _ => String::new(),
+    };
     out.line(format_args!(
-        "{status}: score {score}/100 (lost: {}); clients {}/{} connected; listeners {}/{} active; listener {}",
+        "{status}: score {score}/100 (lost: {}); clients {}/{} connected{disabled}; listeners {}/{} active; listener {}",
         if lost.is_empty() {
             "none".to_owned()
         } else {

@@ -2,7 +2,7 @@
 //!
 //! A leaf, shared by the monitor's reports, the supervised processes and the HTTP layer.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
 
@@ -16,6 +16,11 @@ pub fn unix_seconds(time: SystemTime) -> f64 {
 /// RFC 3339 in UTC with milliseconds.
 pub fn rfc3339(time: SystemTime) -> String {
     DateTime::<Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// RFC 3339 of unix seconds (negative ones are the epoch), as `rfc3339`.
+pub fn rfc3339_of_seconds(seconds: f64) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_secs_f64(seconds.max(0.0)))
 }
 
 /// `1d 2h 3m 4s`-style uptime, like the seed's `uptime_formatted`.

@@ -284,6 +284,15 @@ impl Delivery {
         }
     }
 
+    /// Creates the reply, drop and media series of these instances at 0. `app` passes every
+    /// configured instance at start and after each reload, so `rate()` and the reply alert see
+    /// the first message's counts, and the families exist before any message.
+    pub fn add_instances<'a>(&self, instance_ids: impl IntoIterator<Item = &'a str>) {
+        for instance_id in instance_ids {
+            self.inner.metrics.learn_instance(instance_id);
+        }
+    }
+
     /// Drops the metric series of a removed instance.
     pub fn remove_instance(&self, instance_id: &str) {
         self.inner.metrics.remove_instance(instance_id);
@@ -416,7 +425,6 @@ impl Inner {
         let mut drops: Vec<(String, &'static str)> = Vec::new();
         let mut echoes = Vec::new();
         for mut msg in messages {
-            self.metrics.learn_instance(&msg.instance_id);
             if msg.message_id.is_empty() {
                 // The listener always sets an id; a made-up one must never merge two messages.
                 msg.message_id = format!("syn-{:016x}", fastrand::u64(..));

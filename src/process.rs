@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::clock::{format_uptime, unix_seconds};
+use crate::clock::{format_uptime, rfc3339, unix_seconds};
 use crate::config::{ProcessChange, ProcessConfig, process_changes};
 use crate::metrics::process::ProcessCollector;
 
@@ -341,7 +341,8 @@ pub fn view(sampler: &ProcessCollector, entry: &Entry) -> Value {
         "last_exit_code": status.last_exit_code,
         "uptime_seconds": uptime.map(|seconds| (seconds * 100.0).round() / 100.0),
         "uptime_formatted": uptime.map(format_uptime),
-        "start_time": status.start_time.map(unix_seconds),
+        "start_time": status.start_time.map(rfc3339),
+        "start_time_seconds": status.start_time.map(unix_seconds),
         "cpu_seconds": (usage.cpu_seconds * 1000.0).round() / 1000.0,
         "memory_bytes": usage.resident_bytes,
         "memory_usage_mb": ((usage.resident_bytes as f64 / (1024.0 * 1024.0)) * 100.0).round() / 100.0,

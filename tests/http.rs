@@ -253,7 +253,7 @@ async fn lifecycle_is_gated_and_restart_resets_uptime() {
     let open = start_sidecar_with(text, env, true).await;
     let response = open.http.post(open.url("/-/reload")).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    let before = open.get_json("/api/v1/status").await["data"]["start_time"]
+    let before = open.get_json("/api/v1/status").await["data"]["start_time_seconds"]
         .as_f64()
         .unwrap();
     // A restart from now on starts later than the first start: wait until the clock (the
@@ -279,7 +279,7 @@ async fn lifecycle_is_gated_and_restart_resets_uptime() {
     assert_eq!(response.status(), 200);
     let status = open.get_json("/api/v1/status").await;
     assert_eq!(status["data"]["running"], true);
-    assert!(status["data"]["start_time"].as_f64().unwrap() > before);
+    assert!(status["data"]["start_time_seconds"].as_f64().unwrap() > before);
     assert_eq!(
         open.metric("wxauto_listener_restarts_total").await,
         Some(1.0)
@@ -363,4 +363,69 @@ async fn the_periodic_health_check_writes_the_report_file() {
     assert!(!std::fs::read_to_string(&report).unwrap().contains(&sim.key));
     sidecar.stop().await;
     let _ = std::fs::remove_file(&report);
+}
+
+/// Unix seconds of an RFC 3339 text.
+fn seconds_of(text: &serde_json::Value) -> f64 {
+    let text = text
+        .as_str()
+        .unwrap_or_else(|| panic!("{text} is not text"));
+    let time = chrono::DateTime::parse_from_rfc3339(text).unwrap();
+    time.timestamp_millis() as f64 / 1000.0
+}
+
+/// The documented time convention holds in every answer: `start_time` (status, the health
+/// document's `message_listener`, statistics, the restart answer) is RFC 3339 like
+/// `timestamp` and `current_time`, with the unix seconds beside it as `start_time_seconds`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_time_field_is_rfc3339_or_unix_seconds_as_documented() {
+    let sim = start_sim("h6").await;
+    sim.sim.inject("alice", "alice", "hi");
+    let down = start_sim("h7").await;
+    down.sim.set_online(false);
+    let (text, env) = config_for(&[("wx-t", &sim), ("wx-down", &down)], "");
+    let sidecar = start_sidecar(text, env).await;
+    // A chat (listener rows with their times) and an error (its times, last_error_time).
+    eventually("a chat and an error", DEADLINE, || async {
+        let health = sidecar.get_json("/api/v1/health").await;
+        let ready = health["data"]["listeners"]
+            .as_array()
+            .is_some_and(|rows| !rows.is_empty())
+            && health["data"]["recent_errors"]
+                .as_array()
+                .is_some_and(|rows| !rows.is_empty());
+        ready.then_some(())
+    })
+    .await;
+    let mut checked = 0;
+    for path in MONITOR_GETS {
+        checked += check_time_fields(&sidecar.get_json(path).await, path);
+    }
+    assert!(checked > 20, "only {checked} time fields: walker broken?");
+
+    let status = sidecar.get_json("/api/v1/status").await["data"].clone();
+    let health = sidecar.get_json("/api/v1/health").await["data"].clone();
+    let statistics = sidecar.get_json("/api/v1/statistics").await["data"].clone();
+    let seconds = status["start_time_seconds"].as_f64().unwrap();
+    assert!(
+        (seconds_of(&status["start_time"]) - seconds).abs() <= 0.001,
+        "{status}"
+    );
+    assert_eq!(
+        health["message_listener"]["start_time"],
+        status["start_time"]
+    );
+    assert_eq!(statistics["start_time"], status["start_time"]);
+    assert_eq!(
+        statistics["start_time_seconds"],
+        status["start_time_seconds"]
+    );
+
+    let (code, answer) = sidecar.post("/api/v1/restart").await;
+    assert_eq!(code, 200, "{answer}");
+    check_time_fields(&answer, "restart");
+    let restarted = answer["data"]["start_time_seconds"].as_f64().unwrap();
+    assert!(restarted >= seconds, "{answer}");
+    assert!((seconds_of(&answer["data"]["start_time"]) - restarted).abs() <= 0.001);
+    sidecar.stop().await;
 }

@@ -101,12 +101,6 @@ async fn wait_state(sidecar: &Sidecar, name: &str, state: &str) -> Value {
     .await
 }
 
-async fn post(sidecar: &Sidecar, path: &str) -> (u16, Value) {
-    let response = sidecar.http.post(sidecar.url(path)).send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 fn pids_of(row: &Value) -> Vec<u64> {
     row["group_pids"]
         .as_array()
@@ -185,6 +179,20 @@ async fn a_crashing_child_is_backed_off_counted_and_goes_fatal() {
         Some(3.0)
     );
     assert!(series("wxauto_process_start_time_seconds{process=\"crasher\"}").unwrap() > 1.0e9);
+    // The row's `start_time` is RFC 3339, like every `start_time` of the API; the unix seconds
+    // the metric shows are beside it.
+    let row = process(&sidecar, "crasher").await;
+    assert_eq!(check_time_fields(&row, "crasher"), 1, "{row}");
+    let seconds = row["start_time_seconds"].as_f64().unwrap();
+    assert_eq!(
+        series("wxauto_process_start_time_seconds{process=\"crasher\"}"),
+        Some(seconds)
+    );
+    let text = row["start_time"].as_str().unwrap();
+    let millis = chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap()
+        .timestamp_millis();
+    assert!((millis as f64 / 1000.0 - seconds).abs() <= 0.001, "{row}");
 
     // Reported in the health document and the status, without changing the score's formula.
     let health = sidecar.get_json("/api/v1/health").await;
@@ -197,7 +205,7 @@ async fn a_crashing_child_is_backed_off_counted_and_goes_fatal() {
     assert_eq!(status["data"]["processes"]["fatal_count"], 1, "{status}");
 
     // A manual start forgets the history: it runs (and fails) again.
-    let (code, body) = post(&sidecar, "/api/v1/processes/crasher/start").await;
+    let (code, body) = sidecar.post("/api/v1/processes/crasher/start").await;
     assert_eq!(code, 200, "{body}");
     let row = eventually("a new round of starts", DEADLINE, || async {
         let row = process(&sidecar, "crasher").await;
@@ -219,7 +227,7 @@ async fn process_commands_are_gated_and_unknown_names_are_404() {
     );
     let sidecar = start_sidecar_with(text.clone(), Vec::new(), false).await;
     wait_state(&sidecar, "sleeper", "running").await;
-    let (code, body) = post(&sidecar, "/api/v1/processes/sleeper/stop").await;
+    let (code, body) = sidecar.post("/api/v1/processes/sleeper/stop").await;
     assert_eq!(code, 403, "{body}");
     assert_eq!(process(&sidecar, "sleeper").await["state"], "running");
     sidecar.stop().await;
@@ -249,14 +257,14 @@ async fn process_commands_are_gated_and_unknown_names_are_404() {
         .await
         .unwrap();
     assert!(links.contains("/api/v1/processes"), "{links}");
-    let (code, body) = post(&sidecar, "/api/v1/processes/nope/restart").await;
+    let (code, body) = sidecar.post("/api/v1/processes/nope/restart").await;
     assert_eq!(code, 404, "{body}");
     assert_eq!(body["success"], false);
-    let (code, _) = post(&sidecar, "/api/v1/processes/sleeper/explode").await;
+    let (code, _) = sidecar.post("/api/v1/processes/sleeper/explode").await;
     assert_eq!(code, 404);
     let running = wait_state(&sidecar, "sleeper", "running").await;
     let pid = running["pid"].as_u64().unwrap();
-    let (code, body) = post(&sidecar, "/api/v1/processes/sleeper/stop").await;
+    let (code, body) = sidecar.post("/api/v1/processes/sleeper/stop").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["state"], "stopped", "{body}");
     assert!(!alive(pid), "stopped process {pid} still alive");
@@ -267,7 +275,7 @@ async fn process_commands_are_gated_and_unknown_names_are_404() {
             .await,
         Some(1.0)
     );
-    let (code, body) = post(&sidecar, "/api/v1/processes/sleeper/start").await;
+    let (code, body) = sidecar.post("/api/v1/processes/sleeper/start").await;
     assert_eq!(code, 200, "{body}");
     let state = body["data"]["state"].as_str().unwrap().to_owned();
     assert!(state == "starting" || state == "running", "{body}");
@@ -298,7 +306,7 @@ async fn restart_replaces_the_child_and_its_grandchild() {
     assert_eq!(stat(grandchild).unwrap().2, leader);
     assert_eq!(group_members(leader).len(), 2);
 
-    let (code, body) = post(&sidecar, "/api/v1/processes/tree/restart").await;
+    let (code, body) = sidecar.post("/api/v1/processes/tree/restart").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["restarts"], 1, "{body}");
     for pid in &old {
@@ -439,7 +447,7 @@ async fn a_linked_instance_down_while_its_process_restarts_records_no_outage() {
         .await;
     }
     // The process restarts; meanwhile both instances go down.
-    let (code, body) = post(&sidecar, "/api/v1/processes/api/restart").await;
+    let (code, body) = sidecar.post("/api/v1/processes/api/restart").await;
     assert_eq!(code, 200, "{body}");
     linked.sim.set_fault(Fault::Http500);
     plain.sim.set_fault(Fault::Http500);

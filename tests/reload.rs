@@ -136,16 +136,27 @@ fn footprint(sim: &Sim) -> Footprint {
     }
 }
 
+/// The binary on a config with `wx-a` alone; returns the files, the binary and the config
+/// with `wx-b` added. The environment has both keys from the start.
+async fn start_with_a_of_two(
+    a: &Sim,
+    b: &Sim,
+    extra: &str,
+) -> (Files, Binary, String, Vec<(String, String)>) {
+    let files = files();
+    let (text, env) = config_for(&[("wx-a", a), ("wx-b", b)], extra);
+    let (only_a, _) = config_for(&[("wx-a", a)], extra);
+    write_in_place(&files.config, &only_a);
+    let binary = Binary::start(files.dir.path(), &files.config, &env).await;
+    (files, binary, text, env)
+}
+
 // === cases ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_rename_on_save_adds_an_instance_and_leaves_the_other_running() {
     let (a, b) = (start_sim("a").await, start_sim("b").await);
-    let files = files();
-    let (text, env) = config_for(&[("wx-a", &a), ("wx-b", &b)], FIXED_ALL);
-    let (only_a, _) = config_for(&[("wx-a", &a)], FIXED_ALL);
-    write_in_place(&files.config, &only_a);
-    let binary = Binary::start(files.dir.path(), &files.config, &env).await;
+    let (files, binary, text, env) = start_with_a_of_two(&a, &b, FIXED_ALL).await;
     wait_up(&binary, &a, "wx-a").await;
     let before = footprint(&a);
     assert_eq!(
@@ -240,6 +251,159 @@ async fn reload_in_place_rewrite_removes_an_instance_and_all_its_series() {
     );
     assert!(has_instance_series(&metrics, "wx-a"));
     assert_eq!(footprint(&a), before, "wx-a was restarted");
+}
+
+/// The instances with a sample in the family `name`, in id order.
+fn instances_in(text: &str, name: &str) -> Vec<String> {
+    let prefix = format!("{name}{{instance_id=\"");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_owned)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Switching a down instance off (`enabled: false`) takes it out of everything that counts
+/// connectivity at once: `wxauto_client_up` (so WxautoClientDown and `job:wxauto_clients:count`
+/// no longer see it), the chat gauge, the health score and the clients document, whose counts
+/// are those of its rows; `wxauto_instance_enabled` and `disabled_instances` still name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_disabling_a_down_instance_takes_it_out_of_connectivity_and_the_score() {
+    let (a, down) = (start_sim("a").await, start_sim("down").await);
+    down.sim.set_online(false);
+    let files = files();
+    let (text, env) = config_for(&[("wx-a", &a), ("wx-down", &down)], LIFECYCLE_ON);
+    write_in_place(&files.config, &text);
+    let binary = Binary::start(files.dir.path(), &files.config, &env).await;
+    let deduction = "wxauto_health_deduction_points{component=\"clients\"}";
+    wait_for(&binary, "wx-a up and wx-down down", |text| {
+        metric_value(text, &up("wx-a")) == Some(1.0)
+            && metric_value(text, &up("wx-down")) == Some(0.0)
+            && metric_value(text, deduction) == Some(15.0)
+    })
+    .await;
+
+    let disabled = text.replace(
+        "api_key_env: KEY_WX_DOWN\n",
+        "api_key_env: KEY_WX_DOWN\n    enabled: false\n",
+    );
+    assert_ne!(disabled, text);
+    write_in_place(&files.config, &disabled);
+    let hash = expected_hash(&disabled, &env);
+    let metrics = wait_for(&binary, "the disabling reload", |text| {
+        metric_value(text, HASH) == Some(hash)
+    })
+    .await;
+    let enabled = |id: &str| format!("wxauto_instance_enabled{{instance_id=\"{id}\"}}");
+    assert_eq!(metric_value(&metrics, &enabled("wx-a")), Some(1.0));
+    assert_eq!(metric_value(&metrics, &enabled("wx-down")), Some(0.0));
+    for family in [
+        "wxauto_client_up",
+        "wxauto_client_last_check_timestamp_seconds",
+        "wxauto_listeners",
+    ] {
+        assert_eq!(
+            instances_in(&metrics, family),
+            ["wx-a"],
+            "{family}:\n{metrics}"
+        );
+    }
+    // What the rules compute from the exported series is what the score deducts.
+    let ups = instances_in(&metrics, "wxauto_client_up");
+    let disconnected = ups
+        .iter()
+        .filter(|id| metric_value(&metrics, &up(id)) == Some(0.0))
+        .count();
+    assert_eq!(
+        metric_value(&metrics, deduction),
+        Some((disconnected * 30 / ups.len()) as f64)
+    );
+    assert_eq!(value(&metrics, deduction), 0.0);
+
+    let (status, body) = binary.request(Method::GET, "/api/v1/clients").await;
+    assert_eq!(status, 200, "{body}");
+    let clients: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rows = clients["data"].as_array().unwrap();
+    assert_eq!(clients["total_count"], rows.len(), "{clients}");
+    assert_eq!(rows.len(), 1, "{clients}");
+    assert_eq!(rows[0]["instance_id"], "wx-a");
+    assert_eq!(clients["connected_count"], 1, "{clients}");
+    assert_eq!(
+        clients["disabled_instances"],
+        serde_json::json!(["wx-down"])
+    );
+    let (_, body) = binary.request(Method::GET, "/api/v1/health").await;
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let summary = &health["data"]["api_clients_summary"];
+    assert_eq!(summary["total_count"], clients["total_count"], "{health}");
+    assert_eq!(summary["connected_count"], clients["connected_count"]);
+    assert_eq!(summary["disabled_instances"], clients["disabled_instances"]);
+    assert_eq!(health["data"]["api_clients"], clients["data"]);
+
+    // The `health` command and the status page say so too.
+    let output = std::process::Command::new(BIN)
+        .args(["health", "--url", &binary.url("")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("clients 1/1 connected (1 disabled)"),
+        "{stdout}"
+    );
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let (_, page) = binary.request(Method::GET, "/?view=status").await;
+    assert!(
+        page.contains("<tr data-instance=\"wx-down\"><td><b>wx-down</b></td><td><span class=\"badge disabled\" data-state=\"disabled\">"),
+        "{page}"
+    );
+}
+
+/// Every reply, drop and media series of `id`, as `/metrics` names them.
+fn delivery_series(id: &str) -> Vec<String> {
+    let mut series = Vec::new();
+    for outcome in ["success", "error"] {
+        series.push(format!(
+            "wxauto_replies_total{{instance_id=\"{id}\",outcome=\"{outcome}\"}}"
+        ));
+    }
+    for reason in ["no_rule", "at_filter", "duplicate", "echo", "cap"] {
+        series.push(format!(
+            "wxauto_messages_dropped_total{{instance_id=\"{id}\",reason=\"{reason}\"}}"
+        ));
+    }
+    for outcome in ["success", "error", "too_large", "disabled", "unavailable"] {
+        series.push(format!(
+            "wxauto_media_downloads_total{{instance_id=\"{id}\",outcome=\"{outcome}\"}}"
+        ));
+    }
+    series
+}
+
+/// The reply, drop and media counters of an instance exist at 0 from the start of the process
+/// (before its first message, so `rate()` and WxautoRepliesFailing see the first failures),
+/// appear at 0 for an instance a reload adds and go with one a reload removes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_series_exist_at_zero_from_the_start_and_follow_reloads() {
+    let (a, b) = (start_sim("a").await, start_sim("b").await);
+    let (files, binary, text, env) = start_with_a_of_two(&a, &b, ROUTING).await;
+    let check = |metrics: &str, id: &str, want: Option<f64>| {
+        for series in delivery_series(id) {
+            assert_eq!(metric_value(metrics, &series), want, "{series}:\n{metrics}");
+        }
+    };
+    // Ready means the config was applied: no message has been taken, none is needed.
+    check(&binary.metrics().await, "wx-a", Some(0.0));
+    let (only_b, _) = config_for(&[("wx-b", &b)], ROUTING);
+    for (config, what) in [(&text, "wx-b added"), (&only_b, "wx-a removed")] {
+        write_by_rename(&files.config, config);
+        let hash = expected_hash(config, &env);
+        let metrics = wait_for(&binary, what, |text| metric_value(text, HASH) == Some(hash)).await;
+        check(&metrics, "wx-b", Some(0.0));
+        let a_after = if config == &text { Some(0.0) } else { None };
+        check(&metrics, "wx-a", a_after);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

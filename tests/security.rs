@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 
-use crate::util::{BIN, DEADLINE, eventually, free_port, http_client, start_sim};
+use crate::util::{BIN, DEADLINE, MONITOR_GETS, eventually, free_port, http_client, start_sim};
 
 /// What the echo server saw: path → the `Authorization` values of each request.
 type Seen = Arc<Mutex<BTreeMap<String, Vec<Vec<String>>>>>;
@@ -198,16 +198,7 @@ health:\n  report_interval: 200ms\n  report_file: data/report.json\n",
             }
         })
         .await;
-        for path in [
-            "/metrics",
-            "/",
-            "/api/v1/status",
-            "/api/v1/health",
-            "/api/v1/clients",
-            "/api/v1/listeners",
-            "/api/v1/statistics",
-            "/api/v1/errors?limit=100",
-        ] {
+        for path in ["/metrics", "/"].into_iter().chain(MONITOR_GETS) {
             let response = http.get(format!("{url}{path}")).send().await.unwrap();
             outputs.push((path.to_owned(), response.bytes().await.unwrap().to_vec()));
         }

@@ -86,6 +86,13 @@ impl Sidecar {
         response.json().await.unwrap()
     }
 
+    /// POSTs to `path`: the status and the JSON body (null if it is not JSON).
+    pub async fn post(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self.http.post(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(self.url("/metrics"))
@@ -107,6 +114,16 @@ impl Sidecar {
         let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
     }
 }
+
+/// The monitor API's GET endpoints, the errors (with a valid `limit`) last.
+pub const MONITOR_GETS: [&str; 6] = [
+    "/api/v1/status",
+    "/api/v1/health",
+    "/api/v1/clients",
+    "/api/v1/listeners",
+    "/api/v1/statistics",
+    "/api/v1/errors?limit=100",
+];
 
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -413,4 +430,44 @@ pub async fn keeps_polling(sim: &Sim, more: u64) {
         (polls(sim) >= before + more).then_some(())
     })
     .await;
+}
+
+/// Checks the monitor API's time convention on every field of `doc`, however deep: `timestamp`,
+/// `datetime`, `start_time` and `current_time` are RFC 3339 text (or null), every other
+/// `*_time` field unix seconds (or null). Returns how many fields it checked.
+pub fn check_time_fields(doc: &serde_json::Value, path: &str) -> usize {
+    use serde_json::Value;
+    let mut checked = 0;
+    match doc {
+        Value::Object(fields) => {
+            for (key, value) in fields {
+                let here = format!("{path}.{key}");
+                if ["timestamp", "datetime", "start_time", "current_time"].contains(&key.as_str()) {
+                    checked += 1;
+                    if !value.is_null() {
+                        let text = value
+                            .as_str()
+                            .unwrap_or_else(|| panic!("{here} is {value}, not RFC 3339 text"));
+                        chrono::DateTime::parse_from_rfc3339(text)
+                            .unwrap_or_else(|err| panic!("{here} = {text:?}: {err}"));
+                    }
+                } else if key.ends_with("_time") {
+                    checked += 1;
+                    assert!(
+                        value.is_null() || value.is_f64() || value.is_u64(),
+                        "{here} is {value}, not unix seconds"
+                    );
+                } else {
+                    checked += check_time_fields(value, &here);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                checked += check_time_fields(item, &format!("{path}[{i}]"));
+            }
+        }
+        _ => {}
+    }
+    checked
 }

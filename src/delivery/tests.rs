@@ -14,6 +14,7 @@ use chrono::{TimeZone, Utc};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::{DROP_REASONS, REPLY_OUTCOMES};
 use super::*;
 use crate::config::{
     BackoffConfig, ChatPattern, CozePlatform, DifyPlatform, InstanceSelector, KeywordEntry,
@@ -1674,18 +1675,43 @@ async fn metric_families_are_preinitialised() {
     ] {
         assert!(has_line(&metrics, line), "missing {line}:\n{metrics}");
     }
-    // Instances are learned from their first message.
-    harness.accept(vec![msg("nobody", "x", "m1", "x")]).await;
+    // An instance's series exist at 0 once it is added (the configured ones, by `app`),
+    // before its first message, and go with it.
+    assert!(!metrics.contains("wx1"), "{metrics}");
+    harness.delivery.add_instances(["wx1", "wx2"]);
     let metrics = harness.metrics();
-    for line in [
-        r#"wxauto_replies_total{instance_id="wx1",outcome="success"} 0"#,
-        r#"wxauto_replies_total{instance_id="wx1",outcome="error"} 0"#,
-        r#"wxauto_messages_dropped_total{instance_id="wx1",reason="no_rule"} 0"#,
-        r#"wxauto_messages_dropped_total{instance_id="wx1",reason="duplicate"} 0"#,
-        "# HELP wxauto_messages_pending Messages stored and not yet delivered (waiting, retrying or in flight).",
-    ] {
+    let mut lines = vec![
+        "# HELP wxauto_messages_pending Messages stored and not yet delivered (waiting, retrying or in flight).".to_owned(),
+    ];
+    for outcome in REPLY_OUTCOMES {
+        lines.push(format!(
+            r#"wxauto_replies_total{{instance_id="wx1",outcome="{outcome}"}} 0"#
+        ));
+    }
+    for reason in DROP_REASONS {
+        lines.push(format!(
+            r#"wxauto_messages_dropped_total{{instance_id="wx1",reason="{reason}"}} 0"#
+        ));
+    }
+    for outcome in media::OUTCOMES {
+        lines.push(format!(
+            r#"wxauto_media_downloads_total{{instance_id="wx1",outcome="{outcome}"}} 0"#
+        ));
+    }
+    for line in &lines {
         assert!(has_line(&metrics, line), "missing {line}:\n{metrics}");
     }
+    harness.delivery.remove_instance("wx2");
+    let metrics = harness.metrics();
+    assert!(!metrics.contains("wx2"), "{metrics}");
+    // The first drop is counted on top of the 0.
+    harness.accept(vec![msg("nobody", "x", "m1", "x")]).await;
+    harness.accept(vec![msg("nobody", "x", "m1", "x")]).await;
+    let duplicate = r#"wxauto_messages_dropped_total{instance_id="wx1",reason="duplicate"} 1"#;
+    assert!(
+        has_line(&harness.metrics(), duplicate),
+        "missing {duplicate}"
+    );
     // A connection failure (nothing listens on port 9) is retried, counted and reported.
     let errors = eventually("the connect error is reported", async || {
         let errors = harness.errors.all();

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::{AppState, store_counts};
-use crate::clock::rfc3339;
+use crate::clock::{rfc3339, rfc3339_of_seconds};
 use crate::monitor::{ERROR_RING_CAPACITY, report};
 
 /// An API failure: the one place errors become status codes and JSON.
@@ -99,14 +99,9 @@ async fn health(State(state): State<AppState>) -> Response {
 
 async fn clients(State(state): State<AppState>) -> Response {
     let snap = state.monitor.snapshot();
-    let (total, connected) = report::client_counts(&snap);
-    ok(
-        Value::Array(report::clients(&snap)),
-        &[
-            ("total_count", json!(total)),
-            ("connected_count", json!(connected)),
-        ],
-    )
+    let rows = report::clients(&snap);
+    let summary = report::client_summary(&snap, &rows);
+    ok(Value::Array(rows), &summary)
 }
 
 async fn listeners(State(state): State<AppState>) -> Response {
@@ -191,7 +186,12 @@ async fn restart(State(state): State<AppState>) -> Result<Response, ApiError> {
         .map_err(|message| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))?;
     let snap = state.monitor.snapshot();
     Ok(ok(
-        json!({"restarted": true, "running": snap.running, "start_time": snap.listener_start_time}),
+        json!({
+            "restarted": true,
+            "running": snap.running,
+            "start_time": snap.listener_start_time.map(rfc3339_of_seconds),
+            "start_time_seconds": snap.listener_start_time,
+        }),
         &[],
     ))
 }

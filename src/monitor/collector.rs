@@ -70,19 +70,24 @@ static ERROR_RATIO: Descriptor = Descriptor::gauge(
     "Errors divided by max(1, messages processed), both inside health.window.",
     None,
 );
+static INSTANCE_ENABLED: Descriptor = Descriptor::gauge(
+    "wxauto_instance_enabled",
+    "1 for a configured wxauto instance that is enabled, 0 for a disabled one (not polled, not counted in the health score, no wxauto_client_up).",
+    None,
+);
 static CLIENT_UP: Descriptor = Descriptor::gauge(
     "wxauto_client_up",
-    "1 when the wxauto instance is connected: its last health probe answered connected and no poll failed since.",
+    "1 when the enabled wxauto instance is connected: its last health probe answered connected and no poll failed since.",
     None,
 );
 static CLIENT_LAST_CHECK: Descriptor = Descriptor::gauge(
     "wxauto_client_last_check_timestamp_seconds",
-    "Unix time of the instance's last health probe; 0 before the first.",
+    "Unix time of the enabled instance's last health probe; 0 before the first.",
     SECONDS,
 );
 static LISTENERS: Descriptor = Descriptor::gauge(
     "wxauto_listeners",
-    "Chats the listener tracks, by state (active, inactive).",
+    "Chats the listener tracks on enabled instances, by state (active, inactive).",
     None,
 );
 static HEALTH_SCORE: Descriptor = Descriptor::gauge(
@@ -153,22 +158,33 @@ pub(super) fn write(
         snap.last_error.as_ref().map_or(0.0, |error| error.time),
     );
     scalar(encoder, &ERROR_RATIO, snap.error_ratio);
-    encoder.family(&CLIENT_UP);
+    encoder.family(&INSTANCE_ENABLED);
     for state in instances.values() {
+        encoder.gauge(
+            &[("instance_id", state.instance_id.as_str())],
+            flag(state.enabled),
+        );
+    }
+    // A disabled instance is not polled: "up" would mean nothing, and a 0 would fire
+    // WxautoClientDown for an instance switched off on purpose. Its chats are not counted in
+    // the score either. Only enabled instances have these families, as in the health formula.
+    let enabled = || instances.values().filter(|state| state.enabled);
+    encoder.family(&CLIENT_UP);
+    for state in enabled() {
         encoder.gauge(
             &[("instance_id", state.instance_id.as_str())],
             flag(state.connected),
         );
     }
     encoder.family(&CLIENT_LAST_CHECK);
-    for state in instances.values() {
+    for state in enabled() {
         encoder.gauge(
             &[("instance_id", state.instance_id.as_str())],
             state.last_check_time.unwrap_or(0.0),
         );
     }
     encoder.family(&LISTENERS);
-    for state in instances.values() {
+    for state in enabled() {
         let active = state.active_chats();
         let inactive = state.chats.len() - active;
         let id = state.instance_id.as_str();
@@ -322,11 +338,27 @@ mod tests {
                 None,
                 snap.error_ratio,
             )?;
-            let instances: Vec<_> = snap.instances.values().collect();
+            labelled(
+                &mut encoder,
+                "wxauto_instance_enabled",
+                "1 for a configured wxauto instance that is enabled, 0 for a disabled one (not polled, not counted in the health score, no wxauto_client_up).",
+                None,
+                snap.instances.values().map(|state| {
+                    (
+                        [("instance_id", state.instance_id.as_str())],
+                        f64::from(u8::from(state.enabled)),
+                    )
+                }),
+            )?;
+            let instances: Vec<_> = snap
+                .instances
+                .values()
+                .filter(|state| state.enabled)
+                .collect();
             labelled(
                 &mut encoder,
                 "wxauto_client_up",
-                "1 when the wxauto instance is connected: its last health probe answered connected and no poll failed since.",
+                "1 when the enabled wxauto instance is connected: its last health probe answered connected and no poll failed since.",
                 None,
                 instances.iter().map(|state| {
                     (
@@ -338,7 +370,7 @@ mod tests {
             labelled(
                 &mut encoder,
                 "wxauto_client_last_check_timestamp",
-                "Unix time of the instance's last health probe; 0 before the first.",
+                "Unix time of the enabled instance's last health probe; 0 before the first.",
                 Some(Unit::Seconds),
                 instances.iter().map(|state| {
                     (
@@ -350,7 +382,7 @@ mod tests {
             labelled(
                 &mut encoder,
                 "wxauto_listeners",
-                "Chats the listener tracks, by state (active, inactive).",
+                "Chats the listener tracks on enabled instances, by state (active, inactive).",
                 None,
                 instances.iter().flat_map(|state| {
                     let active = state.active_chats();
@@ -508,6 +540,19 @@ mod tests {
         assert!(
             text.contains("wxauto_client_up{instance_id=\"wx-\\\"q\\\"\\\\back\\nline é\"} 1.0\n")
         );
+        // The disabled instance is named, and has no connectivity or chat series.
+        assert!(text.contains("wxauto_instance_enabled{instance_id=\"wx-off\"} 0.0\n"));
+        assert!(text.contains("wxauto_instance_enabled{instance_id=\"wx-a\"} 1.0\n"));
+        for family in [
+            "wxauto_client_up{",
+            "wxauto_client_last_check_timestamp_seconds{",
+            "wxauto_listeners{",
+        ] {
+            assert!(
+                !text.contains(&format!("{family}instance_id=\"wx-off\"")),
+                "{family}"
+            );
+        }
         monitor.remove_instance("wx-b");
         let mut text = String::new();
         collector.encode(&mut Encoder::new(&mut text, false));

@@ -7,18 +7,13 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 
 use super::{ErrorRecord, Snapshot};
-use crate::clock::format_uptime;
+use crate::clock::{format_uptime, rfc3339_of_seconds};
 use crate::metrics::process::ProcessSample;
 
 const MB: f64 = 1024.0 * 1024.0;
 
 fn round2(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
-}
-
-fn rfc3339_of(seconds: f64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds.max(0.0));
-    crate::clock::rfc3339(time)
 }
 
 /// `GET /api/v1/status`.
@@ -35,14 +30,17 @@ pub fn status(snap: &Snapshot, process: &ProcessSample) -> Value {
         "last_error_message": snap.last_error.as_ref().map(|error| error.error_message.clone()),
         "memory_usage_mb": round2(process.resident_bytes as f64 / MB),
         "cpu_percent": round2(process.cpu_percent),
-        "start_time": snap.listener_start_time,
+        "start_time": snap.listener_start_time.map(rfc3339_of_seconds),
+        "start_time_seconds": snap.listener_start_time,
     })
 }
 
-/// `GET /api/v1/clients` rows; disabled instances are listed with `enabled: false`.
+/// `GET /api/v1/clients` rows: the enabled instances, the ones the health score counts. A
+/// disabled instance is not polled, so it has no connectivity to show; `client_summary` names it.
 pub fn clients(snap: &Snapshot) -> Vec<Value> {
     snap.instances
         .values()
+        .filter(|state| state.enabled)
         .map(|state| {
             json!({
                 "instance_id": state.instance_id,
@@ -59,17 +57,24 @@ pub fn clients(snap: &Snapshot) -> Vec<Value> {
         .collect()
 }
 
-/// `(total_count, connected_count)` over enabled instances.
-pub fn client_counts(snap: &Snapshot) -> (usize, usize) {
-    let enabled = snap.instances.values().filter(|state| state.enabled);
-    let (mut total, mut connected) = (0, 0);
-    for state in enabled {
-        total += 1;
-        if state.connected {
-            connected += 1;
-        }
-    }
-    (total, connected)
+/// The fields beside the `clients` rows: `total_count` and `connected_count` count those rows,
+/// and `disabled_instances` names the configured instances left out of them.
+pub fn client_summary(snap: &Snapshot, rows: &[Value]) -> Vec<(&'static str, Value)> {
+    let connected = rows
+        .iter()
+        .filter(|row| row["connected"] == Value::Bool(true))
+        .count();
+    let disabled: Vec<&str> = snap
+        .instances
+        .values()
+        .filter(|state| !state.enabled)
+        .map(|state| state.instance_id.as_str())
+        .collect();
+    vec![
+        ("total_count", json!(rows.len())),
+        ("connected_count", json!(connected)),
+        ("disabled_instances", json!(disabled)),
+    ]
 }
 
 /// Messages the store holds per `(instance_id, chat)`.
@@ -118,8 +123,9 @@ pub fn statistics(snap: &Snapshot, api_calls_made: u64) -> Value {
         "config_reload_failures": snap.reload.failures,
         "uptime_seconds": round2(snap.uptime_seconds),
         "uptime_formatted": format_uptime(snap.uptime_seconds),
-        "start_time": snap.listener_start_time.map(rfc3339_of),
-        "current_time": rfc3339_of(snap.now),
+        "start_time": snap.listener_start_time.map(rfc3339_of_seconds),
+        "start_time_seconds": snap.listener_start_time,
+        "current_time": rfc3339_of_seconds(snap.now),
         "error_rate": snap.error_ratio,
         "recent_errors_count": snap.window_errors,
         "window_messages": snap.window_messages,
@@ -144,17 +150,21 @@ pub fn health(
 ) -> Value {
     let mut listener = status(snap, process);
     listener["status"] = json!(if snap.running { "running" } else { "stopped" });
-    let (total, connected) = client_counts(snap);
+    let clients = clients(snap);
+    let clients_summary: serde_json::Map<String, Value> = client_summary(snap, &clients)
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect();
     let listeners = listeners(snap, counts);
     let active = active_count(&listeners);
     json!({
-        "timestamp": rfc3339_of(snap.now),
+        "timestamp": rfc3339_of_seconds(snap.now),
         "health_score": snap.health.score,
         "overall_status": snap.health.status,
         "deductions": snap.health.deductions,
         "message_listener": listener,
-        "api_clients": clients(snap),
-        "api_clients_summary": {"total_count": total, "connected_count": connected},
+        "api_clients": clients,
+        "api_clients_summary": clients_summary,
         "listeners": listeners,
         "listeners_summary": {"total_count": listeners.len(), "active_count": active},
         "statistics": statistics(snap, api_calls_made),

@@ -46,7 +46,8 @@ pub struct ChatState {
 pub struct InstanceState {
     /// The configured id.
     pub instance_id: String,
-    /// `enabled` in the config; disabled instances are listed but not counted.
+    /// `enabled` in the config. A disabled instance is not polled: it is left out of the health
+    /// score, the clients and listeners documents and the connectivity and chat gauges.
     pub enabled: bool,
     /// WeChat reported connected at the last probe (initialised upstream).
     pub initialized: bool,

@@ -206,7 +206,12 @@ fn render_instances(out: &mut String, h: &Value, t: &Text) {
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or(&[]);
-    if rows.is_empty() {
+    // Disabled instances are not polled: the document names them beside the rows.
+    let disabled = h["api_clients_summary"]["disabled_instances"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if rows.is_empty() && disabled.is_empty() {
         let _ = write!(out, "<p class=\"muted\">{}</p></section>", t.no_instances);
         return;
     }
@@ -219,17 +224,8 @@ fn render_instances(out: &mut String, h: &Value, t: &Text) {
     );
     for row in rows {
         let id = str_of(row, "instance_id");
-        let enabled = row["enabled"].as_bool().unwrap_or(true);
-        let state = if enabled {
-            str_of(row, "state")
-        } else {
-            "disabled"
-        };
-        let word = if enabled {
-            state_word(state, t)
-        } else {
-            t.disabled
-        };
+        let state = str_of(row, "state");
+        let word = state_word(state, t);
         let of_instance = listeners
             .iter()
             .filter(|chat| str_of(chat, "instance_id") == id);
@@ -252,6 +248,16 @@ fn render_instances(out: &mut String, h: &Value, t: &Text) {
             check = time_cell(&row["last_check_time"], t),
             errors = u64_of(row, "error_count"),
             last_error = esc(str_of(row, "last_error")),
+        );
+    }
+    for id in disabled.iter().filter_map(Value::as_str) {
+        let _ = write!(
+            out,
+            "<tr data-instance=\"{id}\"><td><b>{id}</b></td>\
+             <td><span class=\"badge disabled\" data-state=\"disabled\">{word}</span></td>\
+             <td>–</td><td class=\"num\">–</td><td class=\"num\">–</td><td class=\"text\"></td></tr>",
+            id = esc(id),
+            word = t.disabled,
         );
     }
     out.push_str("</tbody></table></div></section>");

@@ -38,7 +38,8 @@ fn the_body_shows_the_document_and_escapes_chat_names_and_errors() {
             {"instance_id": "wx-b", "enabled": true, "state": "down", "last_check_time": null,
              "error_count": 3, "last_error": "connect <refused>"},
         ],
-        "api_clients_summary": {"total_count": 2, "connected_count": 1},
+        "api_clients_summary": {"total_count": 2, "connected_count": 1,
+                                "disabled_instances": ["wx-off<i>"]},
         "listeners": [
             {"instance_id": "wx-a", "who": "测试群<b>", "active": true, "fixed": false,
              "message_count": 2, "error_count": 0, "last_message_time": 1.8e9},
@@ -75,6 +76,7 @@ fn the_body_shows_the_document_and_escapes_chat_names_and_errors() {
         "<b>−10</b>",
         "data-state=\"up\">在线</span>",
         "data-state=\"down\">离线</span>",
+        "<tr data-instance=\"wx-off&lt;i&gt;\"><td><b>wx-off&lt;i&gt;</b></td><td><span class=\"badge disabled\" data-state=\"disabled\">已停用</span>",
         "<td class=\"num\">1 / 1</td>",
         "测试群&lt;b&gt;",
         "connect &lt;refused&gt;",
