@@ -127,13 +127,7 @@ fn sigterm_stops_gracefully_and_no_key_reaches_logs() {
 
     let started = Instant::now();
     let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&pid);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "clean shutdown exits 0");
     assert!(started.elapsed() < Duration::from_secs(12));
@@ -192,6 +186,18 @@ fn the_shipped_example_configs_are_valid() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("WXAUTO_API_KEY"));
+}
+
+/// Sends SIGTERM to `pid` (which must still run).
+#[cfg(unix)]
+fn sigterm(pid: &str) {
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", pid])
+            .status()
+            .unwrap()
+            .success()
+    );
 }
 
 #[cfg(unix)]
@@ -256,13 +262,7 @@ fn a_second_signal_aborts_a_slow_shutdown() {
     wait_for("a call hangs", &|| calls() > before);
     let pid = child.id().to_string();
     let started = Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&pid);
     // The first signal was taken as the graceful stop, which waits for the hanging call (only
     // an abort ends it: the exit code below is the abort's).
     wait_for("the graceful stop begins", &|| {
@@ -274,15 +274,7 @@ fn a_second_signal_aborts_a_slow_shutdown() {
     );
     // The same stop delivered twice (`timeout` signals its command, then its process group;
     // Ctrl-C reaches a wrapper script and the sidecar at once): not an abort.
-    let term = || {
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        )
-    };
+    let term = || sigterm(&pid);
     term();
     wait_for("the repeat is seen", &|| {
         stderr().contains("received again within a second")

@@ -65,6 +65,17 @@ struct Options {
 }
 
 impl Options {
+    /// A healthy simulator, a backoff from 1 s to 8 s.
+    fn healthy() -> Self {
+        Self::new(
+            BackoffConfig {
+                initial: SECOND,
+                max: 8 * SECOND,
+            },
+            Fault::None,
+        )
+    }
+
     fn new(backoff: BackoffConfig, fault: Fault) -> Self {
         Self {
             backoff,
@@ -327,13 +338,7 @@ async fn a_rejected_key_is_one_outage_that_backs_off() {
     let running = Running::start_with(Options {
         client_key: "wrong-key-0123456789",
         initialized: true,
-        ..Options::new(
-            BackoffConfig {
-                initial: SECOND,
-                max: 8 * SECOND,
-            },
-            Fault::None,
-        )
+        ..Options::healthy()
     })
     .await;
     let times = running.wait_calls(HEALTH, 6, 60 * SECOND).await;
@@ -363,13 +368,7 @@ async fn a_chat_the_account_lacks_does_not_stop_the_instance() {
     let running = Running::start_with(Options {
         fixed_chats: vec!["ghost".to_owned(), "real".to_owned()],
         health_check_interval: 5 * SECOND,
-        ..Options::new(
-            BackoffConfig {
-                initial: SECOND,
-                max: 8 * SECOND,
-            },
-            Fault::None,
-        )
+        ..Options::healthy()
     })
     .await;
     running.sim.set_missing_chats(&["ghost"]);
@@ -410,13 +409,7 @@ async fn a_quiet_chat_times_out_and_is_forgotten_later() {
     let running = Running::start_with(Options {
         listener_timeout: 10 * SECOND,
         forget_inactive_after: 20 * SECOND,
-        ..Options::new(
-            BackoffConfig {
-                initial: SECOND,
-                max: 8 * SECOND,
-            },
-            Fault::None,
-        )
+        ..Options::healthy()
     })
     .await;
     let chats = |running: &Running| running.monitor.chats_of("wx-paused");
