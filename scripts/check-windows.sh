@@ -317,9 +317,14 @@ YAML
   return "$ok"
 }
 
+# Some process has a command line matching `$1`.
+running() {
+  pgrep -f "$1" >/dev/null
+}
+
 # No process has a command line matching `$1`.
 gone() {
-  ! pgrep -f "$1" >/dev/null
+  ! running "$1"
 }
 
 # Linux pid of the Wine process whose command line starts with the .exe and then `$1`.
@@ -327,12 +332,47 @@ exe_pid() {
   pgrep -f "^[^ ]*wxauto-sidecar\.exe $1" | head -n 1
 }
 
+# `check NAME CMD...`: one link of a chain. Runs CMD and says `ok: NAME`; when it fails, says
+# `FAILED: NAME`, CMD's own output and what `$EVIDENCE` (a command the step sets) shows now.
+check() {
+  local name=$1 began=$SECONDS output rc
+  shift
+  output=$("$@" 2>&1)
+  rc=$?
+  if [ "$rc" -eq 0 ]; then
+    echo "ok: $name ($((SECONDS - began)) s)"
+    return 0
+  fi
+  echo "FAILED: $name (exit status $rc after $((SECONDS - began)) s)"
+  [ -z "$output" ] || printf '%s\n' "$output" | tail -n 20 | sed 's/^/  output: /'
+  [ -z "${EVIDENCE:-}" ] || "$EVIDENCE" 2>&1 | sed 's/^/  saw: /'
+  return 1
+}
+
+# `process_pid PORT NAME`: the pid /api/v1/processes on PORT reports for NAME (fails without one).
+process_pid() {
+  curl -fsS --max-time 5 "http://127.0.0.1:$1/api/v1/processes" |
+    python3 -c 'import json, sys; print(next(p["pid"] for p in json.load(sys.stdin)["data"] if p["name"] == sys.argv[1] and p["pid"]))' "$2"
+}
+
+# What the supervision step shows when a link fails: the sidecar's process and instance series,
+# its process list, the Wine processes of the run, and the end of the sidecar's log.
+supervision_evidence() {
+  curl -fsS --max-time 5 "http://127.0.0.1:$PORT/metrics" |
+    grep -E '^wxauto_(process_(up|state|restarts_total|last_exit_code)|client_up)' ||
+    echo "(no /metrics on $PORT)"
+  curl -fsS --max-time 5 "http://127.0.0.1:$PORT/api/v1/processes" || echo "(no /api/v1/processes)"
+  echo
+  pgrep -af 'wxauto-sidecar\.exe|cmd(\.exe)? |taskkill' || echo "(no sidecar, cmd or taskkill process)"
+  tail -n 15 "$DIR"/run*.log 2>/dev/null
+}
+
 # Process supervision on Windows (a console run): the sidecar starts the simulator as its
 # wxauto server in its own process group and Job Object; a child's exit code is reported
 # (`cmd /c exit 3`); `taskkill /F` of the server is followed by a restart; Ctrl-C stops the
 # sidecar cleanly and the server with it (CTRL_BREAK reaches no console under the test, so the
 # stop ends in TerminateJobObject after stop_timeout); a sidecar killed outright takes its server
-# with it (the job's kill-on-close).
+# with it (the job's kill-on-close). Each link says `ok:` or `FAILED:` with what it saw.
 wine_supervision() {
   local key=supervision-check-key
   prepare_run supervision "$key" || return 1
@@ -352,27 +392,34 @@ processes:
     restart: never
 YAML
   local server_alive="simulate --listen 127.0.0.1:$sim_port"
-  local ok=1 sidecar pid first
+  local ok=1 sidecar pid first rc
+  local EVIDENCE=supervision_evidence
   (cd "$dir" && exec timeout 300 "$WINE" ../wxauto-sidecar.exe run --config config.yaml \
     </dev/null >"$dir/run1.log" 2>&1) &
   sidecar=$!
-  if wait_until 60 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
-    wait_until 10 metric_at "$port" '^wxauto_process_last_exit_code\{process="exits-3"\} 3' &&
-    metric_at "$port" '^wxauto_process_state\{process="exits-3",state="exited"\} 1' &&
-    echo "the server runs supervised and is polled; cmd /c exit 3 is reported as exit code 3" &&
-    first=$(curl -fsS "http://127.0.0.1:$port/api/v1/processes" |
-      python3 -c 'import json, sys; print(next(p["pid"] for p in json.load(sys.stdin)["data"] if p["name"] == "wxauto-api"))') &&
-    timeout 60 "$WINE" taskkill /F /PID "$first" </dev/null &&
-    wait_until 30 metric_at "$port" '^wxauto_process_restarts_total\{process="wxauto-api"\} 1' &&
-    wait_until 30 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
-    wait_until 30 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
-    echo "taskkill /F: restarted, polled again" &&
-    pid=$(exe_pid run) && [ -n "$pid" ] && kill -INT "$pid"; then
+  if check "the supervised server is polled (client_up 1)" \
+    wait_until 60 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
+    check "cmd /c exit 3 is reported as exit code 3" \
+      wait_until 10 metric_at "$port" '^wxauto_process_last_exit_code\{process="exits-3"\} 3' &&
+    check "exits-3 (restart: never) is in state exited" \
+      metric_at "$port" '^wxauto_process_state\{process="exits-3",state="exited"\} 1' &&
+    first=$(process_pid "$port" wxauto-api || true) &&
+    check "/api/v1/processes reports the server's pid (${first:-none})" test -n "$first" &&
+    check "taskkill /F /PID $first" timeout 60 "$WINE" taskkill /F /PID "$first" </dev/null &&
+    check "the server is restarted (restarts_total 1)" \
+      wait_until 30 metric_at "$port" '^wxauto_process_restarts_total\{process="wxauto-api"\} 1' &&
+    check "the restarted server is up" \
+      wait_until 30 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
+    check "the restarted server is polled (client_up 1)" \
+      wait_until 30 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
+    pid=$(exe_pid run) &&
+    check "Ctrl-C to the sidecar (Linux pid ${pid:-none})" kill -INT "$pid"; then
     wait "$sidecar"
-    local rc=$?
-    if [ "$rc" -eq 0 ] && grep -F 'Clean stop recorded.' "$dir/run1.log" &&
-      grep -F 'signal="CTRL_BREAK"' "$dir/run1.log" && gone "$server_alive"; then
-      echo "Ctrl-C: exit code 0, clean stop recorded, the server stopped with the sidecar"
+    rc=$?
+    if check "the sidecar exits with code 0 after Ctrl-C (it exited $rc)" test "$rc" -eq 0 &&
+      check "the clean stop is recorded" grep -F 'Clean stop recorded.' "$dir/run1.log" &&
+      check "the server is stopped with CTRL_BREAK" grep -F 'signal="CTRL_BREAK"' "$dir/run1.log" &&
+      check "the server stopped with the sidecar" gone "$server_alive"; then
       ok=0
     fi
   fi
@@ -381,15 +428,14 @@ YAML
     (cd "$dir" && exec timeout 300 "$WINE" ../wxauto-sidecar.exe run --config config.yaml \
       </dev/null >"$dir/run2.log" 2>&1) &
     sidecar=$!
-    if wait_until 60 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
-      ! gone "$server_alive" && pid=$(exe_pid run) && [ -n "$pid" ] &&
-      kill -KILL "$pid" && wait_until 20 gone "$server_alive"; then
-      echo "the sidecar killed outright: its server is gone too (Job Object kill-on-close)"
+    if check "second run: the server is up" \
+      wait_until 60 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
+      check "second run: the server process exists" running "$server_alive" &&
+      pid=$(exe_pid run) &&
+      check "the sidecar killed outright (SIGKILL to Linux pid ${pid:-none})" kill -KILL "$pid" &&
+      check "its server is gone too (Job Object kill-on-close)" wait_until 20 gone "$server_alive"; then
       ok=0
     fi
-  fi
-  if [ "$ok" -ne 0 ]; then
-    tail -n 30 "$dir"/run*.log
   fi
   "$WINESERVER" -k 2>/dev/null || true
   kill "$sidecar" 2>/dev/null
