@@ -327,9 +327,17 @@ gone() {
   ! running "$1"
 }
 
-# Linux pid of the Wine process whose command line starts with the .exe and then `$1`.
+# Linux pid of the Wine process of this prefix whose command line starts with the .exe and then
+# `$1` (another checkout's run on the same machine has the same command line).
 exe_pid() {
-  pgrep -f "^[^ ]*wxauto-sidecar\.exe $1" | head -n 1
+  local pid
+  for pid in $(pgrep -f "^[^ ]*wxauto-sidecar\.exe $1"); do
+    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "WINEPREFIX=$WINEPREFIX"; then
+      echo "$pid"
+      return 0
+    fi
+  done
+  return 1
 }
 
 # `check NAME CMD...`: one link of a chain. Runs CMD and says `ok: NAME`; when it fails, says
@@ -412,7 +420,7 @@ YAML
       wait_until 30 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
     check "the restarted server is polled (client_up 1)" \
       wait_until 30 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
-    pid=$(exe_pid run) &&
+    pid=$(exe_pid run || true) &&
     check "Ctrl-C to the sidecar (Linux pid ${pid:-none})" kill -INT "$pid"; then
     wait "$sidecar"
     rc=$?
@@ -431,7 +439,7 @@ YAML
     if check "second run: the server is up" \
       wait_until 60 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
       check "second run: the server process exists" running "$server_alive" &&
-      pid=$(exe_pid run) &&
+      pid=$(exe_pid run || true) &&
       check "the sidecar killed outright (SIGKILL to Linux pid ${pid:-none})" kill -KILL "$pid" &&
       check "its server is gone too (Job Object kill-on-close)" wait_until 20 gone "$server_alive"; then
       ok=0
