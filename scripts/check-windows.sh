@@ -210,6 +210,19 @@ wine_demo_metrics() {
   return "$ok"
 }
 
+# The unit tests of the Windows-only code (`process::windows`: the Job Object) under Wine: the
+# library's test binary for the target, run by cargo through Wine, with the stand-in DLL beside
+# it. Fails when no test ran (a filter that matches nothing would pass).
+wine_unit_tests() {
+  local log=$OUT/unit-tests.log deps=$OUT/$TARGET/debug/deps
+  mkdir -p "$deps" && cp "$RUN_DIR/bcryptprimitives.dll" "$deps/" || return 1
+  CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="timeout 120 $WINE" \
+    debian_cargo test --lib process::windows:: </dev/null >"$log" 2>&1
+  local rc=$?
+  grep -E '^(warning|error)|^test |^test result' "$log" | head -n 40
+  [ "$rc" -eq 0 ] && no_crate_warnings "$log" && grep -Eq '^test result: ok\. [1-9]' "$log"
+}
+
 # === the service and supervision under Wine ===
 
 # Polls `$@` once a second until it succeeds or `$1` seconds have passed.
@@ -458,6 +471,7 @@ if [ -f "$EXE" ]; then
   step "build the ProcessPrng stand-in for Wine" build_stub_dll
   step "create the Wine prefix (target/windows/wineprefix)" wine_prefix
   step "wine: wxauto-sidecar.exe --version" wine_version
+  step "wine: the unit tests of the Windows-only code (process::windows)" wine_unit_tests
   step "wine: check-config on examples/config.yaml" wine_check_config
   step "wine: demo answers /metrics" wine_demo_metrics
   step "wine: the service under the Service Control Manager" wine_service
