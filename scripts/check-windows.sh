@@ -77,10 +77,12 @@ install_packages() {
 # === build ===
 
 # Debian's cargo and rustc (not rustup's, which lacks the target's std), std built from source.
+# `debian_cargo SUBCOMMAND ARGS...`; the target's flags go right after the subcommand, so ARGS
+# may end in `-- <test filters>`.
 debian_cargo() {
   env RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
     CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER=x86_64-w64-mingw32-gcc \
-    /usr/bin/cargo "$@" -Zbuild-std=std,panic_abort --target "$TARGET" --target-dir "$OUT"
+    /usr/bin/cargo "$1" -Zbuild-std=std,panic_abort --target "$TARGET" --target-dir "$OUT" "${@:2}"
 }
 
 # Fails on any warning in our crate as compiled for Windows: the library, the binary, the tests
@@ -211,14 +213,15 @@ wine_demo_metrics() {
   return "$ok"
 }
 
-# The unit tests of the Windows-only code (`process::windows`: the Job Object) under Wine: the
-# library's test binary for the target, run by cargo through Wine, with the stand-in DLL beside
-# it. Fails when no test ran (a filter that matches nothing would pass).
+# Unit tests under Wine: those of the Windows-only code (`process::windows`: the Job Object) and
+# the service's (among them a panic recorded in service-error.log). The library's test binary for
+# the target, run by cargo through Wine with the stand-in DLL beside it. Fails when no test ran
+# (filters that match nothing would pass).
 wine_unit_tests() {
   local log=$OUT/unit-tests.log deps=$OUT/$TARGET/debug/deps
   mkdir -p "$deps" && cp "$RUN_DIR/bcryptprimitives.dll" "$deps/" || return 1
   CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="timeout 120 $WINE" \
-    debian_cargo test --lib process::windows:: </dev/null >"$log" 2>&1
+    debian_cargo test --lib -- process::windows:: service:: </dev/null >"$log" 2>&1
   local rc=$?
   grep -E '^(warning|error)|^test |^test result' "$log" | head -n 40
   [ "$rc" -eq 0 ] && no_crate_warnings "$log" && grep -Eq '^test result: ok\. [1-9]' "$log"
@@ -472,7 +475,7 @@ if [ -f "$EXE" ]; then
   step "build the ProcessPrng stand-in for Wine" build_stub_dll
   step "create the Wine prefix (target/windows/wineprefix)" wine_prefix
   step "wine: wxauto-sidecar.exe --version" wine_version
-  step "wine: the unit tests of the Windows-only code (process::windows)" wine_unit_tests
+  step "wine: unit tests of process::windows and service" wine_unit_tests
   step "wine: check-config on examples/config.yaml" wine_check_config
   step "wine: demo answers /metrics" wine_demo_metrics
   step "wine: the service under the Service Control Manager" wine_service
