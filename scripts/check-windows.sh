@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Check the Windows build on a Debian machine: cross-check and build x86_64-pc-windows-gnu with
 # Debian's Rust (rustc-web, whose rust-web-src lets -Zbuild-std build std for the target), then
-# run the .exe under Wine: --version, check-config on the example config, and the demo
-# answering /metrics.
+# run under Wine the unit tests of the Windows-only code and the .exe: --version, check-config on
+# the example config, the demo answering /metrics, the service under Wine's Service Control
+# Manager and process supervision (Job Objects).
 #
 #   scripts/check-windows.sh
 #
@@ -76,10 +77,12 @@ install_packages() {
 # === build ===
 
 # Debian's cargo and rustc (not rustup's, which lacks the target's std), std built from source.
+# `debian_cargo SUBCOMMAND ARGS...`; the target's flags go right after the subcommand, so ARGS
+# may end in `-- <test filters>`.
 debian_cargo() {
   env RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
     CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER=x86_64-w64-mingw32-gcc \
-    /usr/bin/cargo "$@" -Zbuild-std=std,panic_abort --target "$TARGET" --target-dir "$OUT"
+    /usr/bin/cargo "$1" -Zbuild-std=std,panic_abort --target "$TARGET" --target-dir "$OUT" "${@:2}"
 }
 
 # Fails on any warning in our crate as compiled for Windows: the library, the binary, the tests
@@ -210,6 +213,20 @@ wine_demo_metrics() {
   return "$ok"
 }
 
+# Unit tests under Wine: those of the Windows-only code (`process::windows`: the Job Object) and
+# the service's (among them a panic recorded in service-error.log). The library's test binary for
+# the target, run by cargo through Wine with the stand-in DLL beside it. Fails when no test ran
+# (filters that match nothing would pass).
+wine_unit_tests() {
+  local log=$OUT/unit-tests.log deps=$OUT/$TARGET/debug/deps
+  mkdir -p "$deps" && cp "$RUN_DIR/bcryptprimitives.dll" "$deps/" || return 1
+  CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="timeout 120 $WINE" \
+    debian_cargo test --lib -- process::windows:: service:: </dev/null >"$log" 2>&1
+  local rc=$?
+  grep -E '^(warning|error)|^test |^test result' "$log" | head -n 40
+  [ "$rc" -eq 0 ] && no_crate_warnings "$log" && grep -Eq '^test result: ok\. [1-9]' "$log"
+}
+
 # === the service and supervision under Wine ===
 
 # Polls `$@` once a second until it succeeds or `$1` seconds have passed.
@@ -317,14 +334,62 @@ YAML
   return "$ok"
 }
 
-# No process has a command line matching `$1`.
-gone() {
-  ! pgrep -f "$1" >/dev/null
+# Some process has a command line matching `$1`.
+running() {
+  pgrep -f "$1" >/dev/null
 }
 
-# Linux pid of the Wine process whose command line starts with the .exe and then `$1`.
+# No process has a command line matching `$1`.
+gone() {
+  ! running "$1"
+}
+
+# Linux pid of the Wine process of this prefix whose command line starts with the .exe and then
+# `$1` (another checkout's run on the same machine has the same command line).
 exe_pid() {
-  pgrep -f "^[^ ]*wxauto-sidecar\.exe $1" | head -n 1
+  local pid
+  for pid in $(pgrep -f "^[^ ]*wxauto-sidecar\.exe $1"); do
+    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "WINEPREFIX=$WINEPREFIX"; then
+      echo "$pid"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# `check NAME CMD...`: one link of a chain. Runs CMD and says `ok: NAME`; when it fails, says
+# `FAILED: NAME`, CMD's own output and what `$EVIDENCE` (a command the step sets) shows now.
+check() {
+  local name=$1 began=$SECONDS output rc
+  shift
+  output=$("$@" 2>&1)
+  rc=$?
+  if [ "$rc" -eq 0 ]; then
+    echo "ok: $name ($((SECONDS - began)) s)"
+    return 0
+  fi
+  echo "FAILED: $name (exit status $rc after $((SECONDS - began)) s)"
+  [ -z "$output" ] || printf '%s\n' "$output" | tail -n 20 | sed 's/^/  output: /'
+  [ -z "${EVIDENCE:-}" ] || "$EVIDENCE" 2>&1 | sed 's/^/  saw: /'
+  return 1
+}
+
+# `process_pid PORT NAME`: the pid /api/v1/processes on PORT reports for NAME (fails without one).
+process_pid() {
+  curl -fsS --max-time 5 "http://127.0.0.1:$1/api/v1/processes" |
+    python3 -c 'import json, sys; print(next(p["pid"] for p in json.load(sys.stdin)["data"] if p["name"] == sys.argv[1] and p["pid"]))' "$2"
+}
+
+# What the supervision step shows when a link fails: the sidecar's process and instance series,
+# its process list, the Wine processes of the run, and the end of the sidecar's log.
+supervision_evidence() {
+  curl -fsS --max-time 5 "http://127.0.0.1:$PORT/metrics" |
+    grep -E '^wxauto_(process_(up|state|restarts_total|last_exit_code)|client_up)' ||
+    echo "(no /metrics on $PORT)"
+  curl -fsS --max-time 5 "http://127.0.0.1:$PORT/api/v1/processes" || echo "(no /api/v1/processes)"
+  echo
+  pgrep -af 'wxauto-sidecar\.exe|cmd(\.exe)? |taskkill' || echo "(no sidecar, cmd or taskkill process)"
+  tail -n 15 "$DIR"/run*.log 2>/dev/null
 }
 
 # Process supervision on Windows (a console run): the sidecar starts the simulator as its
@@ -332,7 +397,7 @@ exe_pid() {
 # (`cmd /c exit 3`); `taskkill /F` of the server is followed by a restart; Ctrl-C stops the
 # sidecar cleanly and the server with it (CTRL_BREAK reaches no console under the test, so the
 # stop ends in TerminateJobObject after stop_timeout); a sidecar killed outright takes its server
-# with it (the job's kill-on-close).
+# with it (the job's kill-on-close). Each link says `ok:` or `FAILED:` with what it saw.
 wine_supervision() {
   local key=supervision-check-key
   prepare_run supervision "$key" || return 1
@@ -352,27 +417,34 @@ processes:
     restart: never
 YAML
   local server_alive="simulate --listen 127.0.0.1:$sim_port"
-  local ok=1 sidecar pid first
+  local ok=1 sidecar pid first rc
+  local EVIDENCE=supervision_evidence
   (cd "$dir" && exec timeout 300 "$WINE" ../wxauto-sidecar.exe run --config config.yaml \
     </dev/null >"$dir/run1.log" 2>&1) &
   sidecar=$!
-  if wait_until 60 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
-    wait_until 10 metric_at "$port" '^wxauto_process_last_exit_code\{process="exits-3"\} 3' &&
-    metric_at "$port" '^wxauto_process_state\{process="exits-3",state="exited"\} 1' &&
-    echo "the server runs supervised and is polled; cmd /c exit 3 is reported as exit code 3" &&
-    first=$(curl -fsS "http://127.0.0.1:$port/api/v1/processes" |
-      python3 -c 'import json, sys; print(next(p["pid"] for p in json.load(sys.stdin)["data"] if p["name"] == "wxauto-api"))') &&
-    timeout 60 "$WINE" taskkill /F /PID "$first" </dev/null &&
-    wait_until 30 metric_at "$port" '^wxauto_process_restarts_total\{process="wxauto-api"\} 1' &&
-    wait_until 30 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
-    wait_until 30 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
-    echo "taskkill /F: restarted, polled again" &&
-    pid=$(exe_pid run) && [ -n "$pid" ] && kill -INT "$pid"; then
+  if check "the supervised server is polled (client_up 1)" \
+    wait_until 60 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
+    check "cmd /c exit 3 is reported as exit code 3" \
+      wait_until 10 metric_at "$port" '^wxauto_process_last_exit_code\{process="exits-3"\} 3' &&
+    check "exits-3 (restart: never) is in state exited" \
+      metric_at "$port" '^wxauto_process_state\{process="exits-3",state="exited"\} 1' &&
+    first=$(process_pid "$port" wxauto-api || true) &&
+    check "/api/v1/processes reports the server's pid (${first:-none})" test -n "$first" &&
+    check "taskkill /F /PID $first" timeout 60 "$WINE" taskkill /F /PID "$first" </dev/null &&
+    check "the server is restarted (restarts_total 1)" \
+      wait_until 30 metric_at "$port" '^wxauto_process_restarts_total\{process="wxauto-api"\} 1' &&
+    check "the restarted server is up" \
+      wait_until 30 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
+    check "the restarted server is polled (client_up 1)" \
+      wait_until 30 metric_at "$port" '^wxauto_client_up\{instance_id="wx-main"\} 1' &&
+    pid=$(exe_pid run || true) &&
+    check "Ctrl-C to the sidecar (Linux pid ${pid:-none})" kill -INT "$pid"; then
     wait "$sidecar"
-    local rc=$?
-    if [ "$rc" -eq 0 ] && grep -F 'Clean stop recorded.' "$dir/run1.log" &&
-      grep -F 'signal="CTRL_BREAK"' "$dir/run1.log" && gone "$server_alive"; then
-      echo "Ctrl-C: exit code 0, clean stop recorded, the server stopped with the sidecar"
+    rc=$?
+    if check "the sidecar exits with code 0 after Ctrl-C (it exited $rc)" test "$rc" -eq 0 &&
+      check "the clean stop is recorded" grep -F 'Clean stop recorded.' "$dir/run1.log" &&
+      check "the server is stopped with CTRL_BREAK" grep -F 'signal="CTRL_BREAK"' "$dir/run1.log" &&
+      check "the server stopped with the sidecar" gone "$server_alive"; then
       ok=0
     fi
   fi
@@ -381,15 +453,14 @@ YAML
     (cd "$dir" && exec timeout 300 "$WINE" ../wxauto-sidecar.exe run --config config.yaml \
       </dev/null >"$dir/run2.log" 2>&1) &
     sidecar=$!
-    if wait_until 60 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
-      ! gone "$server_alive" && pid=$(exe_pid run) && [ -n "$pid" ] &&
-      kill -KILL "$pid" && wait_until 20 gone "$server_alive"; then
-      echo "the sidecar killed outright: its server is gone too (Job Object kill-on-close)"
+    if check "second run: the server is up" \
+      wait_until 60 metric_at "$port" '^wxauto_process_up\{process="wxauto-api"\} 1' &&
+      check "second run: the server process exists" running "$server_alive" &&
+      pid=$(exe_pid run || true) &&
+      check "the sidecar killed outright (SIGKILL to Linux pid ${pid:-none})" kill -KILL "$pid" &&
+      check "its server is gone too (Job Object kill-on-close)" wait_until 20 gone "$server_alive"; then
       ok=0
     fi
-  fi
-  if [ "$ok" -ne 0 ]; then
-    tail -n 30 "$dir"/run*.log
   fi
   "$WINESERVER" -k 2>/dev/null || true
   kill "$sidecar" 2>/dev/null
@@ -404,14 +475,11 @@ if [ -f "$EXE" ]; then
   step "build the ProcessPrng stand-in for Wine" build_stub_dll
   step "create the Wine prefix (target/windows/wineprefix)" wine_prefix
   step "wine: wxauto-sidecar.exe --version" wine_version
+  step "wine: unit tests of process::windows and service" wine_unit_tests
   step "wine: check-config on examples/config.yaml" wine_check_config
   step "wine: demo answers /metrics" wine_demo_metrics
   step "wine: the service under the Service Control Manager" wine_service
-  # Off: failed once in a clean-clone CI run (4 s in, cause not yet found); run it by hand with
-  # `WINE_SUPERVISION=1 scripts/check-windows.sh`.
-  if [ "${WINE_SUPERVISION:-0}" = 1 ]; then
-    step "wine: a supervised process is restarted and stopped with the sidecar" wine_supervision
-  fi
+  step "wine: a supervised process is restarted and stopped with the sidecar" wine_supervision
 fi
 
 if [ "$failed" -gt 0 ]; then

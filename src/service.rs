@@ -110,8 +110,9 @@ pub fn working_dir(config: &Path) -> Option<&Path> {
 }
 
 /// The file, beside the config, where the service writes why the sidecar could not start or
-/// stopped with a failure (a service has no console for the errors `run` prints): the exit
-/// code and the same text. Removed at the next start, so it only ever describes the last run.
+/// stopped with a failure (a service has no console for the errors `run` prints): every panic
+/// as it happens, then the exit code and the text `run` would print. Removed at the next start,
+/// so it only ever describes the last run.
 pub const FAILURE_FILE: &str = "service-error.log";
 
 /// Where `FAILURE_FILE` goes for this config.
@@ -131,12 +132,9 @@ pub fn clear_failure(config: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Writes why the sidecar ended with `code`: a first line with the time and the code, then
+/// Appends why the sidecar ended with `code`: a first line with the time and the code, then
 /// `message` as `run` would print it (config errors name file, line and field; no secrets).
-#[allow(
-    clippy::disallowed_methods,
-    reason = "the service thread, after the sidecar's runtime ended"
-)]
+/// Appended, so the panics `record_panics` wrote during the run stay above it.
 pub fn record_failure(config: &Path, code: u8, message: &str) -> std::io::Result<PathBuf> {
     let path = failure_file(config);
     let now = chrono::Local::now().format("%Y-%m-%d %H:%M:%S%:z");
@@ -144,14 +142,59 @@ pub fn record_failure(config: &Path, code: u8, message: &str) -> std::io::Result
         1 => "invalid configuration",
         _ => "runtime failure",
     };
-    std::fs::write(
+    append(
         &path,
-        format!(
+        &format!(
             "{now} the service stopped with exit code {code} ({meaning})\n{}\n",
             message.trim_end()
         ),
     )?;
     Ok(path)
+}
+
+/// From now on, every panic in this process (any thread) is also appended to the failure file
+/// for `config`: the time, the thread's name, where it happened and its message, passed
+/// through `secret::redact`. The hook installed before runs after it (the default one prints
+/// to stderr, which a service does not have). A panic the sidecar recovers from (an instance
+/// actor it restarts) is recorded too: each is a bug worth reporting.
+pub fn record_panics(config: &Path) {
+    let path = failure_file(config);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // Best effort: a panic hook has nowhere to report its own failure.
+        let _ = append(&path, &panic_entry(info));
+        previous(info);
+    }));
+}
+
+/// One panic as the failure file shows it: `<time> panic in thread '<name>' at <file:line:col>`,
+/// then the message; secrets redacted.
+fn panic_entry(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let now = chrono::Local::now().format("%Y-%m-%d %H:%M:%S%:z");
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("<unnamed>");
+    let location = info
+        .location()
+        .map_or_else(|| "an unknown location".to_owned(), ToString::to_string);
+    let message = info
+        .payload_as_str()
+        .unwrap_or("(the panic's payload is not text)");
+    crate::secret::redact(&format!(
+        "{now} panic in thread '{name}' at {location}\n{}\n",
+        message.trim_end()
+    ))
+}
+
+/// Appends `text` to `path`, creating it. Blocking, and called where that is fine: the service
+/// thread once the runtime ended, and the panic hook (a panic on a runtime worker has stopped
+/// that task already).
+fn append(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(text.as_bytes())
 }
 
 /// Why a `service` command failed.
@@ -202,6 +245,7 @@ impl ServiceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::REDACTED;
 
     #[test]
     fn stop_and_shutdown_start_the_graceful_shutdown() {
@@ -287,6 +331,42 @@ mod tests {
         assert_eq!(rest, message);
         clear_failure(&config).unwrap();
         assert!(!path.exists(), "a new start removes the last run's failure");
+    }
+
+    #[test]
+    fn a_panic_in_any_thread_is_recorded_before_the_exit_line_without_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yaml");
+        let key = crate::secret::Secret::new("service-panic-test-key-7f3a");
+        // The hook is process-wide: keep the one the harness had and put it back afterwards.
+        // A panic of another test meanwhile may land in this file too; only ours is asserted.
+        let harness = std::panic::take_hook();
+        record_panics(&config);
+        let line = line!() + 3;
+        let panicked = std::thread::Builder::new()
+            .name("sidecar".to_owned())
+            .spawn(move || panic!("cannot reach wxauto with {}", key.expose()))
+            .unwrap()
+            .join();
+        drop(std::panic::take_hook());
+        std::panic::set_hook(harness);
+        assert!(panicked.is_err(), "the thread panicked");
+        record_failure(&config, 2, "wxauto-sidecar: the sidecar panicked").unwrap();
+
+        let text = std::fs::read_to_string(failure_file(&config)).unwrap();
+        let at = format!("panic in thread 'sidecar' at {}:{line}:", file!());
+        let panic = text
+            .find(&at)
+            .unwrap_or_else(|| panic!("{at:?} in:\n{text}"));
+        assert!(
+            text[panic..].contains(&format!("\ncannot reach wxauto with {REDACTED}\n")),
+            "the message, redacted:\n{text}"
+        );
+        assert!(!text.contains("service-panic-test-key-7f3a"), "{text}");
+        let exit = text
+            .find("the service stopped with exit code 2 (runtime failure)\nwxauto-sidecar: the sidecar panicked\n")
+            .unwrap_or_else(|| panic!("the exit line in:\n{text}"));
+        assert!(panic < exit, "the panic stays above the exit line:\n{text}");
     }
 
     #[test]

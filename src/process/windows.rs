@@ -1,8 +1,9 @@
 //! Windows: each child gets its own console process group (`CREATE_NEW_PROCESS_GROUP`, so
 //! CTRL_BREAK reaches it and its children) and a Job Object with kill-on-close, so the whole
 //! tree dies with `TerminateJobObject` or when the sidecar's handle closes, even if the sidecar
-//! is killed. `scripts/check-windows.sh` runs it under Wine (exit codes, restart after
-//! `taskkill /F`, stop with the sidecar, kill-on-close); CTRL_BREAK is not exercised there.
+//! is killed. `scripts/check-windows.sh` runs it under Wine (the tests below, exit codes,
+//! restart after `taskkill /F`, stop with the sidecar, kill-on-close); CTRL_BREAK is not
+//! exercised there.
 //!
 //! The only `unsafe` in the crate: the Win32 calls below, each on a handle this module owns.
 
@@ -12,7 +13,7 @@ use std::io;
 use std::sync::Arc;
 
 use tokio::process::{Child, Command};
-use windows_sys::Win32::Foundation::{CloseHandle, HANDLE};
+use windows_sys::Win32::Foundation::{CloseHandle, HANDLE, WAIT_OBJECT_0};
 use windows_sys::Win32::System::Console::{CTRL_BREAK_EVENT, GenerateConsoleCtrlEvent};
 use windows_sys::Win32::System::JobObjects::{
     AssignProcessToJobObject, CreateJobObjectW, JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE,
@@ -21,7 +22,7 @@ use windows_sys::Win32::System::JobObjects::{
     JobObjectExtendedLimitInformation, QueryInformationJobObject, SetInformationJobObject,
     TerminateJobObject,
 };
-use windows_sys::Win32::System::Threading::CREATE_NEW_PROCESS_GROUP;
+use windows_sys::Win32::System::Threading::{CREATE_NEW_PROCESS_GROUP, WaitForSingleObject};
 
 use crate::config::StopSignal;
 
@@ -68,7 +69,9 @@ pub(super) struct Members {
 
 impl Group {
     /// Creates a kill-on-close job and puts `child` in it. A grandchild spawned before this
-    /// runs (microseconds after the spawn) would escape the job.
+    /// runs (microseconds after the spawn) would escape the job. A child that has already ended
+    /// (`cmd /c exit 3` can, on a busy machine) cannot join and keeps an empty job: its run
+    /// ended, it did not fail to start, and `Child::wait` still has its exit code.
     pub(super) fn attach(child: &Child) -> io::Result<Self> {
         let pid = child
             .id()
@@ -99,7 +102,11 @@ impl Group {
         // SAFETY: both handles are valid: the job above, the child's process handle.
         let assigned = unsafe { AssignProcessToJobObject(job.0, process as HANDLE) };
         if assigned == 0 {
-            return Err(io::Error::last_os_error());
+            let error = io::Error::last_os_error();
+            // An ended process is refused with ERROR_ACCESS_DENIED, as a real denial would be.
+            if !has_ended(process as HANDLE) {
+                return Err(error);
+            }
         }
         Ok(Self {
             job: Arc::new(job),
@@ -153,6 +160,12 @@ impl Group {
     }
 }
 
+/// Whether the process behind `process` has ended (its handle is signalled).
+fn has_ended(process: HANDLE) -> bool {
+    // SAFETY: a valid process handle, waited on with a zero timeout.
+    unsafe { WaitForSingleObject(process, 0) == WAIT_OBJECT_0 }
+}
+
 impl Drop for Group {
     fn drop(&mut self) {
         let _ = self.kill();
@@ -193,5 +206,55 @@ impl Members {
             .iter()
             .filter_map(|id| u32::try_from(*id).ok())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use windows_sys::Win32::System::Threading::INFINITE;
+
+    use super::*;
+
+    /// `cmd /c exit 3` can end before the sidecar puts it in its job; the supervision step of
+    /// `scripts/check-windows.sh` saw that as `cannot start "cmd": Access denied` and no exit
+    /// code. Here the child has surely ended before `attach`.
+    #[tokio::test]
+    async fn a_child_that_ended_before_joining_its_job_keeps_its_exit_code() {
+        let mut command = Command::new("cmd");
+        command.args(["/c", "exit", "3"]);
+        configure(&mut command);
+        let mut child = command.spawn().expect("cmd starts");
+        let process = child.raw_handle().expect("not waited for yet");
+        // SAFETY: the child's process handle, open while `child` lives.
+        unsafe { WaitForSingleObject(process as HANDLE, INFINITE) };
+
+        let group = Group::attach(&child).expect("an ended child is not a failed start");
+        assert!(group.is_empty());
+        assert_eq!(group.members().pids(), Vec::<u32>::new());
+        let status = child.wait().await.expect("waited");
+        assert_eq!(status.code(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_running_child_joins_its_job_and_dies_with_it() {
+        let mut command = Command::new("cmd");
+        // `pause` waits for a key on a stdin that never sends one.
+        command
+            .args(["/c", "pause"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null());
+        configure(&mut command);
+        let mut child = command.spawn().expect("cmd starts");
+        let group = Group::attach(&child).expect("joined");
+        assert!(!group.is_empty());
+        assert!(
+            group
+                .members()
+                .pids()
+                .contains(&child.id().expect("running"))
+        );
+        drop(group);
+        let status = child.wait().await.expect("waited");
+        assert_eq!(status.code(), Some(1), "TerminateJobObject's exit code");
     }
 }

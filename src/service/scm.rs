@@ -16,7 +16,7 @@ use windows_service::service_manager::{ServiceManager, ServiceManagerAccess};
 
 use super::{
     Request, Response, STOP_WAIT_HINT, ServiceBody, ServiceError, absolute_config,
-    launch_arguments, respond, working_dir,
+    launch_arguments, record_failure, record_panics, respond, working_dir,
 };
 
 const SERVICE_TYPE: ServiceType = ServiceType::OWN_PROCESS;
@@ -184,6 +184,8 @@ fn service_main() {
     let Some(launch) = lock(&LAUNCH).take() else {
         return;
     };
+    // A service's stderr goes nowhere: panics go to the failure file beside the config.
+    record_panics(&launch.config);
     let outcome = serve(launch);
     *lock(&OUTCOME) = Some(outcome);
 }
@@ -238,13 +240,27 @@ fn serve(launch: Launch) -> Result<u8, ServiceError> {
         .map_err(scm("report the service as running"))?;
 
     let finished = events;
-    std::thread::spawn(move || {
-        // A panic is a runtime failure; it must still end in Stopped, not a hung service.
-        let code =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(config, shutdown)))
-                .unwrap_or(2);
-        let _ = finished.send(Event::Finished(code));
-    });
+    let (spawn_failed, failed_config) = (finished.clone(), config.clone());
+    let spawned = std::thread::Builder::new()
+        .name("sidecar".to_owned())
+        .spawn(move || {
+            // A panic is a runtime failure; it must still end in Stopped, not a hung service.
+            // The panic hook wrote the panic itself; the exit line goes below it.
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                body(config.clone(), shutdown)
+            }))
+            .unwrap_or_else(|_| {
+                let message = "wxauto-sidecar: the sidecar panicked (see the panic above)";
+                let _ = record_failure(&config, 2, message);
+                2
+            });
+            let _ = finished.send(Event::Finished(code));
+        });
+    if let Err(error) = spawned {
+        let message = format!("wxauto-sidecar: cannot start the sidecar's thread: {error}");
+        let _ = record_failure(&failed_config, 2, &message);
+        let _ = spawn_failed.send(Event::Finished(2));
+    }
     let mut checkpoint = 0;
     let code = loop {
         match received.recv() {
