@@ -105,7 +105,7 @@ pub struct InstanceActor {
     stopping: CancellationToken,
     /// The current outage already recorded its one error.
     outage_recorded: bool,
-    /// From the first failure until a poll succeeds: an outage ends when messages can be
+    /// From the first failure until a message poll is answered: an outage ends when messages can be
     /// taken again, not when `/api/health` (which needs no key) answers.
     in_outage: bool,
     /// A poll has succeeded since the actor started ("Instance is up." once, then "recovered").
@@ -310,7 +310,7 @@ impl InstanceActor {
             }
             if self.connectivity == Connectivity::Up && self.schedule.poll_due(Instant::now()) {
                 match self.poll().await {
-                    Ok(()) => self.polled_ok(),
+                    Ok(()) => self.poll_answered(),
                     Err(error) => {
                         self.go_down(&error.to_string(), error.kind());
                         self.schedule.poll_failed(Instant::now());

@@ -41,7 +41,13 @@ impl InstanceActor {
             if self.stopping.is_cancelled() {
                 return Ok(());
             }
-            match self.client.get_next_new().await {
+            let answer = self.client.get_next_new().await;
+            if answer.is_ok() {
+                // The instance answers a message poll: an outage is over, even if a later
+                // call of this poll fails (a flaky server is retried at once, not backed off).
+                self.poll_answered();
+            }
+            match answer {
                 Ok(batches) if batches.is_empty() => break,
                 Ok(batches) => {
                     let mut taken = Vec::new();

@@ -53,17 +53,17 @@ impl InstanceActor {
                 self.recover_pending = false;
             }
             self.connectivity = Connectivity::Up;
-            // The outage (and its one error) ends with the first poll that succeeds
-            // (`polled_ok`): /api/health needs no key, so a rejected key passes the probe
+            // The outage (and its one error) ends with the first message poll answered
+            // (`poll_answered`): /api/health needs no key, so a rejected key passes the probe
             // and fails every poll.
             tracing::debug!(instance_id = %self.instance.id, was = ?was, "Probe passed; polling.");
         }
         Ok(())
     }
 
-    /// A poll succeeded: the instance is up for real, and an outage is over (the next one
-    /// records its error again, and the backoff starts from its first step).
-    pub(super) fn polled_ok(&mut self) {
+    /// A message poll was answered: the instance is up for real, and an outage is over (the
+    /// next one records its error again, and the backoff starts from its first step).
+    pub(super) fn poll_answered(&mut self) {
         if !self.polled_once {
             self.polled_once = true;
             tracing::info!(instance_id = %self.instance.id, "Instance is up.");
@@ -132,7 +132,7 @@ impl InstanceActor {
     /// Marks the instance down. Only the start of an outage records an error; retries of a
     /// known-down instance show in `wxauto_api_requests_total` alone.
     pub(super) fn go_down(&mut self, message: &str, kind: ErrorKind) {
-        // An outage lasts until a poll succeeds: a probe that passes while the re-adds or the
+        // An outage lasts until a message poll is answered: a probe that passes while the re-adds or the
         // polls fail (a rejected key, where only /api/health is unauthenticated; a server
         // whose message reads fail) is still the same outage, with one error and one epoch.
         // Down while its supervised process restarts is expected: no new outage error.

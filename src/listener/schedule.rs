@@ -1,6 +1,6 @@
 //! When an actor probes its instance and polls it next: the health-check period while the
 //! instance is up, a jittered exponential backoff (`crate::backoff`) while it is down, back at
-//! its first step after the first poll that succeeds (a probe that passes while the polls
+//! its first step after the first message poll answered (a probe that passes while the polls
 //! fail, as with a rejected key, keeps backing off).
 //!
 //! Pure bookkeeping on `Instant`s the actor passes in, so the timing can be tested without an
@@ -61,7 +61,7 @@ impl Schedule {
     /// A probe passed at `now`: the next one after `interval`. When the instance was not up
     /// before it (`came_up`), the poll is due at once; an instance that stays up keeps its own
     /// poll period, even one longer than the health check's. The backoff keeps its step until
-    /// a poll succeeds (`recovered`).
+    /// a message poll is answered (`recovered`).
     pub(super) fn probe_passed(&mut self, now: Instant, interval: Duration, came_up: bool) {
         self.next_probe = now + interval;
         if came_up {

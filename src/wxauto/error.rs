@@ -102,16 +102,17 @@ impl WxautoError {
     }
 
     /// For a call about one chat (`listen/add`, `listen/remove`, a send, the chat's history):
-    /// true only when the instance itself failed. An answer in the server's envelope with
-    /// any code but 2001 ("WeChat not initialised") is about that chat, even with HTTP 500:
-    /// the server answers a `listen/add` it cannot carry out (a chat this account does not
-    /// have) with HTTP 500 and code 3001. Such a refusal must not stop the polls of every other
-    /// chat; whether the instance works is for the probe and the polls to say.
+    /// true only when the instance itself failed. An answer in the server's envelope with a
+    /// code of its own (1001, 1002, 3001-3003) is about that chat, even with HTTP 500: the
+    /// server answers a `listen/add` it cannot carry out (a chat this account does not have)
+    /// with HTTP 500 and code 3001. Such a refusal must not stop the polls of every other
+    /// chat. 2001 (WeChat not initialised) and 5000 (the server's uncaught exception) are
+    /// about the instance, as is a 5xx without the envelope.
     pub fn is_instance_failure_for_chat(&self) -> bool {
         match self {
             Self::HttpStatus {
                 code: Some(code), ..
-            } => *code == 2001,
+            } => *code == 2001 || *code == 5000,
             _ => self.is_instance_failure(),
         }
     }

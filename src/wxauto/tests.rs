@@ -16,7 +16,8 @@ fn every_endpoint_indexes_its_own_metric_label() {
 
 /// A chat this account does not have is refused with HTTP 500 and code 3001: a polling
 /// failure with that answer stops the instance, a call about one chat does not. Without an
-/// envelope (a proxy's 502, a crashed server) or with 2001, both stop it.
+/// envelope (a proxy's 502, a crashed server), with 2001 or with 5000 (an uncaught exception
+/// in the server), both stop it.
 #[test]
 fn a_refusal_about_one_chat_is_not_an_instance_failure() {
     let http = |status, code| WxautoError::HttpStatus {
@@ -28,7 +29,8 @@ fn a_refusal_about_one_chat_is_not_an_instance_failure() {
     let refused = http(500, Some(3001));
     assert!(refused.is_instance_failure());
     assert!(!refused.is_instance_failure_for_chat());
-    assert!(!http(500, Some(5000)).is_instance_failure_for_chat());
+    assert!(http(500, Some(5000)).is_instance_failure_for_chat());
+    assert!(!http(500, Some(3003)).is_instance_failure_for_chat());
     assert!(!http(404, Some(3001)).is_instance_failure_for_chat());
     assert!(http(502, None).is_instance_failure_for_chat());
     assert!(http(500, Some(2001)).is_instance_failure_for_chat());
