@@ -105,8 +105,8 @@ pub struct InstanceActor {
     stopping: CancellationToken,
     /// The current outage already recorded its one error.
     outage_recorded: bool,
-    /// From the first failure until a message poll is answered: an outage ends when messages can be
-    /// taken again, not when `/api/health` (which needs no key) answers.
+    /// From the first failure until a message poll is answered: an outage ends when messages
+    /// can be taken again, not when `/api/health` (which needs no key) answers.
     in_outage: bool,
     /// A poll has succeeded since the actor started ("Instance is up." once, then "recovered").
     polled_once: bool,
@@ -284,37 +284,25 @@ impl InstanceActor {
             }
             let now = Instant::now();
             if self.schedule.probe_due(now) {
-                let was_up = self.connectivity == Connectivity::Up;
-                let mut result = self
-                    .probe_and_recover()
-                    .await
-                    .map_err(|error| (error.to_string(), error.kind()));
-                if result.is_ok() && was_up {
-                    // (A recovery re-added every active chat already.)
-                    result = self
-                        .retry_refused_chats()
-                        .await
-                        .map_err(|error| (error.to_string(), error.kind()));
-                }
-                match result {
+                let came_up = self.connectivity != Connectivity::Up;
+                match self.probe_and_recover().await {
                     Ok(()) => self.schedule.probe_passed(
                         Instant::now(),
                         self.settings.listener.health_check_interval,
-                        !was_up,
+                        came_up,
                     ),
-                    Err((message, kind)) => {
-                        self.go_down(&message, kind);
+                    Err(error) => {
+                        self.go_down(&error.to_string(), error.kind());
                         self.schedule.probe_failed(Instant::now());
                     }
                 }
             }
             if self.connectivity == Connectivity::Up && self.schedule.poll_due(Instant::now()) {
-                match self.poll().await {
-                    Ok(()) => self.poll_answered(),
-                    Err(error) => {
-                        self.go_down(&error.to_string(), error.kind());
-                        self.schedule.poll_failed(Instant::now());
-                    }
+                // An answered message poll ends an outage (`drain` calls `poll_answered`); a
+                // poll that only flushed held messages asked upstream nothing.
+                if let Err(error) = self.poll().await {
+                    self.go_down(&error.to_string(), error.kind());
+                    self.schedule.poll_failed(Instant::now());
                 }
                 self.schedule
                     .polled(Instant::now(), self.settings.listener.poll_interval);

@@ -73,8 +73,9 @@ fn classify(first: Option<Instant>, now: Instant) -> Stop {
 }
 
 /// Spawns the signal listener. The first SIGTERM/SIGINT cancels `shutdown`; a second one, at
-/// least `REPEAT_WINDOW` later, ends the process at once. On unix, SIGHUP calls `on_hangup` (the caller asks for a reload), like
-/// the watcher's `on_change`: this module knows nothing of the supervisor.
+/// least `REPEAT_WINDOW` later, ends the process at once. On unix, SIGHUP calls `on_hangup`
+/// (the caller asks for a reload), like the watcher's `on_change`: this module knows nothing
+/// of the supervisor.
 pub fn spawn(shutdown: CancellationToken, on_hangup: Arc<dyn Fn() + Send + Sync>) {
     // Installed before returning, not in the task: the caller reports ready next, and until a
     // handler is installed SIGHUP's default action ends the process.

@@ -34,7 +34,7 @@ impl ProbeError {
 
 impl InstanceActor {
     /// Probes `GET /api/health`; initialises WeChat if it is not connected; on a transition to
-    /// up re-adds every active chat.
+    /// up re-adds every active chat, and while up tries the refused ones again.
     pub(super) async fn probe_and_recover(&mut self) -> Result<(), ProbeError> {
         let result = self.probe().await;
         self.last_check = Some(SystemTime::now());
@@ -57,6 +57,8 @@ impl InstanceActor {
             // (`poll_answered`): /api/health needs no key, so a rejected key passes the probe
             // and fails every poll.
             tracing::debug!(instance_id = %self.instance.id, was = ?was, "Probe passed; polling.");
+        } else {
+            self.retry_refused_chats().await?;
         }
         Ok(())
     }
@@ -132,9 +134,10 @@ impl InstanceActor {
     /// Marks the instance down. Only the start of an outage records an error; retries of a
     /// known-down instance show in `wxauto_api_requests_total` alone.
     pub(super) fn go_down(&mut self, message: &str, kind: ErrorKind) {
-        // An outage lasts until a message poll is answered: a probe that passes while the re-adds or the
-        // polls fail (a rejected key, where only /api/health is unauthenticated; a server
-        // whose message reads fail) is still the same outage, with one error and one epoch.
+        // An outage lasts until a message poll is answered: a probe that passes while the
+        // re-adds or the polls fail (a rejected key, where only /api/health is unauthenticated;
+        // a server whose message reads fail) is still the same outage, with one error and one
+        // epoch.
         // Down while its supervised process restarts is expected: no new outage error.
         let expected = self.monitor.processes().expected_down(&self.instance.id);
         if !self.outage_recorded && !expected {
