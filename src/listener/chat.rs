@@ -154,16 +154,22 @@ impl Chat {
 }
 
 impl InstanceActor {
-    /// The listened chats, in name order (recovery and re-adds walk them the same way).
-    pub(super) fn active_chat_names(&self) -> Vec<String> {
+    /// The names of the chats `keep` selects, in name order (recovery, re-adds, retries and
+    /// expiry all walk the table the same way).
+    fn chat_names(&self, keep: impl Fn(&Chat) -> bool) -> Vec<String> {
         let mut names: Vec<String> = self
             .chats
             .iter()
-            .filter(|(_, chat)| chat.active)
+            .filter(|(_, chat)| keep(chat))
             .map(|(name, _)| name.clone())
             .collect();
         names.sort();
         names
+    }
+
+    /// The listened chats, in name order.
+    pub(super) fn active_chat_names(&self) -> Vec<String> {
+        self.chat_names(|chat| chat.active)
     }
 
     /// Re-adds every active chat after (re)connecting: upstream forgets its listeners when
@@ -183,14 +189,7 @@ impl InstanceActor {
     /// have yet: the account may have joined the group since). Quiet: each was recorded as an
     /// error when first refused.
     pub(super) async fn retry_refused_chats(&mut self) -> Result<(), WxautoError> {
-        let mut names: Vec<String> = self
-            .chats
-            .iter()
-            .filter(|(_, chat)| chat.active && chat.refused)
-            .map(|(name, _)| name.clone())
-            .collect();
-        names.sort();
-        for name in names {
+        for name in self.chat_names(|chat| chat.active && chat.refused) {
             if self.stopping.is_cancelled() {
                 break;
             }
@@ -347,14 +346,7 @@ impl InstanceActor {
     pub(super) async fn expire_idle_chats(&mut self) -> Result<(), WxautoError> {
         let timeout = self.settings.listener.listener_timeout;
         let now = Instant::now();
-        let mut idle: Vec<String> = self
-            .chats
-            .iter()
-            .filter(|(_, chat)| chat.is_idle(now, timeout))
-            .map(|(name, _)| name.clone())
-            .collect();
-        idle.sort();
-        for name in idle {
+        for name in self.chat_names(|chat| chat.is_idle(now, timeout)) {
             if self.stopping.is_cancelled() {
                 return Ok(());
             }
